@@ -1,0 +1,42 @@
+# `make test` and `make demo` work on a fresh Python 3.11 machine: they create .venv when missing.
+PY ?= python3.11
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test test-fast demo lint format bench clean
+
+$(STAMP): requirements.txt requirements-dev.txt
+	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) on PATH (set PY=...)"; exit 1; }
+	@test -x $(PYTHON) || $(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+# Whole suite, 2 worker processes (pytest-xdist). Slow tests included.
+test: $(STAMP)
+	$(PYTHON) -m pytest -q -n 2 --durations=15 tests
+
+# Skip tests marked slow.
+test-fast: $(STAMP)
+	$(PYTHON) -m pytest -q -n 2 -m "not slow" tests
+
+# Builds a tiny random checkpoint in the released layout, converts it, and runs the main job on it.
+demo: $(STAMP)
+	$(PYTHON) -m experiments.demo --workdir demo_out
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check kimia_jax tools experiments tests
+	$(VENV)/bin/ruff format --check kimia_jax tools experiments tests
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format kimia_jax tools experiments tests
+	$(VENV)/bin/ruff check --fix kimia_jax tools experiments tests
+
+bench: $(STAMP)
+	$(PYTHON) -m tools.bench_llm
+
+clean:
+	rm -rf demo_out .pytest_cache
