@@ -1,0 +1,223 @@
+"""Kimi-Audio's audio front end: GLM-4-Voice discrete tokens and whisper-large-v3 continuous features.
+
+Host side (numpy): load -> 16 kHz mono, 30 s segments, reference padding, centering. Device side
+(one jit per bucket shape): log-mel + encoder (+ VQ). Clips of different lengths are batched
+together by padding every segment to one of a few bucket lengths; per-clip results are the same
+as one-clip-at-a-time because nothing outside a segment's reference window can reach its valid
+frames (causal convs, key-padding mask, frames past the reference excluded from the log-mel max;
+the whisper path always uses the full 30 s window).
+
+Public API:
+    tok = GlmTokenizer.from_pretrained("glm-4-voice-tokenizer")        # HF folder or Orbax dir
+    ids = tok.tokenize(["a.wav", wav_array])                            # list of int32 [N_i]
+    wf = WhisperFeatureExtractor.from_pretrained("whisper-large-v3")
+    feats = wf.features(["a.wav", wav_array])                           # list of f32 [N_i, 4 d_model]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from kimia_jax.audio import mel as mel_lib
+from kimia_jax.audio.io import AudioLike, load_audio, split_segments, token_len
+from kimia_jax.models.whisper_encoder import WhisperConfig, WhisperEncoder, WhisperVQEncoder
+
+SEGMENT = 480000  # 30 s at 16 kHz
+TOKEN_HOP = 1280  # samples per 12.5 Hz token
+REF_BATCH = 128  # GLM-4-Voice feature-extracts segments in batches of 128 (spec 3.2)
+DEFAULT_TOKEN_BUCKETS = (25, 50, 100, 200, 375)  # segment lengths in tokens (x 1280 samples)
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """One 30 s cut of one clip, with the padding the reference gives it."""
+
+    clip: int
+    samples: np.ndarray  # float32 [L]
+    padded_len: int  # reference padded length in samples (GLM path); 480000 on the whisper path
+
+    @property
+    def length(self) -> int:
+        return len(self.samples)
+
+
+def glm_segments(wav: np.ndarray, clip: int = 0) -> list[Segment]:
+    """Segments of one clip with GLM-4-Voice's padding: per batch of 128, the longest rounded up to 1280."""
+    segs = split_segments(wav)
+    out = []
+    for start in range(0, len(segs), REF_BATCH):
+        batch = segs[start : start + REF_BATCH]
+        pad = -(-max(len(s) for s in batch) // TOKEN_HOP) * TOKEN_HOP
+        out += [Segment(clip, s, pad) for s in batch]
+    return out
+
+
+def _pow2_at_least(n: int, cap: int) -> int:
+    b = 1
+    while b < n and b < cap:
+        b *= 2
+    return b
+
+
+def _run_bucketed(
+    segments: Sequence[Segment],
+    bucket_len: Callable[[Segment], int],
+    run: Callable[[np.ndarray, np.ndarray, np.ndarray], Any],
+    max_batch: int,
+) -> list[Any]:
+    """Groups segments by bucket length, runs `run(centered, lengths, n_frames)` on padded batches.
+
+    Returns, per segment in input order, the row `i` of every output (a dict of numpy arrays).
+    """
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, s in enumerate(segments):
+        groups[bucket_len(s)].append(i)
+    results: list[Any] = [None] * len(segments)
+    for blen, idxs in sorted(groups.items()):
+        for start in range(0, len(idxs), max_batch):
+            chunk = idxs[start : start + max_batch]
+            b = _pow2_at_least(len(chunk), max_batch)
+            centered = np.zeros((b, blen + mel_lib.N_FFT), np.float32)
+            lengths = np.zeros((b,), np.int32)
+            n_frames = np.ones((b,), np.int32)  # dummy rows: any positive value
+            for r, i in enumerate(chunk):
+                s = segments[i]
+                centered[r] = mel_lib.center_pad(s.samples, s.padded_len, blen)
+                lengths[r] = s.length
+                n_frames[r] = s.padded_len // mel_lib.HOP
+            out = jax.device_get(run(centered, lengths, n_frames))
+            for r, i in enumerate(chunk):
+                results[i] = {k: v[r] for k, v in out.items()}
+    return results
+
+
+def _load_all(audios: Sequence[AudioLike] | AudioLike) -> list[np.ndarray]:
+    if isinstance(audios, (str, os.PathLike)) or (isinstance(audios, np.ndarray) and audios.ndim == 1):
+        audios = [audios]
+    return [load_audio(a) for a in audios]
+
+
+# ----------------------------------------------------------------------------------------------
+# GLM-4-Voice tokenizer
+
+
+def _glm_forward(params: Any, centered: jax.Array, lengths: jax.Array, n_frames: jax.Array, *,
+                 cfg: WhisperConfig, debug: bool) -> dict[str, jax.Array]:  # fmt: skip
+    mel = mel_lib.log_mel(centered, n_frames)  # [B, 128, T]
+    t = mel.shape[2]
+    frame_mask = (jnp.arange(t)[None, :] * mel_lib.HOP < lengths[:, None]).astype(jnp.int32)
+    out = WhisperVQEncoder(cfg).apply({"params": params}, mel, frame_mask)
+    if not debug:
+        return {"ids": out["ids"]}
+    return {**out, "input_features": mel, "feature_attention_mask": frame_mask}
+
+
+class GlmTokenizer:
+    """GLM-4-Voice speech tokenizer (12.5 Hz ids in [0, quantize_vocab_size)), batched and jitted."""
+
+    def __init__(self, cfg: WhisperConfig, params: Any, *, max_batch: int = 8,
+                 token_buckets: Sequence[int] = DEFAULT_TOKEN_BUCKETS, mesh: Mesh | None = None):  # fmt: skip
+        if not cfg.is_vq:
+            raise ValueError("GlmTokenizer needs a WhisperVQ config (quantize_vocab_size is missing)")
+        self.cfg, self.params, self.max_batch, self.mesh = cfg, params, max_batch, mesh
+        full = SEGMENT // TOKEN_HOP
+        self.token_buckets = tuple(sorted({min(b, full) for b in token_buckets} | {full}))
+        self._fast = jax.jit(functools.partial(_glm_forward, cfg=cfg, debug=False))
+        self._debug = jax.jit(functools.partial(_glm_forward, cfg=cfg, debug=True))
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str], mesh: Mesh | None = None, **kw: Any) -> GlmTokenizer:
+        """From a `glm-4-voice-tokenizer` HF folder or its converted Orbax directory."""
+        from kimia_jax.conversion import whisper as conv
+
+        cfg, params = conv.load(path, mesh=mesh)
+        return cls(cfg, params, mesh=mesh, **kw)
+
+    def _bucket(self, s: Segment) -> int:
+        need = s.padded_len // TOKEN_HOP
+        return next(b for b in self.token_buckets if b >= need) * TOKEN_HOP
+
+    def encode_segments(self, segments: Sequence[Segment], debug: bool = False) -> list[dict[str, np.ndarray]]:
+        """Per segment: `ids` (+ with debug: input_features, feature_attention_mask, prequant, distances,
+        pooled_valid_mask, last_hidden_state), cut to the segment's reference frame count."""
+        fn = self._debug if debug else self._fast
+        res = _run_bucketed(segments, self._bucket, lambda c, l, n: fn(self.params, c, l, n), self.max_batch)
+        out = []
+        for s, r in zip(segments, res, strict=True):
+            n_tok = s.padded_len // TOKEN_HOP
+            cut = {k: v[:n_tok] for k, v in r.items() if k not in ("input_features", "feature_attention_mask")}
+            if debug:
+                cut["input_features"] = r["input_features"][:, : n_tok * 8]
+                cut["feature_attention_mask"] = r["feature_attention_mask"][: n_tok * 8]
+            out.append(cut)
+        return out
+
+    def tokenize(self, audios: Sequence[AudioLike] | AudioLike) -> list[np.ndarray]:
+        """Token ids per clip (int32 [ceil(L/1280)], before kimia_token_offset), as `extract_speech_token`."""
+        wavs = _load_all(audios)
+        segs = [s for c, w in enumerate(wavs) for s in glm_segments(w, c)]
+        res = self.encode_segments(segs)
+        per_clip: list[list[np.ndarray]] = [[] for _ in wavs]
+        for s, r in zip(segs, res, strict=True):
+            per_clip[s.clip].append(r["ids"][: token_len(s.length)])
+        return [np.concatenate(p).astype(np.int32) for p in per_clip]
+
+
+# ----------------------------------------------------------------------------------------------
+# whisper-large-v3 continuous features
+
+
+def _whisper_forward(params: Any, centered: jax.Array, lengths: jax.Array, n_frames: jax.Array, *,
+                     cfg: WhisperConfig) -> dict[str, jax.Array]:  # fmt: skip
+    del lengths  # the whisper path has no mask: full 30 s window (spec 5.2)
+    mel = mel_lib.log_mel(centered, n_frames)  # [B, 128, 3000]
+    return {"encoder_full": WhisperEncoder(cfg).apply({"params": params}, mel)}
+
+
+class WhisperFeatureExtractor:
+    """whisper-large-v3 encoder features at 12.5 Hz: 4 consecutive 50 Hz frames concatenated."""
+
+    def __init__(self, cfg: WhisperConfig, params: Any, *, max_batch: int = 8, mesh: Mesh | None = None):
+        if cfg.is_vq:
+            raise ValueError("WhisperFeatureExtractor needs a plain whisper config, got a VQ tokenizer")
+        self.cfg, self.params, self.max_batch, self.mesh = cfg, params, max_batch, mesh
+        self._fn = jax.jit(functools.partial(_whisper_forward, cfg=cfg))
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str], mesh: Mesh | None = None,
+                        dtype: str = "float32", **kw: Any) -> WhisperFeatureExtractor:  # fmt: skip
+        """From a `whisper-large-v3` HF folder or its converted Orbax directory.
+
+        dtype "bfloat16" runs the encoder in bf16 as the official runtime does (spec 5.4).
+        """
+        from kimia_jax.conversion import whisper as conv
+
+        cfg, params = conv.load(path, mesh=mesh, dtype=dtype)
+        return cls(cfg, params, mesh=mesh, **kw)
+
+    def encode_segments(self, segments: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Full-window encoder outputs `[1500, D]` per segment (encoder_full_seg{k})."""
+        segs = [Segment(0, s, SEGMENT) for s in segments]
+        res = _run_bucketed(segs, lambda s: SEGMENT, lambda c, l, n: self._fn(self.params, c, l, n), self.max_batch)
+        return [r["encoder_full"] for r in res]
+
+    def features(self, audios: Sequence[AudioLike] | AudioLike) -> list[np.ndarray]:
+        """float32 `[N, 4 d_model]` per clip, N = ceil(L/1280) (equal to the GLM token count)."""
+        wavs = _load_all(audios)
+        segs = [(c, s) for c, w in enumerate(wavs) for s in split_segments(w)]
+        full = self.encode_segments([s for _, s in segs])
+        per_clip: list[list[np.ndarray]] = [[] for _ in wavs]
+        for (c, s), h in zip(segs, full, strict=True):
+            per_clip[c].append(h[: 4 * token_len(len(s))])
+        d = self.cfg.d_model
+        return [np.concatenate(p).reshape(-1, 4 * d) for p in per_clip]
