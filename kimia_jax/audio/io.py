@@ -72,13 +72,25 @@ def load_audio(audio: AudioLike, sr: int | None = None) -> np.ndarray:
             raise FileNotFoundError(f"{path}: no such audio file")
         if path.stat().st_size == 0:
             raise AudioError(f"{path}: file is empty (0 bytes)")
-        import librosa
+        # librosa.load decodes with soundfile, averages channels, then resamples; we do the same
+        # steps (bit-identical, tested) so that NaN/inf can be reported before librosa trips on them.
+        import soundfile as sf
 
         try:
-            wav, _ = librosa.load(str(path), sr=SAMPLE_RATE)
-        except Exception as e:  # soundfile / audioread failures carry no file name
-            raise AudioError(f"{path}: cannot decode audio ({type(e).__name__}: {e})") from e
-        return _check_samples(np.ascontiguousarray(wav, dtype=np.float32), str(path))
+            # exactly librosa's read call (sf.read decodes mp3 differently by ~6e-8)
+            with sf.SoundFile(str(path)) as f:
+                rate = f.samplerate
+                pcm = f.read(frames=-1, dtype="float32", always_2d=False).T  # [L] or [C, L]
+        except Exception:  # not a libsndfile format (e.g. m4a): librosa falls back to audioread
+            import librosa
+
+            try:
+                wav, _ = librosa.load(str(path), sr=SAMPLE_RATE)
+            except Exception as e:  # soundfile / audioread errors do not name the file
+                raise AudioError(f"{path}: cannot decode audio ({type(e).__name__}: {e})") from e
+            return _check_samples(np.ascontiguousarray(wav, dtype=np.float32), str(path))
+        pcm = _check_samples(pcm, str(path))
+        return _to_mono_16k(pcm, rate, str(path))
 
     wav = np.asarray(audio)
     what = f"array of shape {wav.shape}"
