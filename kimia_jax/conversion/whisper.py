@@ -11,11 +11,13 @@ GLM-4-Voice's `load_quantize_encoder` does. Loading goes through `conversion.com
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
 import jax
+import numpy as np
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from kimia_jax import checkpoint
@@ -67,6 +69,24 @@ def ignore_patterns(cfg: WhisperConfig) -> list[str]:
     return ign
 
 
+class _Without:
+    """A source minus the tensors the encoder ignores (so they never reach the rule table)."""
+
+    def __init__(self, source: TensorSource, ignore: list[str]):
+        self._s = source
+        pats = [re.compile(p) for p in ignore]
+        self._names = [n for n in source.names() if not any(p.fullmatch(n) for p in pats)]
+
+    def names(self) -> list[str]:
+        return self._names
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._s.shape(name)
+
+    def get(self, name: str) -> np.ndarray:
+        return self._s.get(name)
+
+
 def _unbox(tree: Any) -> Any:
     return jax.tree.map(
         lambda x: x.value if isinstance(x, nn.Partitioned) else x,
@@ -88,7 +108,8 @@ def convert_params(
     """Verified conversion of a (HF-named) tensor source into our nested param tree."""
     boxed = abstract_params(cfg)
     targets = targets_from_abstract(_unbox(boxed), _shardings(boxed, mesh) if mesh else None)
-    flat = convert(source, RULES, targets, ignore=ignore_patterns(cfg), progress=progress, desc="whisper")
+    source = _Without(source, ignore_patterns(cfg))
+    flat = convert(source, RULES, targets, progress=progress, desc="whisper")
     return unflatten(flat)
 
 
