@@ -41,14 +41,27 @@ SHAPES = {  # d_model, heads, ffn, whisper layers, glm layers (pool = quantize p
 
 def _glm_config(d, h, f, n, v, pool):
     return {
-        "model_type": "whisper", "architectures": ["WhisperVQEncoder"], "d_model": d,
-        "encoder_attention_heads": h, "encoder_ffn_dim": f, "encoder_layers": n, "num_mel_bins": 128,
-        "max_source_positions": 1500, "activation_function": "gelu", "encoder_causal_convolution": True,
-        "encoder_causal_attention": False, "quantize_causal_encoder": False,
-        "quantize_causal_block_size": 200, "pooling_kernel_size": 4, "pooling_type": "avg",
-        "pooling_position": pool, "quantize_position": n, "quantize_vocab_size": v,
-        "quantize_encoder_only": True, "scale_embedding": False,
-    }  # fmt: skip
+        "model_type": "whisper",
+        "architectures": ["WhisperVQEncoder"],
+        "d_model": d,
+        "encoder_attention_heads": h,
+        "encoder_ffn_dim": f,
+        "encoder_layers": n,
+        "num_mel_bins": 128,
+        "max_source_positions": 1500,
+        "activation_function": "gelu",
+        "encoder_causal_convolution": True,
+        "encoder_causal_attention": False,
+        "quantize_causal_encoder": False,
+        "quantize_causal_block_size": 200,
+        "pooling_kernel_size": 4,
+        "pooling_type": "avg",
+        "pooling_position": pool,
+        "quantize_position": n,
+        "quantize_vocab_size": v,
+        "quantize_encoder_only": True,
+        "scale_embedding": False,
+    }
 
 
 def _torch_glm(cfg: dict):
@@ -59,9 +72,11 @@ def _torch_glm(cfg: dict):
 
     F = torch.nn.functional
     wc = transformers.WhisperConfig(
-        d_model=cfg["d_model"], encoder_attention_heads=cfg["encoder_attention_heads"],
-        encoder_ffn_dim=cfg["encoder_ffn_dim"], encoder_layers=cfg["quantize_position"],
-    )  # fmt: skip
+        d_model=cfg["d_model"],
+        encoder_attention_heads=cfg["encoder_attention_heads"],
+        encoder_ffn_dim=cfg["encoder_ffn_dim"],
+        encoder_layers=cfg["quantize_position"],
+    )
     wc._attn_implementation = "sdpa"
 
     def block_mask(valid, block):
@@ -78,7 +93,9 @@ def _torch_glm(cfg: dict):
             self.conv1 = torch.nn.Conv1d(128, d, 3)
             self.conv2 = torch.nn.Conv1d(d, d, 3, stride=2)
             self.embed_positions = torch.nn.Embedding(1500, d)
-            self.layers = torch.nn.ModuleList(WhisperEncoderLayer(wc) for _ in range(cfg["quantize_position"]))
+            self.layers = torch.nn.ModuleList(
+                WhisperEncoderLayer(wc) for _ in range(cfg["quantize_position"])
+            )
             self.codebook = torch.nn.Embedding(cfg["quantize_vocab_size"], d)
             self.embed_positions2 = torch.nn.Embedding(375, d)
 
@@ -96,7 +113,9 @@ def _torch_glm(cfg: dict):
                     ext = block_mask(valid, 50)
             flat = x.reshape(-1, x.shape[-1])
             cb = self.codebook.weight
-            dist = torch.addmm((cb**2).sum(1) + (flat**2).sum(1, keepdim=True), flat, cb.t(), alpha=-2.0)
+            dist = torch.addmm(
+                (cb**2).sum(1) + (flat**2).sum(1, keepdim=True), flat, cb.t(), alpha=-2.0
+            )
             return dist.argmin(1).reshape(x.shape[0], -1), valid
 
     torch.manual_seed(0)
@@ -146,7 +165,9 @@ def bench_glm(size: str, batches: list[int], repeats: int, work: Path) -> list[s
     folder = work / f"glm_{size}"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(cfg))
-    save_file({k: t.contiguous() for k, t in ref.state_dict().items()}, folder / "model.safetensors")
+    save_file(
+        {k: t.contiguous() for k, t in ref.state_dict().items()}, folder / "model.safetensors"
+    )
     ours = GlmTokenizer.from_pretrained(folder)
     fe = transformers.WhisperFeatureExtractor(feature_size=128)
 
@@ -159,8 +180,14 @@ def bench_glm(size: str, batches: list[int], repeats: int, work: Path) -> list[s
         out = [[] for _ in clips]
         with torch.no_grad():
             for start in range(0, len(segs), 128):
-                feats = fe(segs[start : start + 128], sampling_rate=16000, return_attention_mask=True,
-                           return_tensors="pt", padding="longest", pad_to_multiple_of=1280)  # fmt: skip
+                feats = fe(
+                    segs[start : start + 128],
+                    sampling_rate=16000,
+                    return_attention_mask=True,
+                    return_tensors="pt",
+                    padding="longest",
+                    pad_to_multiple_of=1280,
+                )
                 ids, valid = ref(feats.input_features, feats.attention_mask)
                 for i in range(ids.shape[0]):
                     out[owner[start + i]].extend(ids[i][valid[i].bool()].tolist())
@@ -174,8 +201,10 @@ def bench_glm(size: str, batches: list[int], repeats: int, work: Path) -> list[s
         agree = np.mean(np.concatenate(got) == np.concatenate(want))
         t_ours = _best(lambda clips=clips: ours.tokenize(clips), repeats)
         t_ref = _best(lambda clips=clips: reference(clips), repeats)
-        rows.append(f"| glm tokens | {size} | {b} | {audio_s:.0f} | {audio_s / t_ref:.1f} | "
-                    f"{audio_s / t_ours:.1f} | {t_ref / t_ours:.2f}x | {agree:.4f} |")  # fmt: skip
+        rows.append(
+            f"| glm tokens | {size} | {b} | {audio_s:.0f} | {audio_s / t_ref:.1f} | "
+            f"{audio_s / t_ours:.1f} | {t_ref / t_ours:.2f}x | {agree:.4f} |"
+        )
         print(rows[-1], flush=True)
     return rows
 
@@ -191,11 +220,22 @@ def bench_whisper(size: str, batches: list[int], repeats: int, work: Path) -> li
     if size == "tiny":
         d, h, f = 24, 3, 72
     wc = transformers.WhisperConfig(
-        d_model=d, encoder_attention_heads=h, encoder_ffn_dim=f, encoder_layers=n, decoder_layers=1,
-        decoder_attention_heads=h, decoder_ffn_dim=f, num_mel_bins=128, vocab_size=64,
-        max_target_positions=32, pad_token_id=63, bos_token_id=62, eos_token_id=62,
-        decoder_start_token_id=61, begin_suppress_tokens=None,
-    )  # fmt: skip
+        d_model=d,
+        encoder_attention_heads=h,
+        encoder_ffn_dim=f,
+        encoder_layers=n,
+        decoder_layers=1,
+        decoder_attention_heads=h,
+        decoder_ffn_dim=f,
+        num_mel_bins=128,
+        vocab_size=64,
+        max_target_positions=32,
+        pad_token_id=63,
+        bos_token_id=62,
+        eos_token_id=62,
+        decoder_start_token_id=61,
+        begin_suppress_tokens=None,
+    )
     wc._attn_implementation = "sdpa"
     torch.manual_seed(0)
     model = transformers.WhisperModel(wc).eval()
@@ -210,7 +250,9 @@ def bench_whisper(size: str, batches: list[int], repeats: int, work: Path) -> li
         out = []
         with torch.no_grad():
             segs = [(c, s) for c, w in enumerate(clips) for s in split_segments(w)]
-            feats = fe([s for _, s in segs], sampling_rate=16000, return_tensors="pt", padding="max_length")
+            feats = fe(
+                [s for _, s in segs], sampling_rate=16000, return_tensors="pt", padding="max_length"
+            )
             hs = encoder(feats.input_features).last_hidden_state.numpy()
             per = [[] for _ in clips]
             for (c, s), hh in zip(segs, hs, strict=True):
@@ -223,11 +265,15 @@ def bench_whisper(size: str, batches: list[int], repeats: int, work: Path) -> li
         clips = _clips(b)
         audio_s = sum(len(c) for c in clips) / 16000
         got, want = ours.features(clips), reference(clips)
-        err = max(float(np.abs(g - w).max() / np.abs(w).max()) for g, w in zip(got, want, strict=True))
+        err = max(
+            float(np.abs(g - w).max() / np.abs(w).max()) for g, w in zip(got, want, strict=True)
+        )
         t_ours = _best(lambda clips=clips: ours.features(clips), repeats)
         t_ref = _best(lambda clips=clips: reference(clips), repeats)
-        rows.append(f"| whisper features | {size} | {b} | {audio_s:.0f} | {audio_s / t_ref:.1f} | "
-                    f"{audio_s / t_ours:.1f} | {t_ref / t_ours:.2f}x | rel err {err:.1e} |")  # fmt: skip
+        rows.append(
+            f"| whisper features | {size} | {b} | {audio_s:.0f} | {audio_s / t_ref:.1f} | "
+            f"{audio_s / t_ours:.1f} | {t_ref / t_ours:.2f}x | rel err {err:.1e} |"
+        )
         print(rows[-1], flush=True)
     return rows
 
@@ -237,10 +283,15 @@ def main(argv: list[str]) -> None:
     import jax
     import torch
 
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), fp32")  # fmt: skip
-    header = ("| path | size | batch | audio s | torch audio-s/s | ours audio-s/s | speed-up | agreement |\n"
-              "| --- | --- | --- | --- | --- | --- | --- | --- |")  # fmt: skip
+    print(
+        f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), fp32"
+    )
+    header = (
+        "| path | size | batch | audio s | torch audio-s/s | ours audio-s/s | speed-up "
+        "| agreement |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- |"
+    )
     print(header, flush=True)
     rows = []
     batches = [int(b) for b in _BATCHES.value]

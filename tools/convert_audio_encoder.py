@@ -1,7 +1,8 @@
 """Convert a released audio encoder folder (glm-4-voice-tokenizer or whisper-large-v3) to Orbax.
 
     python -m tools.convert_audio_encoder --src=glm-4-voice-tokenizer --dst=ckpt/glm4_tokenizer
-    python -m tools.convert_audio_encoder --src=Kimi-Audio-7B-Instruct/whisper-large-v3 --dst=ckpt/whisper
+    python -m tools.convert_audio_encoder \
+        --src=Kimi-Audio-7B-Instruct/whisper-large-v3 --dst=ckpt/whisper
 
 The kind is read from config.json (a WhisperVQ config has quantize_vocab_size). Tensor by tensor
 (peak host memory ~ one tensor), verified, written atomically. Loading straight from the HF folder

@@ -1,4 +1,4 @@
-"""Tokenize a folder of audio files with the GLM-4-Voice tokenizer (and optionally whisper features).
+"""Tokenize a folder of audio files with the GLM-4-Voice tokenizer (optionally whisper features).
 
     python -m tools.tokenize_audio --input_dir=clips/ --output=tokens.jsonl \
         --tokenizer=glm-4-voice-tokenizer [--whisper=Kimi-Audio-7B-Instruct/whisper-large-v3 \
@@ -22,15 +22,21 @@ import numpy as np
 from absl import app, flags, logging
 from tqdm import tqdm
 
-_INPUT = flags.DEFINE_string("input_dir", None, "folder searched recursively for audio files", required=True)
+_INPUT = flags.DEFINE_string(
+    "input_dir", None, "folder searched recursively for audio files", required=True
+)
 _OUTPUT = flags.DEFINE_string("output", None, "tokens .jsonl file to write", required=True)
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "glm-4-voice-tokenizer folder or Orbax dir", required=True)
+_TOKENIZER = flags.DEFINE_string(
+    "tokenizer", None, "glm-4-voice-tokenizer folder or Orbax dir", required=True
+)
 _WHISPER = flags.DEFINE_string("whisper", None, "whisper-large-v3 folder or Orbax dir (optional)")
 _FEATURES_DIR = flags.DEFINE_string("features_dir", None, "where to write whisper features (.npy)")
 _EXTS = flags.DEFINE_list("extensions", ["wav", "flac", "mp3", "ogg"], "file extensions to read")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "clips per device call")
 _SKIP_BAD = flags.DEFINE_bool("skip_bad", False, "skip unreadable files instead of stopping")
-_DTYPE = flags.DEFINE_enum("whisper_dtype", "float32", ["float32", "bfloat16"], "whisper compute dtype")
+_DTYPE = flags.DEFINE_enum(
+    "whisper_dtype", "float32", ["float32", "bfloat16"], "whisper compute dtype"
+)
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -61,7 +67,9 @@ def main(argv: list[str]) -> None:
     tok = GlmTokenizer.from_pretrained(_TOKENIZER.value, max_batch=_BATCH.value)
     wf = None
     if _WHISPER.value:
-        wf = WhisperFeatureExtractor.from_pretrained(_WHISPER.value, dtype=_DTYPE.value, max_batch=_BATCH.value)
+        wf = WhisperFeatureExtractor.from_pretrained(
+            _WHISPER.value, dtype=_DTYPE.value, max_batch=_BATCH.value
+        )
     lines, bad = [], []
     bar = tqdm(total=len(files), desc="tokenizing", unit="file")
     for start in range(0, len(files), _BATCH.value):
@@ -87,8 +95,13 @@ def main(argv: list[str]) -> None:
         bar.update(len(files[start : start + _BATCH.value]))
     bar.close()
     _atomic_write(Path(_OUTPUT.value), lambda fh: fh.write(("\n".join(lines) + "\n").encode()))
-    logging.info("wrote %d token lines to %s (%d bad files skipped)", len(lines), _OUTPUT.value, len(bad))
-    print(f"{len(lines)} files tokenized -> {_OUTPUT.value}" + (f"; skipped {len(bad)}: {bad}" if bad else ""))
+    logging.info(
+        "wrote %d token lines to %s (%d bad files skipped)", len(lines), _OUTPUT.value, len(bad)
+    )
+    print(
+        f"{len(lines)} files tokenized -> {_OUTPUT.value}"
+        + (f"; skipped {len(bad)}: {bad}" if bad else "")
+    )
 
 
 if __name__ == "__main__":

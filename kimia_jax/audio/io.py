@@ -1,7 +1,8 @@
 """Audio input: any file or array -> 16 kHz mono float32, exactly as the official pipeline loads it.
 
 Kimi-Audio loads every clip with `librosa.load(path, sr=16000)` (spec section 1): soundfile decoding
-(PCM scaled by full scale, no normalisation), channels averaged first, then soxr "HQ" resampling when
+(PCM scaled by full scale, no normalisation), channels averaged first, then soxr "HQ" resampling
+when
 the file rate is not 16 kHz; a 16 kHz file is returned untouched. We call librosa itself so that
 tokens on resampled audio stay exact. Arrays go through the same two steps (`librosa.to_mono`,
 `librosa.resample(res_type="soxr_hq")`). Host-side numpy, as in the reference.
@@ -31,7 +32,8 @@ def _check_samples(wav: np.ndarray, what: str) -> np.ndarray:
     if bad.any():
         first = int(np.argmax(bad.reshape(-1)))
         raise AudioError(
-            f"{what}: audio contains {int(bad.sum())} NaN or inf sample(s) (first at flat index {first})"
+            f"{what}: audio contains {int(bad.sum())} NaN or inf sample(s) "
+            f"(first at flat index {first})"
         )
     return wav
 
@@ -52,8 +54,8 @@ def load_audio(audio: AudioLike, sr: int | None = None) -> np.ndarray:
 
     Args:
       audio: a path (wav/flac/mp3/ogg/... anything soundfile or audioread decodes), or a float array
-        `[L]` or `[C, L]` (channels first, as librosa), values in [-1, 1] (integer arrays are scaled by
-        their full scale, e.g. int16 / 32768).
+        `[L]` or `[C, L]` (channels first, as librosa), values in [-1, 1] (integer arrays are
+        scaled by their full scale, e.g. int16 / 32768).
       sr: sample rate of an array input (default 16000). Must not be given for a path (the file
         header says it).
 
@@ -73,7 +75,7 @@ def load_audio(audio: AudioLike, sr: int | None = None) -> np.ndarray:
         if path.stat().st_size == 0:
             raise AudioError(f"{path}: file is empty (0 bytes)")
         # librosa.load decodes with soundfile, averages channels, then resamples; we do the same
-        # steps (bit-identical, tested) so that NaN/inf can be reported before librosa trips on them.
+        # steps (bit-identical, tested) so NaN/inf can be reported before librosa trips on them.
         import soundfile as sf
 
         try:

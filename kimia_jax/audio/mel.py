@@ -35,7 +35,7 @@ def mel_filters(n_mels: int = N_MELS) -> np.ndarray:
 
 
 def center_pad(segment: np.ndarray, padded_len: int, total_len: int | None = None) -> np.ndarray:
-    """Host side: zero-pad to `padded_len`, reflect-pad 200 both sides, zero-extend to `total_len + 400`.
+    """Host side: zero-pad to `padded_len`, reflect-pad 200 each side, zero-extend.
 
     Args:
       segment: float32 `[L]`, L <= padded_len.
@@ -46,7 +46,9 @@ def center_pad(segment: np.ndarray, padded_len: int, total_len: int | None = Non
     """
     total_len = padded_len if total_len is None else total_len
     if not len(segment) <= padded_len <= total_len:
-        raise ValueError(f"need L={len(segment)} <= padded_len={padded_len} <= total_len={total_len}")
+        raise ValueError(
+            f"need L={len(segment)} <= padded_len={padded_len} <= total_len={total_len}"
+        )
     x = np.zeros(padded_len, np.float32)
     x[: len(segment)] = segment
     c = np.pad(x, N_FFT // 2, mode="reflect")
@@ -55,7 +57,9 @@ def center_pad(segment: np.ndarray, padded_len: int, total_len: int | None = Non
     return c
 
 
-def log_mel(centered: jax.Array, n_frames: jax.Array, filters: np.ndarray | None = None) -> jax.Array:
+def log_mel(
+    centered: jax.Array, n_frames: jax.Array, filters: np.ndarray | None = None
+) -> jax.Array:
     """Log-mel of centered waveforms.
 
     Args:
@@ -78,7 +82,9 @@ def log_mel(centered: jax.Array, n_frames: jax.Array, filters: np.ndarray | None
     window = (0.5 - 0.5 * np.cos(2 * np.pi * n / N_FFT)).astype(np.float32)  # periodic Hann
     spec = jnp.fft.rfft(frames * window, axis=-1)  # [B, T, 201]
     power = jnp.real(spec) ** 2 + jnp.imag(spec) ** 2
-    mel = jnp.einsum("mf,btf->bmt", jnp.asarray(filters), power, precision=jax.lax.Precision.HIGHEST)
+    mel = jnp.einsum(
+        "mf,btf->bmt", jnp.asarray(filters), power, precision=jax.lax.Precision.HIGHEST
+    )
     s = jnp.log10(jnp.maximum(mel, 1e-10))
     valid = jnp.arange(t)[None, None, :] < n_frames[:, None, None]
     peak = jnp.max(jnp.where(valid, s, -jnp.inf), axis=(1, 2), keepdims=True)

@@ -1,4 +1,4 @@
-"""Kimi-Audio's audio front end: GLM-4-Voice discrete tokens and whisper-large-v3 continuous features.
+"""Kimi-Audio's audio front end: GLM-4-Voice discrete tokens, whisper-large-v3 continuous features.
 
 Host side (numpy): load -> 16 kHz mono, 30 s segments, reference padding, centering. Device side
 (one jit per bucket shape): log-mel + encoder (+ VQ). Clips of different lengths are batched
@@ -11,7 +11,7 @@ Public API:
     tok = GlmTokenizer.from_pretrained("glm-4-voice-tokenizer")        # HF folder or Orbax dir
     ids = tok.tokenize(["a.wav", wav_array])                            # list of int32 [N_i]
     wf = WhisperFeatureExtractor.from_pretrained("whisper-large-v3")
-    feats = wf.features(["a.wav", wav_array])                           # list of f32 [N_i, 4 d_model]
+    feats = wf.features(["a.wav", wav_array])                      # list of f32 [N_i, 4 d_model]
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class Segment:
 
 
 def glm_segments(wav: np.ndarray, clip: int = 0) -> list[Segment]:
-    """Segments of one clip with GLM-4-Voice's padding: per batch of 128, the longest rounded up to 1280."""
+    """One clip's segments with GLM-4-Voice's padding (per 128: longest, rounded up to 1280)."""
     segs = split_segments(wav)
     out = []
     for start in range(0, len(segs), REF_BATCH):
@@ -102,7 +102,9 @@ def _run_bucketed(
 
 
 def _load_all(audios: Sequence[AudioLike] | AudioLike) -> list[np.ndarray]:
-    if isinstance(audios, (str, os.PathLike)) or (isinstance(audios, np.ndarray) and audios.ndim == 1):
+    if isinstance(audios, (str, os.PathLike)) or (
+        isinstance(audios, np.ndarray) and audios.ndim == 1
+    ):
         audios = [audios]
     return [load_audio(a) for a in audios]
 
@@ -111,8 +113,15 @@ def _load_all(audios: Sequence[AudioLike] | AudioLike) -> list[np.ndarray]:
 # GLM-4-Voice tokenizer
 
 
-def _glm_forward(params: Any, centered: jax.Array, lengths: jax.Array, n_frames: jax.Array, *,
-                 cfg: WhisperConfig, debug: bool) -> dict[str, jax.Array]:  # fmt: skip
+def _glm_forward(
+    params: Any,
+    centered: jax.Array,
+    lengths: jax.Array,
+    n_frames: jax.Array,
+    *,
+    cfg: WhisperConfig,
+    debug: bool,
+) -> dict[str, jax.Array]:
     mel = mel_lib.log_mel(centered, n_frames)  # [B, 128, T]
     t = mel.shape[2]
     frame_mask = (jnp.arange(t)[None, :] * mel_lib.HOP < lengths[:, None]).astype(jnp.int32)
@@ -123,12 +132,21 @@ def _glm_forward(params: Any, centered: jax.Array, lengths: jax.Array, n_frames:
 
 
 class GlmTokenizer:
-    """GLM-4-Voice speech tokenizer (12.5 Hz ids in [0, quantize_vocab_size)), batched and jitted."""
+    """GLM-4-Voice speech tokenizer (12.5 Hz ids in [0, quantize_vocab_size)), batched, jitted."""
 
-    def __init__(self, cfg: WhisperConfig, params: Any, *, max_batch: int = 8,
-                 token_buckets: Sequence[int] = DEFAULT_TOKEN_BUCKETS, mesh: Mesh | None = None):  # fmt: skip
+    def __init__(
+        self,
+        cfg: WhisperConfig,
+        params: Any,
+        *,
+        max_batch: int = 8,
+        token_buckets: Sequence[int] = DEFAULT_TOKEN_BUCKETS,
+        mesh: Mesh | None = None,
+    ):
         if not cfg.is_vq:
-            raise ValueError("GlmTokenizer needs a WhisperVQ config (quantize_vocab_size is missing)")
+            raise ValueError(
+                "GlmTokenizer needs a WhisperVQ config (quantize_vocab_size is missing)"
+            )
         self.cfg, self.params, self.max_batch, self.mesh = cfg, params, max_batch, mesh
         full = SEGMENT // TOKEN_HOP
         self.token_buckets = tuple(sorted({min(b, full) for b in token_buckets} | {full}))
@@ -136,7 +154,9 @@ class GlmTokenizer:
         self._debug = jax.jit(functools.partial(_glm_forward, cfg=cfg, debug=True))
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike[str], mesh: Mesh | None = None, **kw: Any) -> GlmTokenizer:
+    def from_pretrained(
+        cls, path: str | os.PathLike[str], mesh: Mesh | None = None, **kw: Any
+    ) -> GlmTokenizer:
         """From a `glm-4-voice-tokenizer` HF folder or its converted Orbax directory."""
         from kimia_jax.conversion import whisper as conv
 
@@ -147,15 +167,27 @@ class GlmTokenizer:
         need = s.padded_len // TOKEN_HOP
         return next(b for b in self.token_buckets if b >= need) * TOKEN_HOP
 
-    def encode_segments(self, segments: Sequence[Segment], debug: bool = False) -> list[dict[str, np.ndarray]]:
-        """Per segment: `ids` (+ with debug: input_features, feature_attention_mask, prequant, distances,
-        pooled_valid_mask, last_hidden_state), cut to the segment's reference frame count."""
+    def encode_segments(
+        self, segments: Sequence[Segment], debug: bool = False
+    ) -> list[dict[str, np.ndarray]]:
+        """Runs segments through the tokenizer in bucketed batches.
+
+        Returns per segment a dict with `ids` int32 [T/8] (+ with debug: input_features [128, T],
+        feature_attention_mask [T], prequant [T/8, D], distances [T/8, V], pooled_valid_mask,
+        last_hidden_state), where T is the segment's reference frame count (padded_len / 160).
+        """
         fn = self._debug if debug else self._fast
-        res = _run_bucketed(segments, self._bucket, lambda c, l, n: fn(self.params, c, l, n), self.max_batch)
+        res = _run_bucketed(
+            segments, self._bucket, lambda c, ln, n: fn(self.params, c, ln, n), self.max_batch
+        )
         out = []
         for s, r in zip(segments, res, strict=True):
             n_tok = s.padded_len // TOKEN_HOP
-            cut = {k: v[:n_tok] for k, v in r.items() if k not in ("input_features", "feature_attention_mask")}
+            cut = {
+                k: v[:n_tok]
+                for k, v in r.items()
+                if k not in ("input_features", "feature_attention_mask")
+            }
             if debug:
                 cut["input_features"] = r["input_features"][:, : n_tok * 8]
                 cut["feature_attention_mask"] = r["feature_attention_mask"][: n_tok * 8]
@@ -163,7 +195,7 @@ class GlmTokenizer:
         return out
 
     def tokenize(self, audios: Sequence[AudioLike] | AudioLike) -> list[np.ndarray]:
-        """Token ids per clip (int32 [ceil(L/1280)], before kimia_token_offset), as `extract_speech_token`."""
+        """Token ids per clip (int32 [ceil(L/1280)], no token offset), as `extract_speech_token`."""
         wavs = _load_all(audios)
         segs = [s for c, w in enumerate(wavs) for s in glm_segments(w, c)]
         res = self.encode_segments(segs)
@@ -177,8 +209,9 @@ class GlmTokenizer:
 # whisper-large-v3 continuous features
 
 
-def _whisper_forward(params: Any, centered: jax.Array, lengths: jax.Array, n_frames: jax.Array, *,
-                     cfg: WhisperConfig) -> dict[str, jax.Array]:  # fmt: skip
+def _whisper_forward(
+    params: Any, centered: jax.Array, lengths: jax.Array, n_frames: jax.Array, *, cfg: WhisperConfig
+) -> dict[str, jax.Array]:
     del lengths  # the whisper path has no mask: full 30 s window (spec 5.2)
     mel = mel_lib.log_mel(centered, n_frames)  # [B, 128, 3000]
     return {"encoder_full": WhisperEncoder(cfg).apply({"params": params}, mel)}
@@ -187,15 +220,24 @@ def _whisper_forward(params: Any, centered: jax.Array, lengths: jax.Array, n_fra
 class WhisperFeatureExtractor:
     """whisper-large-v3 encoder features at 12.5 Hz: 4 consecutive 50 Hz frames concatenated."""
 
-    def __init__(self, cfg: WhisperConfig, params: Any, *, max_batch: int = 8, mesh: Mesh | None = None):
+    def __init__(
+        self, cfg: WhisperConfig, params: Any, *, max_batch: int = 8, mesh: Mesh | None = None
+    ):
         if cfg.is_vq:
-            raise ValueError("WhisperFeatureExtractor needs a plain whisper config, got a VQ tokenizer")
+            raise ValueError(
+                "WhisperFeatureExtractor needs a plain whisper config, got a VQ tokenizer"
+            )
         self.cfg, self.params, self.max_batch, self.mesh = cfg, params, max_batch, mesh
         self._fn = jax.jit(functools.partial(_whisper_forward, cfg=cfg))
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike[str], mesh: Mesh | None = None,
-                        dtype: str = "float32", **kw: Any) -> WhisperFeatureExtractor:  # fmt: skip
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike[str],
+        mesh: Mesh | None = None,
+        dtype: str = "float32",
+        **kw: Any,
+    ) -> WhisperFeatureExtractor:
         """From a `whisper-large-v3` HF folder or its converted Orbax directory.
 
         dtype "bfloat16" runs the encoder in bf16 as the official runtime does (spec 5.4).
@@ -208,7 +250,12 @@ class WhisperFeatureExtractor:
     def encode_segments(self, segments: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Full-window encoder outputs `[1500, D]` per segment (encoder_full_seg{k})."""
         segs = [Segment(0, s, SEGMENT) for s in segments]
-        res = _run_bucketed(segs, lambda s: SEGMENT, lambda c, l, n: self._fn(self.params, c, l, n), self.max_batch)
+        res = _run_bucketed(
+            segs,
+            lambda s: SEGMENT,
+            lambda c, ln, n: self._fn(self.params, c, ln, n),
+            self.max_batch,
+        )
         return [r["encoder_full"] for r in res]
 
     def features(self, audios: Sequence[AudioLike] | AudioLike) -> list[np.ndarray]:

@@ -47,15 +47,29 @@ RULES: tuple[Rule, ...] = (
     Rule(_P + r"codebook\.weight", "codebook", same),
     Rule(_P + r"layer_norm\.weight", "layer_norm/scale", same),
     Rule(_P + r"layer_norm\.bias", "layer_norm/bias", same),
-    Rule(_P + r"layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|out_proj)\.weight",
-         r"layers_\1/self_attn/\2/kernel", linear),
-    Rule(_P + r"layers\.(\d+)\.self_attn\.(q_proj|v_proj|out_proj)\.bias",
-         r"layers_\1/self_attn/\2/bias", same),
+    Rule(
+        _P + r"layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|out_proj)\.weight",
+        r"layers_\1/self_attn/\2/kernel",
+        linear,
+    ),
+    Rule(
+        _P + r"layers\.(\d+)\.self_attn\.(q_proj|v_proj|out_proj)\.bias",
+        r"layers_\1/self_attn/\2/bias",
+        same,
+    ),
     Rule(_P + r"layers\.(\d+)\.(fc1|fc2)\.weight", r"layers_\1/\2/kernel", linear),
     Rule(_P + r"layers\.(\d+)\.(fc1|fc2)\.bias", r"layers_\1/\2/bias", same),
-    Rule(_P + r"layers\.(\d+)\.(self_attn_layer_norm|final_layer_norm)\.weight", r"layers_\1/\2/scale", same),
-    Rule(_P + r"layers\.(\d+)\.(self_attn_layer_norm|final_layer_norm)\.bias", r"layers_\1/\2/bias", same),
-)  # fmt: skip
+    Rule(
+        _P + r"layers\.(\d+)\.(self_attn_layer_norm|final_layer_norm)\.weight",
+        r"layers_\1/\2/scale",
+        same,
+    ),
+    Rule(
+        _P + r"layers\.(\d+)\.(self_attn_layer_norm|final_layer_norm)\.bias",
+        r"layers_\1/\2/bias",
+        same,
+    ),
+)
 
 
 def ignore_patterns(cfg: WhisperConfig) -> list[str]:
@@ -64,7 +78,8 @@ def ignore_patterns(cfg: WhisperConfig) -> list[str]:
     if cfg.is_vq:
         ign += [_P + r"ema_count", _P + r"ema_weight", _P + r"layer_norm\.(weight|bias)"]
         ign += [
-            _P + rf"layers\.{i}\..*" for i in range(cfg.num_layers_built, max(cfg.encoder_layers, 0) + 64)
+            _P + rf"layers\.{i}\..*"
+            for i in range(cfg.num_layers_built, max(cfg.encoder_layers, 0) + 64)
         ]
     return ign
 
@@ -140,9 +155,15 @@ def load(
 def convert_folder(
     src: str | os.PathLike[str], dst: str | os.PathLike[str], overwrite: bool = False
 ) -> Path:
-    """HF folder -> Orbax directory (atomic), keeping config.json / preprocessor_config.json verbatim."""
+    """HF folder -> Orbax dir (atomic), keeping config.json / preprocessor_config.json verbatim."""
     src = Path(src)
     cfg, params = load(src, progress=True)
-    files = {n: (src / n).read_text() for n in ("config.json", "preprocessor_config.json") if (src / n).is_file()}
+    files = {
+        n: (src / n).read_text()
+        for n in ("config.json", "preprocessor_config.json")
+        if (src / n).is_file()
+    }
     kind = "glm4_voice_tokenizer" if cfg.is_vq else "whisper_encoder"
-    return checkpoint.save(dst, params, files=files, meta={"model": kind, "source": str(src)}, overwrite=overwrite)
+    return checkpoint.save(
+        dst, params, files=files, meta={"model": kind, "source": str(src)}, overwrite=overwrite
+    )

@@ -81,19 +81,26 @@ class WhisperConfig:
 
     def validate(self) -> None:
         if self.d_model % self.encoder_attention_heads:
-            raise ValueError(f"d_model {self.d_model} not divisible by {self.encoder_attention_heads} heads")
+            raise ValueError(
+                f"d_model {self.d_model} not divisible by {self.encoder_attention_heads} heads"
+            )
         if self.activation_function != "gelu":
-            raise ValueError(f"activation_function {self.activation_function!r} is not supported (gelu)")
+            raise ValueError(
+                f"activation_function {self.activation_function!r} is not supported (gelu)"
+            )
         if self.scale_embedding:
             raise ValueError("scale_embedding=true is not supported (the encoder never scales)")
         if self.is_vq:
             if self.encoder_causal_attention or self.quantize_causal_encoder:
-                raise ValueError("encoder_causal_attention / quantize_causal_encoder are not supported")
+                raise ValueError(
+                    "encoder_causal_attention / quantize_causal_encoder are not supported"
+                )
             if self.quantize_position is None or self.pooling_kernel_size is None:
                 raise ValueError("a VQ config needs quantize_position and pooling_kernel_size")
             if self.pooling_position is not None and self.quantize_position < self.pooling_position:
                 raise ValueError(
-                    f"quantize_position {self.quantize_position} < pooling_position {self.pooling_position}"
+                    f"quantize_position {self.quantize_position} < "
+                    f"pooling_position {self.pooling_position}"
                 )
             if self.pooling_type not in ("avg", "max"):
                 raise ValueError(f"pooling_type {self.pooling_type!r} is not avg or max")
@@ -122,7 +129,7 @@ def _layer_norm(name: str, dtype: Any) -> nn.LayerNorm:
 
 
 class SelfAttention(nn.Module):
-    """Whisper self-attention (twin of `WhisperAttention`): q scaled before the dot, k without bias."""
+    """Whisper self-attention (twin of `WhisperAttention`): q scaled before the dot, no k bias."""
 
     cfg: WhisperConfig
 
@@ -153,9 +160,13 @@ class EncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, allowed: jax.Array | None) -> jax.Array:  # [B, T, D]
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-        x = x + SelfAttention(cfg, name="self_attn")(_layer_norm("self_attn_layer_norm", dt)(x), allowed)
+        x = x + SelfAttention(cfg, name="self_attn")(
+            _layer_norm("self_attn_layer_norm", dt)(x), allowed
+        )
         h = _layer_norm("final_layer_norm", dt)(x)
-        h = jax.nn.gelu(_dense(cfg.encoder_ffn_dim, ("embed", "mlp"), "fc1", True, dt)(h), approximate=False)
+        h = jax.nn.gelu(
+            _dense(cfg.encoder_ffn_dim, ("embed", "mlp"), "fc1", True, dt)(h), approximate=False
+        )
         return x + _dense(cfg.d_model, ("mlp", "embed"), "fc2", True, dt)(h)
 
 
@@ -185,8 +196,12 @@ class ConvFrontEnd(nn.Module):
             )
 
         x = jnp.swapaxes(mel, 1, 2).astype(dt)  # [B, T, M]
-        x = jax.nn.gelu(conv(cfg.d_model, 1, ("kernel_w", "mel", "embed"), "conv1")(x), approximate=False)
-        x = jax.nn.gelu(conv(cfg.d_model, 2, ("kernel_w", "conv_in", "embed"), "conv2")(x), approximate=False)
+        x = jax.nn.gelu(
+            conv(cfg.d_model, 1, ("kernel_w", "mel", "embed"), "conv1")(x), approximate=False
+        )
+        x = jax.nn.gelu(
+            conv(cfg.d_model, 2, ("kernel_w", "conv_in", "embed"), "conv2")(x), approximate=False
+        )
         return x
 
 
@@ -196,7 +211,7 @@ def _positions(module: nn.Module, name: str, rows: int, d: int) -> jax.Array:
 
 
 class WhisperEncoder(nn.Module):
-    """whisper-large-v3 encoder (twin of transformers `WhisperEncoder`): full attention, final LN."""
+    """whisper-large-v3 encoder (twin of transformers `WhisperEncoder`): full attention, final LN"""
 
     cfg: WhisperConfig
 
@@ -207,7 +222,9 @@ class WhisperEncoder(nn.Module):
         x = ConvFrontEnd(cfg, causal=False, name="front")(mel)
         pos = _positions(self, "embed_positions", cfg.max_source_positions, cfg.d_model)
         if x.shape[1] != pos.shape[0]:
-            raise ValueError(f"whisper encoder needs {2 * pos.shape[0]} mel frames, got {mel.shape[2]}")
+            raise ValueError(
+                f"whisper encoder needs {2 * pos.shape[0]} mel frames, got {mel.shape[2]}"
+            )
         x = x + pos.astype(x.dtype)
         for i in range(cfg.encoder_layers):
             x = EncoderLayer(cfg, name=f"layers_{i}")(x, None)
@@ -276,7 +293,9 @@ class WhisperVQEncoder(nn.Module):
         x_sq = jnp.sum(prequant**2, axis=-1, keepdims=True)
         dots = jnp.einsum("btd,vd->btv", prequant, codebook, precision=_HI)
         distances = (c_sq + x_sq) - 2.0 * dots
-        ids = jnp.argmin(distances, axis=-1).astype(jnp.int32)  # first minimum on ties, as torch.min
+        ids = jnp.argmin(distances, axis=-1).astype(
+            jnp.int32
+        )  # first minimum on ties, as torch.min
         pos2 = _positions(self, "embed_positions2", -(-cfg.max_source_positions // pk), cfg.d_model)
         out.update(
             prequant=prequant,

@@ -55,7 +55,9 @@ def test_int16_array_scaled_and_silence_valid():
 
 
 def test_bad_inputs_have_clear_messages(tmp_path):
-    with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path / 'nope.wav'}: no such audio file")):
+    with pytest.raises(
+        FileNotFoundError, match=re.escape(f"{tmp_path / 'nope.wav'}: no such audio file")
+    ):
         load_audio(tmp_path / "nope.wav")
     empty = tmp_path / "empty.wav"
     empty.write_bytes(b"")
@@ -74,14 +76,21 @@ def test_bad_inputs_have_clear_messages(tmp_path):
     x[10] = np.nan
     x[20] = np.inf
     sf.write(nan_file, x, 16000, subtype="FLOAT")
-    with pytest.raises(AudioError, match=re.escape(f"{nan_file}: audio contains 2 NaN or inf sample(s)")):
+    with pytest.raises(
+        AudioError, match=re.escape(f"{nan_file}: audio contains 2 NaN or inf sample(s)")
+    ):
         load_audio(nan_file)
     with pytest.raises(AudioError, match=r"array of shape \(0,\): zero-length audio"):
         load_audio(np.zeros(0, np.float32))
-    with pytest.raises(AudioError, match=r"array of shape \(3,\): audio contains 1 NaN or inf sample\(s\) "
-                       r"\(first at flat index 1\)"):  # fmt: skip
+    with pytest.raises(
+        AudioError,
+        match=r"array of shape \(3,\): audio contains 1 NaN or inf sample\(s\) "
+        r"\(first at flat index 1\)",
+    ):
         load_audio(np.array([0.0, np.nan, 0.0], np.float32))
-    with pytest.raises(AudioError, match=r"array of shape \(1000, 2\): expected \[channels, samples\]"):
+    with pytest.raises(
+        AudioError, match=r"array of shape \(1000, 2\): expected \[channels, samples\]"
+    ):
         load_audio(np.zeros((1000, 2), np.float32))
     with pytest.raises(AudioError, match=r"expected \[samples\] or \[channels, samples\]"):
         load_audio(np.zeros((1, 2, 3), np.float32))

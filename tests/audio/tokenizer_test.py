@@ -12,7 +12,13 @@ rounding at |d| ~ 150); tokens identical; last_hidden_state exact; whisper encod
 import numpy as np
 import pytest
 
-from kimia_jax.audio import GlmTokenizer, WhisperFeatureExtractor, glm_segments, load_audio, split_segments
+from kimia_jax.audio import (
+    GlmTokenizer,
+    WhisperFeatureExtractor,
+    glm_segments,
+    load_audio,
+    split_segments,
+)
 from kimia_jax.audio import mel as mel_lib
 
 CASES = {"a": "short_16k.flac", "b": "long_16k.flac"}
@@ -25,7 +31,9 @@ def _rel(got: np.ndarray, want: np.ndarray) -> float:
 def _check_log_mel(got: np.ndarray, want: np.ndarray) -> None:
     err = np.abs(got - want)
     frac_tight = float(np.mean(err <= 1e-5))
-    assert err.max() < 6e-5 and frac_tight > 0.995, f"log-mel max {err.max():.2e}, {frac_tight:.5f} <= 1e-5"
+    assert err.max() < 6e-5 and frac_tight > 0.995, (
+        f"log-mel max {err.max():.2e}, {frac_tight:.5f} <= 1e-5"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +60,14 @@ def test_mel_filters_match_transformers_bank():
     from transformers.audio_utils import mel_filter_bank  # what the GLM path uses (numpy only)
 
     bank = mel_filter_bank(
-        num_frequency_bins=201, num_mel_filters=128, min_frequency=0.0, max_frequency=8000.0,
-        sampling_rate=16000, norm="slaney", mel_scale="slaney",
-    )  # fmt: skip
+        num_frequency_bins=201,
+        num_mel_filters=128,
+        min_frequency=0.0,
+        max_frequency=8000.0,
+        sampling_rate=16000,
+        norm="slaney",
+        mel_scale="slaney",
+    )
     ours = mel_lib.mel_filters()
     assert ours.shape == (128, 201) and ours.dtype == np.float32
     err = np.abs(ours - bank.T.astype(np.float32)).max()
@@ -104,7 +117,9 @@ def test_whisper_features_match_reference(case, whisper, wavs, audio_dir):
     for k, h in enumerate(full):
         err = _rel(h, ref[f"encoder_full_seg{k}"])
         assert err < 1e-5, f"encoder_full_seg{k} rel err {err:.2e} (measured <= 5.0e-6)"
-    truncated = np.concatenate([h[: 4 * n] for h, n in zip(full, ref["segment_token_len"], strict=True)])
+    truncated = np.concatenate(
+        [h[: 4 * n] for h, n in zip(full, ref["segment_token_len"], strict=True)]
+    )
     feature = whisper.features(wavs[case])[0]
     assert feature.shape == ref["feature"].shape[1:]
     np.testing.assert_array_equal(feature.reshape(-1, whisper.cfg.d_model), truncated)

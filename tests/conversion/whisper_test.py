@@ -21,11 +21,23 @@ def _tiny_hf_whisper(tmp_path, cls_name="WhisperModel", shard=None):
 
     torch.manual_seed(0)
     cfg = transformers.WhisperConfig(
-        d_model=32, encoder_attention_heads=4, encoder_ffn_dim=64, encoder_layers=2,
-        decoder_attention_heads=4, decoder_ffn_dim=64, decoder_layers=1, num_mel_bins=128,
-        max_source_positions=1500, vocab_size=64, max_target_positions=32, pad_token_id=63,
-        bos_token_id=62, eos_token_id=62, decoder_start_token_id=61, begin_suppress_tokens=None,
-    )  # fmt: skip
+        d_model=32,
+        encoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        encoder_layers=2,
+        decoder_attention_heads=4,
+        decoder_ffn_dim=64,
+        decoder_layers=1,
+        num_mel_bins=128,
+        max_source_positions=1500,
+        vocab_size=64,
+        max_target_positions=32,
+        pad_token_id=63,
+        bos_token_id=62,
+        eos_token_id=62,
+        decoder_start_token_id=61,
+        begin_suppress_tokens=None,
+    )
     model = getattr(transformers, cls_name)(cfg).eval()
     with torch.no_grad():  # non-trivial biases and norms (HF init leaves them at 0 / 1)
         for name, p in model.named_parameters():
@@ -68,7 +80,9 @@ def _copy(src, dst, edit=None):
 def test_orbax_round_trip_gives_same_tokens(tmp_path, fixtures_dir):
     src = fixtures_dir / "audio" / "glm-4-voice-tokenizer"
     dst = conv.convert_folder(src, tmp_path / "glm_orbax")
-    assert json.loads((dst / "config.json").read_text()) == json.loads((src / "config.json").read_text())
+    assert json.loads((dst / "config.json").read_text()) == json.loads(
+        (src / "config.json").read_text()
+    )
     with pytest.raises(FileExistsError):
         conv.convert_folder(src, dst)
     wav = np.random.default_rng(1).standard_normal(30000).astype(np.float32) * 0.1
@@ -90,15 +104,21 @@ def test_conversion_errors_name_the_tensor(tmp_path, fixtures_dir):
     src = fixtures_dir / "audio" / "glm-4-voice-tokenizer"
 
     missing = _copy(src, tmp_path / "missing", lambda t: t.pop("layers.1.fc2.weight"))
-    with pytest.raises(CheckpointError, match=r"1 model parameter\(s\) have no tensor in the checkpoint: "
-                       r"layers_1/fc2/kernel"):  # fmt: skip
+    with pytest.raises(
+        CheckpointError,
+        match=r"1 model parameter\(s\) have no tensor in the checkpoint: "
+        r"layers_1/fc2/kernel",
+    ):
         conv.load(missing)
 
     def misshape(t):
         t["codebook.weight"] = np.zeros((48, 41), np.float32)
 
     bad = _copy(src, tmp_path / "bad", misshape)
-    msg = "tensor 'codebook.weight' has shape (48, 41) (-> (48, 41) as 'codebook'); the model expects (48, 40)"
+    msg = (
+        "tensor 'codebook.weight' has shape (48, 41) (-> (48, 41) as 'codebook'); "
+        "the model expects (48, 40)"
+    )
     with pytest.raises(CheckpointError, match=re.escape(msg)):
         conv.load(bad)
 
