@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -35,7 +34,11 @@ from kimia_jax.models.whisper_encoder import WhisperConfig, WhisperEncoder, Whis
 SEGMENT = 480000  # 30 s at 16 kHz
 TOKEN_HOP = 1280  # samples per 12.5 Hz token
 REF_BATCH = 128  # GLM-4-Voice feature-extracts segments in batches of 128 (spec 3.2)
-DEFAULT_TOKEN_BUCKETS = (25, 50, 100, 200, 375)  # segment lengths in tokens (x 1280 samples)
+# Segment lengths in tokens (x 1280 samples = 2 s steps): at most 2 s of padding per segment.
+DEFAULT_TOKEN_BUCKETS = tuple(range(25, 376, 25))
+# Per-call cost in seconds of padded audio work, for `plan_batches`: small on CPU (padding costs
+# compute); raise it on accelerators, where a bigger batch is nearly free.
+DEFAULT_CALL_OVERHEAD_S = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,35 +72,63 @@ def _pow2_at_least(n: int, cap: int) -> int:
     return b
 
 
+def plan_batches(
+    buckets: Sequence[int], max_batch: int, call_overhead: float = 0.0
+) -> list[tuple[int, list[int]]]:
+    """Splits items into device batches, minimising padded work.
+
+    Items are sorted by bucket length; a batch is a contiguous run of at most `max_batch` items,
+    padded to its longest bucket and to a power-of-two row count. Dynamic programming picks the
+    runs that minimise sum(rows x bucket) + call_overhead per call (same units as `buckets`).
+
+    Returns:
+      [(bucket_len, [item indices])] in execution order.
+    """
+    order = sorted(range(len(buckets)), key=lambda i: buckets[i])
+    n = len(order)
+    best = [0.0] + [float("inf")] * n
+    prev = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(max(0, j - max_batch), j):
+            cost = (
+                best[i] + _pow2_at_least(j - i, max_batch) * buckets[order[j - 1]] + call_overhead
+            )
+            if cost < best[j]:
+                best[j], prev[j] = cost, i
+    plan, j = [], n
+    while j > 0:
+        i = prev[j]
+        plan.append((buckets[order[j - 1]], order[i:j]))
+        j = i
+    return plan[::-1]
+
+
 def _run_bucketed(
     segments: Sequence[Segment],
     bucket_len: Callable[[Segment], int],
     run: Callable[[np.ndarray, np.ndarray, np.ndarray], Any],
     max_batch: int,
+    call_overhead: float = 0.0,
 ) -> list[Any]:
-    """Groups segments by bucket length, runs `run(centered, lengths, n_frames)` on padded batches.
+    """Batches segments (`plan_batches`), runs `run(centered, lengths, n_frames)` on each batch.
 
     Returns, per segment in input order, the row `i` of every output (a dict of numpy arrays).
     """
-    groups: dict[int, list[int]] = defaultdict(list)
-    for i, s in enumerate(segments):
-        groups[bucket_len(s)].append(i)
     results: list[Any] = [None] * len(segments)
-    for blen, idxs in sorted(groups.items()):
-        for start in range(0, len(idxs), max_batch):
-            chunk = idxs[start : start + max_batch]
-            b = _pow2_at_least(len(chunk), max_batch)
-            centered = np.zeros((b, blen + mel_lib.N_FFT), np.float32)
-            lengths = np.zeros((b,), np.int32)
-            n_frames = np.ones((b,), np.int32)  # dummy rows: any positive value
-            for r, i in enumerate(chunk):
-                s = segments[i]
-                centered[r] = mel_lib.center_pad(s.samples, s.padded_len, blen)
-                lengths[r] = s.length
-                n_frames[r] = s.padded_len // mel_lib.HOP
-            out = jax.device_get(run(centered, lengths, n_frames))
-            for r, i in enumerate(chunk):
-                results[i] = {k: v[r] for k, v in out.items()}
+    plan = plan_batches([bucket_len(s) for s in segments], max_batch, call_overhead)
+    for blen, chunk in plan:
+        b = _pow2_at_least(len(chunk), max_batch)
+        centered = np.zeros((b, blen + mel_lib.N_FFT), np.float32)
+        lengths = np.zeros((b,), np.int32)
+        n_frames = np.ones((b,), np.int32)  # dummy rows: any positive value
+        for r, i in enumerate(chunk):
+            s = segments[i]
+            centered[r] = mel_lib.center_pad(s.samples, s.padded_len, blen)
+            lengths[r] = s.length
+            n_frames[r] = s.padded_len // mel_lib.HOP
+        out = jax.device_get(run(centered, lengths, n_frames))
+        for r, i in enumerate(chunk):
+            results[i] = {k: v[r] for k, v in out.items()}
     return results
 
 
@@ -142,12 +173,14 @@ class GlmTokenizer:
         max_batch: int = 8,
         token_buckets: Sequence[int] = DEFAULT_TOKEN_BUCKETS,
         mesh: Mesh | None = None,
+        call_overhead_s: float = DEFAULT_CALL_OVERHEAD_S,
     ):
         if not cfg.is_vq:
             raise ValueError(
                 "GlmTokenizer needs a WhisperVQ config (quantize_vocab_size is missing)"
             )
         self.cfg, self.params, self.max_batch, self.mesh = cfg, params, max_batch, mesh
+        self.call_overhead = call_overhead_s * 16000
         full = SEGMENT // TOKEN_HOP
         self.token_buckets = tuple(sorted({min(b, full) for b in token_buckets} | {full}))
         self._fast = jax.jit(functools.partial(_glm_forward, cfg=cfg, debug=False))
@@ -178,7 +211,11 @@ class GlmTokenizer:
         """
         fn = self._debug if debug else self._fast
         res = _run_bucketed(
-            segments, self._bucket, lambda c, ln, n: fn(self.params, c, ln, n), self.max_batch
+            segments,
+            self._bucket,
+            lambda c, ln, n: fn(self.params, c, ln, n),
+            self.max_batch,
+            self.call_overhead,
         )
         out = []
         for s, r in zip(segments, res, strict=True):

@@ -144,3 +144,18 @@ def test_batch_of_clips_equals_single_runs(tokenizer, whisper, wavs):
         # different batch shapes change XLA's GEMM blocking: float rounding only (measured 3e-7 rel)
         err = _rel(whisper.features([clip])[0], feat)
         assert err < 2e-6, f"batched vs single whisper features differ by {err:.1e} relative"
+
+
+def test_plan_batches_minimises_padded_work():
+    from kimia_jax.audio.tokenizer import plan_batches
+
+    # equal lengths share a call; a very different one goes alone; rows pad to a power of two
+    plan = plan_batches([100, 100, 100, 100, 30], max_batch=8, call_overhead=10)
+    assert plan == [(30, [4]), (100, [0, 1, 2, 3])]  # 30 + 4 x 100 + 2 x 10 < 8 x 100 + 10
+    # 3 rows pad to 4: one row alone plus a pair is cheaper than a padded triple
+    assert plan_batches([100] * 3, max_batch=8, call_overhead=10) == [(100, [0]), (100, [1, 2])]
+    plan = plan_batches([10, 11, 12, 13, 14], max_batch=2, call_overhead=0)
+    assert all(len(idx) <= 2 for _, idx in plan) and sorted(i for _, g in plan for i in g) == list(
+        range(5)
+    )
+    assert plan_batches([5, 7], max_batch=8, call_overhead=100) == [(7, [0, 1])]
