@@ -159,3 +159,21 @@ def test_plan_batches_minimises_padded_work():
         range(5)
     )
     assert plan_batches([5, 7], max_batch=8, call_overhead=100) == [(7, [0, 1])]
+
+
+def test_sharded_params_and_bf16_whisper(audio_dir, wavs):
+    from kimia_jax.sharding import make_mesh
+
+    mesh = make_mesh(data=1, fsdp=2, tensor=4)
+    tok = GlmTokenizer.from_pretrained(audio_dir / "glm-4-voice-tokenizer", mesh=mesh)
+    kernel = tok.params["layers_0"]["fc1"]["kernel"]
+    assert len(kernel.sharding.device_set) == 8
+    want = np.load(audio_dir / "glm4_case_a.npz")["token_ids"][0]
+    np.testing.assert_array_equal(tok.tokenize([wavs["a"]])[0], want)
+    # bf16 compute (the official runtime casts whisper to bf16): ~1e-2 relative, not parity
+    wf = WhisperFeatureExtractor.from_pretrained(audio_dir / "whisper-large-v3", dtype="bfloat16")
+    got = wf.features([wavs["a"]])[0]
+    ref = np.load(audio_dir / "whisper_case_a.npz")["feature"][0]
+    assert got.dtype == np.float32 and got.shape == ref.shape
+    err = _rel(got, ref)
+    assert 1e-4 < err < 5e-2, f"bf16 feature rel err {err:.2e}"
