@@ -1,17 +1,22 @@
 """Kimi-Audio's audio front end: GLM-4-Voice discrete tokens, whisper-large-v3 continuous features.
 
 Host side (numpy): load -> 16 kHz mono, 30 s segments, reference padding, centering. Device side
-(one jit per bucket shape): log-mel + encoder (+ VQ). Clips of different lengths are batched
-together by padding every segment to one of a few bucket lengths; per-clip results are the same
+(one jit per (rows, bucket) shape): log-mel + encoder (+ VQ). Segments of different clips are
+batched by padding to a bucket length (multiples of 2 s; `plan_batches` picks the batches that
+minimise padded work); per-clip results are the same
 as one-clip-at-a-time because nothing outside a segment's reference window can reach its valid
 frames (causal convs, key-padding mask, frames past the reference excluded from the log-mel max;
 the whisper path always uses the full 30 s window).
 
 Public API:
     tok = GlmTokenizer.from_pretrained("glm-4-voice-tokenizer")        # HF folder or Orbax dir
-    ids = tok.tokenize(["a.wav", wav_array])                            # list of int32 [N_i]
+    ids = tok.tokenize(["a.wav", wav16k, (wav44k, 44100)])            # list of int32 [N_i]
     wf = WhisperFeatureExtractor.from_pretrained("whisper-large-v3")
-    feats = wf.features(["a.wav", wav_array])                      # list of f32 [N_i, 4 d_model]
+    feats = wf.features(["a.wav", wav16k])                         # list of f32 [N_i, 4 d_model]
+    # N_i = ceil(L_i / 1280) in both; the LLM sees ids + kimia_token_offset.
+Lower level (tests, debugging): `glm_segments`, `GlmTokenizer.encode_segments(debug=True)` (log-mel,
+masks, prequant, distances, ids, last_hidden_state), `WhisperFeatureExtractor.encode_segments`
+(full 1500-frame encoder outputs).
 """
 
 from __future__ import annotations
@@ -132,12 +137,13 @@ def _run_bucketed(
     return results
 
 
-def _load_all(audios: Sequence[AudioLike] | AudioLike) -> list[np.ndarray]:
+def _load_all(audios: Sequence[AudioLike | tuple[np.ndarray, int]] | AudioLike) -> list[np.ndarray]:
+    """Items: a path, a 16 kHz array [L] / [C, L], or an `(array, sample_rate)` tuple."""
     if isinstance(audios, (str, os.PathLike)) or (
         isinstance(audios, np.ndarray) and audios.ndim == 1
     ):
         audios = [audios]
-    return [load_audio(a) for a in audios]
+    return [load_audio(*a) if isinstance(a, tuple) else load_audio(a) for a in audios]
 
 
 # ----------------------------------------------------------------------------------------------
