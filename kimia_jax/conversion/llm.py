@@ -15,6 +15,8 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
@@ -128,8 +130,13 @@ def convert_to_orbax(
     """HF folder -> Orbax directory (atomic). Returns stats: tensors, seconds, peak RSS."""
     t0 = time.perf_counter()
     hf_dir = Path(hf_dir)
+    rss_before = common.current_rss_mib()
     cfg, params = load_hf(hf_dir, dtype=dtype, progress=progress)
-    n = len(jax.tree.leaves(params))
+    leaves = jax.tree.leaves(params)
+    n = len(leaves)
+    params_mib = sum(x.nbytes for x in leaves) / 2**20
+    source = common.SafetensorsSource(hf_dir)
+    largest = max(source.names(), key=lambda k: int(np.prod(source.shape(k))))
     config_text = (hf_dir / "config.json").read_text()
     checkpoint.save(
         out_dir,
@@ -138,7 +145,15 @@ def convert_to_orbax(
         meta={"model": "kimia_llm", "source": str(hf_dir.absolute()), "dtype": dtype},
         overwrite=overwrite,
     )
-    stats = dict(tensors=n, seconds=time.perf_counter() - t0, peak_rss_mib=common.peak_rss_mib())
+    stats = dict(
+        tensors=n,
+        seconds=time.perf_counter() - t0,
+        rss_before_mib=rss_before,
+        params_mib=params_mib,
+        largest_tensor=largest,
+        largest_tensor_mib=int(np.prod(source.shape(largest))) * jnp.dtype(dtype).itemsize / 2**20,
+        peak_rss_mib=common.peak_rss_mib(),
+    )
     logging.info("wrote %s: %s", out_dir, stats)
     return stats
 
