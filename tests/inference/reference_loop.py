@@ -64,7 +64,8 @@ def ref_generate_loop(
     text_params: dict,
     audio_params: dict,
 ):
-    """Returns (audio_tokens, text_tokens, fed) where fed[k] = (audio, text) fed to call k + 1."""
+    """Returns (audio_tokens, text_tokens, fed); fed[k] = (audio, text) that forward call k + 1
+    consumes (llm.md §10 `_fed_*`)."""
     delay = 6
     text_stream_is_finished = False
     previous_audio_tokens = torch.zeros((4096,), dtype=torch.int)
@@ -104,7 +105,8 @@ def ref_generate_loop(
             and audio_stream_is_finished
         ):
             break
-        fed.append((next_audio_token.item(), next_token_text.item()))
+        if i + 1 < max_new_tokens:  # the last step's inputs are assigned but never forwarded
+            fed.append((next_audio_token.item(), next_token_text.item()))
     text_tokens = text_previous_tokens[:valid_text_length].numpy().tolist()
     audio_tokens = previous_audio_tokens[delay : valid_audio_length + delay].numpy().tolist()
     return audio_tokens, text_tokens, fed
