@@ -82,5 +82,7 @@ def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
 def abstract_like(shapes: Any, shardings: Any, dtype: Any = None) -> Any:
     """ShapeDtypeStruct tree with shardings (and optionally one dtype) for `restore`."""
     return jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype or s.dtype, sharding=sh), shapes, shardings
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype or s.dtype, sharding=sh),
+        shapes,
+        shardings,
     )

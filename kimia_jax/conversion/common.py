@@ -77,7 +77,9 @@ class SafetensorsSource:
     names are taken from `model.safetensors.index.json` (the released names are irregular).
     """
 
-    def __init__(self, path: str | os.PathLike[str], index_name: str = "model.safetensors.index.json"):
+    def __init__(
+        self, path: str | os.PathLike[str], index_name: str = "model.safetensors.index.json"
+    ):
         from safetensors import safe_open
 
         path = Path(path)
@@ -92,7 +94,9 @@ class SafetensorsSource:
             shard_files = sorted({path / f for f in index["weight_map"].values()})
             missing = [str(f) for f in shard_files if not f.is_file()]
             if missing:
-                raise CheckpointError(f"{path}: shard files named in {index_name} are missing: {missing}")
+                raise CheckpointError(
+                    f"{path}: shard files named in {index_name} are missing: {missing}"
+                )
         else:
             shard_files = sorted(path.glob("*.safetensors"))
             if not shard_files:
@@ -187,7 +191,10 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def plan(
-    source: TensorSource, rules: Sequence[Rule], targets: Mapping[str, Target], ignore: Iterable[str] = ()
+    source: TensorSource,
+    rules: Sequence[Rule],
+    targets: Mapping[str, Target],
+    ignore: Iterable[str] = (),
 ) -> dict[str, tuple[str, Rule]]:
     """Maps every target path to (source name, rule); raises on any mismatch, naming the tensors."""
     ignore = [re.compile(p) for p in ignore]
@@ -231,7 +238,9 @@ def plan(
 
 
 def _transformed_shape(shape: tuple[int, ...], transform: Transform) -> tuple[int, ...]:
-    probe = np.lib.stride_tricks.as_strided(np.zeros((), np.int8), shape=shape, strides=(0,) * len(shape))
+    probe = np.lib.stride_tricks.as_strided(
+        np.zeros((), np.int8), shape=shape, strides=(0,) * len(shape)
+    )
     return tuple(transform(probe).shape)
 
 
