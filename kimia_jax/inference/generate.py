@@ -27,7 +27,9 @@ from kimia_jax.configs import LlmConfig
 from kimia_jax.inference import sampling
 from kimia_jax.models.kimia_llm import KimiaLLM, KVCache, init_cache
 
-AUDIO_DELAY = 6  # hard-coded in the reference kimia.py (config's kimia_mimo_audiodelaytokens unused)
+AUDIO_DELAY = (
+    6  # hard-coded in the reference kimia.py (config's kimia_mimo_audiodelaytokens unused)
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,8 +94,16 @@ def returned_tokens(out: GenerateOutput, row: int = 0) -> tuple[np.ndarray, np.n
 
 @functools.partial(
     jax.jit,
-    static_argnames=("model", "max_new_tokens", "output_type", "ids", "text_sampling", "audio_sampling",
-                     "cache_length", "trace"),
+    static_argnames=(
+        "model",
+        "max_new_tokens",
+        "output_type",
+        "ids",
+        "text_sampling",
+        "audio_sampling",
+        "cache_length",
+        "trace",
+    ),
     donate_argnames=("cache",),
 )
 def generate(
@@ -212,8 +222,12 @@ def generate(
         fed_a = jax.lax.dynamic_index_in_dim(s.audio_hist, s.i - 1, axis=1)  # [B, 1]
         fed_t = jax.lax.dynamic_index_in_dim(s.text_hist, s.i - 1, axis=1)
         pos = (lengths + s.i - 1)[:, None]
-        o = model.apply({"params": params}, fed_a, fed_t, pos, None, None, s.cache, attend_cache=True)
-        return s.replace(cache=o.cache, text_logits=o.text_logits[:, 0], audio_logits=o.audio_logits[:, 0])
+        o = model.apply(
+            {"params": params}, fed_a, fed_t, pos, None, None, s.cache, attend_cache=True
+        )
+        return s.replace(
+            cache=o.cache, text_logits=o.text_logits[:, 0], audio_logits=o.audio_logits[:, 0]
+        )
 
     def cond(s: _State) -> jax.Array:
         return (s.i < n) & ~jnp.all(s.done)
@@ -234,7 +248,9 @@ def generate(
     )
 
 
-def check_prompt(cfg: LlmConfig, prompt: Prompt, max_new_tokens: int, cache_length: int | None) -> None:
+def check_prompt(
+    cfg: LlmConfig, prompt: Prompt, max_new_tokens: int, cache_length: int | None
+) -> None:
     """Host-side validation: clear errors instead of silent clamping inside XLA."""
     a, t = np.asarray(prompt.audio_ids), np.asarray(prompt.text_ids)
     lengths = np.asarray(prompt.lengths)
@@ -243,12 +259,16 @@ def check_prompt(cfg: LlmConfig, prompt: Prompt, max_new_tokens: int, cache_leng
     if a.size == 0:
         raise ValueError("empty prompt: need at least one position and one row")
     if lengths.shape != (a.shape[0],) or (lengths < 1).any() or (lengths > a.shape[1]).any():
-        raise ValueError(f"lengths {lengths.tolist()} must be in [1, {a.shape[1]}] for each of {a.shape[0]} rows")
+        raise ValueError(
+            f"lengths {lengths.tolist()} must be in [1, {a.shape[1]}] for each of {a.shape[0]} rows"
+        )
     for name, x in (("audio_ids", a), ("text_ids", t)):
         bad = (x < 0) | (x >= cfg.vocab_size)
         if bad.any():
             r, c = np.argwhere(bad)[0]
-            raise ValueError(f"{name}[{r}, {c}] = {x[r, c]} is outside the vocabulary [0, {cfg.vocab_size})")
+            raise ValueError(
+                f"{name}[{r}, {c}] = {x[r, c]} is outside the vocabulary [0, {cfg.vocab_size})"
+            )
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     need = a.shape[1] + max_new_tokens

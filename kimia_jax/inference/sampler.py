@@ -86,7 +86,7 @@ def apply_repetition_penalty(
     Args:
         logits: [B, V] float.
         history: [B, MAX] int, the stream's recorded tokens; entries >= history_len are ignored.
-        history_len: [B] int, number of valid history entries per row.
+        history_len: [B] (or scalar) int, number of valid history entries per row.
         penalty: repetition penalty (> 1 to have an effect).
         window: number of most recent entries considered.
 
@@ -97,7 +97,7 @@ def apply_repetition_penalty(
         return logits
     b, v = logits.shape
     max_len = history.shape[1]
-    history_len = jnp.asarray(history_len, jnp.int32)
+    history_len = jnp.broadcast_to(jnp.asarray(history_len, jnp.int32), (b,))
     idx = history_len[:, None] - window + jnp.arange(window, dtype=jnp.int32)[None, :]  # [B, W]
     active = (history_len > window)[:, None] & (idx >= 0)  # strictly longer than the window
     ids = jnp.take_along_axis(history, jnp.clip(idx, 0, max_len - 1), axis=1)  # [B, W]
@@ -114,17 +114,18 @@ def sample(
     logits: jax.Array,
     history: jax.Array,
     history_len: jax.Array,
-    key: jax.Array,
     params: SamplingParams,
+    key: jax.Array,
 ) -> jax.Array:
     """One sampling step of one stream (reference `sample_{text,audio}_logits`).
 
     Args:
         logits: [B, V] (or [B, T, V]: the last position is used, as in the reference).
         history: [B, MAX] int32 history buffer of this stream.
-        history_len: [B] int32 valid history length (the reference passes `prev[:i]`, so i).
-        key: PRNG key (unused when greedy).
+        history_len: [B] or scalar int32 valid history length (the reference passes `prev[:i]`,
+            so i).
         params: static sampling parameters.
+        key: PRNG key (unused when greedy).
 
     Returns:
         [B] int32 sampled ids.

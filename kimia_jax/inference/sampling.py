@@ -39,8 +39,10 @@ def apply_repetition_penalty(
     n = history.shape[1]
     idx = jnp.arange(n)
     in_window = (idx >= length - window) & (idx < length)  # [N]
-    hit = jnp.zeros((b, v), bool).at[jnp.arange(b)[:, None], history].max(
-        jnp.broadcast_to(in_window, history.shape)
+    hit = (
+        jnp.zeros((b, v), bool)
+        .at[jnp.arange(b)[:, None], history]
+        .max(jnp.broadcast_to(in_window, history.shape))
     )
     hit = hit & (length > window)
     penalised = jnp.where(logits < 0, logits * penalty, logits / penalty)
@@ -52,7 +54,11 @@ def sample(
 ) -> jax.Array:
     """One token per row from logits [B, V] (fp32) -> [B] int32."""
     logits = apply_repetition_penalty(
-        logits.astype(jnp.float32), history, length, params.repetition_penalty, params.repetition_window
+        logits.astype(jnp.float32),
+        history,
+        length,
+        params.repetition_penalty,
+        params.repetition_window,
     )
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     if params.greedy:

@@ -230,8 +230,8 @@ def sample_and_advance(
     """
     k_text, k_audio = jax.random.split(key)
     hist_len = jnp.broadcast_to(state.step, state.done.shape)  # reference passes prev[:i]
-    nt = sample(text_logits, state.text_history, hist_len, k_text, text_params)
-    na = sample(audio_logits, state.audio_history, hist_len, k_audio, audio_params)
+    nt = sample(text_logits, state.text_history, hist_len, text_params, k_text)
+    na = sample(audio_logits, state.audio_history, hist_len, audio_params, k_audio)
     return advance(cfg, state, nt, na)
 
 

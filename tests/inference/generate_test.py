@@ -91,7 +91,9 @@ def test_batched_generation_equals_single_runs(loaded):
             continuous_mask=batch.continuous_mask[b : b + 1, :n],
         )  # fmt: skip
         alone = gen.generate(params, single, jax.random.key(0), **kw)
-        for got, want in zip(gen.returned_tokens(together, b), gen.returned_tokens(alone), strict=True):
+        for got, want in zip(
+            gen.returned_tokens(together, b), gen.returned_tokens(alone), strict=True
+        ):
             np.testing.assert_array_equal(got, want, err_msg=f"row {b} (length {n})")
         np.testing.assert_array_equal(together.text_tokens[b], alone.text_tokens[0])
 
@@ -115,7 +117,9 @@ def test_bad_prompts_get_clear_errors(loaded):
     cfg, _, _ = loaded
     ok = dict(audio_ids=np.zeros((1, 4), np.int32), text_ids=np.zeros((1, 4), np.int32),
               lengths=np.array([4], np.int32))  # fmt: skip
-    with pytest.raises(ValueError, match=r"audio_ids\[0, 2\] = 728 is outside the vocabulary \[0, 728\)"):
+    with pytest.raises(
+        ValueError, match=r"audio_ids\[0, 2\] = 728 is outside the vocabulary \[0, 728\)"
+    ):
         a = ok["audio_ids"].copy()
         a[0, 2] = 728
         gen.check_prompt(cfg, gen.Prompt(**{**ok, "audio_ids": a}), 4, None)

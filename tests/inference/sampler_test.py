@@ -48,7 +48,7 @@ def test_greedy_matches_reference(penalty):
     params = SamplingParams(
         temperature=0.0, top_k=5, repetition_penalty=penalty, repetition_window=16
     )
-    got = np.asarray(sample(logits, history, hist_len, jax.random.key(0), params))
+    got = np.asarray(sample(logits, history, hist_len, params, jax.random.key(0)))
     for b, n in enumerate(lengths):
         recent = torch.from_numpy(history[b, :n]) if n > 0 else None
         want = ref_sample(
@@ -71,7 +71,7 @@ def test_greedy_ties_take_first_index_and_1e6_is_greedy():
     logits[1, [40, 41]] = 1.0
     hist = np.zeros((2, 1), np.int32)
     for t in [0.0, 1e-6]:
-        got = sample(logits, hist, np.zeros(2, np.int32), jax.random.key(0), SamplingParams(t))
+        got = sample(logits, hist, np.zeros(2, np.int32), SamplingParams(t), jax.random.key(0))
         assert np.asarray(got).tolist() == [3, 40]
         want = ref_sample(
             torch.from_numpy(logits), None, top_k=5, temperature=t, penalty=1, window=1
@@ -82,7 +82,7 @@ def test_greedy_ties_take_first_index_and_1e6_is_greedy():
 def _draws(logits_row: np.ndarray, params: SamplingParams, n: int, seed: int = 0) -> np.ndarray:
     logits = np.broadcast_to(logits_row, (n, V))
     hist = np.zeros((n, 1), np.int32)
-    return np.asarray(sample(logits, hist, np.zeros(n, np.int32), jax.random.key(seed), params))
+    return np.asarray(sample(logits, hist, np.zeros(n, np.int32), params, jax.random.key(seed)))
 
 
 def test_top_k_support_and_frequencies():
@@ -145,7 +145,7 @@ def test_runs_inside_jitted_while_loop():
     def loop(logits, params):
         def body(c):
             i, hist = c
-            tok = sample(logits[i], hist, jnp.full((b,), i, jnp.int32), jax.random.key(0), params)
+            tok = sample(logits[i], hist, i, params, jax.random.key(0))  # scalar length
             return i + 1, hist.at[:, i].set(tok)
 
         return jax.lax.while_loop(
@@ -177,6 +177,6 @@ def test_bad_params():
             np.zeros((1, V), np.float32),
             np.zeros((1, 1), np.int32),
             np.zeros(1, np.int32),
-            jax.random.key(0),
             SamplingParams(temperature=1.0, top_k=60),
+            jax.random.key(0),
         )
