@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from kimia_jax.inference.text_tokenizer import ExtraTokens
+from kimia_jax.inference.text_tokenizer import ExtraTokens, TextTokenizer
 
 AudioInput = str | os.PathLike[str] | np.ndarray
 OutputType = Literal["text", "both"]
@@ -243,6 +243,33 @@ class PromptBuilder:
         self.kimia_token_offset = int(kimia_token_offset)
         self.num_audio_codes = num_audio_codes
         self.version = version
+
+    @classmethod
+    def from_tokenizer(
+        cls,
+        tokenizer: TextTokenizer,
+        audio_tokens_fn: Callable[[AudioInput], Any],
+        whisper_features_fn: Callable[[AudioInput], Any] | None,
+        *,
+        kimia_token_offset: int,
+        num_audio_codes: int | None = None,
+        version: BuilderVersion = "349251e",
+    ) -> PromptBuilder:
+        """Builder using `tokenizer.encode` and `tokenizer.extra_tokens` (the official wiring)."""
+        if tokenizer.vocab_size > kimia_token_offset:
+            raise ValueError(
+                f"text vocabulary ({tokenizer.vocab_size}) overlaps the audio ids starting at "
+                f"kimia_token_offset={kimia_token_offset}"
+            )
+        return cls(
+            tokenizer.extra_tokens,
+            tokenizer.encode,
+            audio_tokens_fn,
+            whisper_features_fn,
+            kimia_token_offset=kimia_token_offset,
+            num_audio_codes=num_audio_codes,
+            version=version,
+        )
 
     # -- validation helpers ------------------------------------------------------------------
 

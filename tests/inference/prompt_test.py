@@ -99,7 +99,7 @@ def codes(*c: int) -> np.ndarray:
     return np.asarray(c, np.int64)
 
 
-def tok(*c: int) -> list[int]:
+def tok_ids(*c: int) -> list[int]:
     return [x + OFFSET for x in c]
 
 
@@ -141,7 +141,7 @@ def test_speech_chat_single_audio(output_type, marker, audio_dir):
     p = make_builder(fake).build(
         [{"role": "user", "message_type": "audio", "content": audio_dir / "A.wav"}], output_type
     )
-    assert p.audio_ids.tolist() == [US, MB, *tok(1, 2, 3), ME, marker, MEND, AS]
+    assert p.audio_ids.tolist() == [US, MB, *tok_ids(1, 2, 3), ME, marker, MEND, AS]
     assert p.text_ids.tolist() == [B] * 9
     assert p.is_continuous.tolist() == [False, False, True, True, True] + [False] * 4
     np.testing.assert_array_equal(p.features[0], fake.features(audio_dir / "A.wav")[:3])
@@ -159,9 +159,9 @@ def test_multi_turn_assistant_text_2607d51(audio_dir):
     """2607d51: assistant text turn = [as|b], [b|t..], [mend|b] (no text_eos)."""
     fake = FakeAudio({"A.wav": codes(1, 2, 3), "B.wav": codes(4, 5)})
     p = make_builder(fake, version="2607d51").build(_multi_turn(audio_dir), "both")
-    user_a = [US, MB, *tok(1, 2, 3), ME, CTD, MEND]
+    user_a = [US, MB, *tok_ids(1, 2, 3), ME, CTD, MEND]
     asst = [AS, B, B, MEND]
-    user_b = [US, MB, *tok(4, 5), ME, CTD, MEND]
+    user_b = [US, MB, *tok_ids(4, 5), ME, CTD, MEND]
     assert p.audio_ids.tolist() == user_a + asst + user_b + [AS]
     assert p.text_ids.tolist() == [B] * 8 + [B, 11, 12, B] + [B] * 7 + [B]
     assert np.flatnonzero(p.is_continuous).tolist() == [2, 3, 4, 14, 15]
@@ -172,9 +172,9 @@ def test_multi_turn_assistant_text_349251e(audio_dir):
     """349251e: assistant text turn = [as|b], [b|t..], [b|teos], [mend|b]; loss on t.. and teos."""
     fake = FakeAudio({"A.wav": codes(1, 2, 3), "B.wav": codes(4, 5)})
     p = make_builder(fake).build(_multi_turn(audio_dir), "both")
-    user_a = [US, MB, *tok(1, 2, 3), ME, CTD, MEND]
+    user_a = [US, MB, *tok_ids(1, 2, 3), ME, CTD, MEND]
     asst = [AS, B, B, B, MEND]
-    user_b = [US, MB, *tok(4, 5), ME, CTD, MEND]
+    user_b = [US, MB, *tok_ids(4, 5), ME, CTD, MEND]
     assert p.audio_ids.tolist() == user_a + asst + user_b + [AS]
     assert p.text_ids.tolist() == [B] * 8 + [B, 11, 12, TEOS, B] + [B] * 7 + [B]
     assert np.flatnonzero(p.text_loss_mask).tolist() == [9, 10, 11]
@@ -193,7 +193,10 @@ def test_assistant_audio_turn_and_text_turn_end_349251e(audio_dir):
     ]
     p = make_builder(fake).build(msgs, "text")
     assert p.audio_ids.tolist() == (
-        [US, B, MEND] + [AS, MB, *tok(7, 8), ME, CT, MEND] + [US, MB, *tok(9), ME, CT, MEND] + [AS]
+        [US, B, MEND]
+        + [AS, MB, *tok_ids(7, 8), ME, CT, MEND]
+        + [US, MB, *tok_ids(9), ME, CT, MEND]
+        + [AS]
     )
     assert p.text_ids.tolist() == [B, 13] + [B] * 15
     assert np.flatnonzero(p.is_continuous).tolist() == [5, 6, 12]
@@ -213,10 +216,10 @@ def test_audio_text_message_349251e(audio_dir):
         {"role": "user", "message_type": "audio", "content": str(audio_dir / "C.wav")},
     ]  # fmt: skip
     p = make_builder(fake).build(msgs, "both")
-    user_a = [US, MB, *tok(1, 2), ME, CTD, MEND]
-    asst_audio = [AS] + [B] * 6 + tok(3, 4, 5) + [MEND]
+    user_a = [US, MB, *tok_ids(1, 2), ME, CTD, MEND]
+    asst_audio = [AS] + [B] * 6 + tok_ids(3, 4, 5) + [MEND]
     asst_text = [B, 14, 15] + [B] * 7 + [B]
-    user_c = [US, MB, *tok(6), ME, CTD, MEND]
+    user_c = [US, MB, *tok_ids(6), ME, CTD, MEND]
     assert p.audio_ids.tolist() == user_a + asst_audio + user_c + [AS]
     assert p.text_ids.tolist() == [B] * 7 + asst_text + [B] * 6 + [B]
     assert np.flatnonzero(p.is_continuous).tolist() == [2, 3, 20]  # only the user audio
@@ -240,7 +243,9 @@ def test_consecutive_same_role_messages_share_a_turn(audio_dir):
     ]
     for version in ["2607d51", "349251e"]:
         p = make_builder(fake, version=version).build(msgs, "text")
-        assert p.audio_ids.tolist() == ([US, B, B, MB, *tok(1), ME, MB, *tok(2), ME, CT, MEND, AS])
+        assert p.audio_ids.tolist() == (
+            [US, B, B, MB, *tok_ids(1), ME, MB, *tok_ids(2), ME, CT, MEND, AS]
+        )
         assert p.text_ids.tolist() == [B, 16, 17] + [B] * 9
 
 
@@ -261,7 +266,7 @@ def test_waveform_content_and_no_whisper(audio_dir):
     fake = FakeAudio({"arr1600": codes(5, 6)})
     b = PromptBuilder(EXTRA, encode, fake.tokens, None, kimia_token_offset=OFFSET)
     p = b.build([{"role": "user", "message_type": "audio", "content": wav}], "both")
-    assert p.audio_ids.tolist() == [US, MB, *tok(5, 6), ME, CTD, MEND, AS]
+    assert p.audio_ids.tolist() == [US, MB, *tok_ids(5, 6), ME, CTD, MEND, AS]
     assert p.features == ()
 
 
@@ -343,3 +348,32 @@ def test_batch_padding(audio_dir):
         batch([p1, p2], pad_to=4)
     nb = batch([p3])
     assert nb.features is None
+
+
+def test_with_the_tiny_text_tokenizer(tmp_path, audio_dir):
+    """The official wiring: text via TextTokenizer.encode, ids via its ExtraTokens (349251e)."""
+    from kimia_jax.inference.text_tokenizer import TextTokenizer, write_tiny_tokenizer
+
+    tok = TextTokenizer.from_pretrained(write_tiny_tokenizer(tmp_path / "tok"))
+    assert tok.extra_tokens == EXTRA  # the tiny tokenizer's ids are the fixture's
+    fake = FakeAudio({"A.wav": codes(1, 2)})
+    builder = PromptBuilder.from_tokenizer(
+        tok, fake.tokens, fake.features, kimia_token_offset=OFFSET, num_audio_codes=48
+    )
+    text = "请将音频内容转换为文字。"
+    p = builder.build(
+        [
+            {"role": "user", "message_type": "text", "content": text},
+            {"role": "user", "message_type": "audio", "content": str(audio_dir / "A.wav")},
+        ],
+        "text",
+    )
+    ids = tok.encode(text)
+    n = len(ids)
+    assert p.text_ids.tolist() == [B, *ids] + [B] * 7
+    assert p.audio_ids.tolist() == [US] + [B] * n + [MB, *tok_ids(1, 2), ME, CT, MEND, AS]
+    assert tok.decode(p.text_ids[1 : 1 + n].tolist()) == text
+    with pytest.raises(
+        ValueError, match="overlaps the audio ids starting at kimia_token_offset=600"
+    ):
+        PromptBuilder.from_tokenizer(tok, fake.tokens, None, kimia_token_offset=600)
