@@ -33,7 +33,9 @@ def test_rules_replicate_what_does_not_divide(mesh):
     # 40 hidden / fsdp 2 divides; 1 KV head (8 = 1 x 8 rows) over tensor 2 divides rows only.
     assert sharding.spec_for(("vocab", "embed"), (728, 40), mesh) == PartitionSpec("tensor", "fsdp")
     assert sharding.spec_for(("vocab", "embed"), (727, 41), mesh) == PartitionSpec(None, None)
-    assert sharding.spec_for(("batch", "length"), (4, 9), mesh) == PartitionSpec(("data", "fsdp"), None)
+    assert sharding.spec_for(("batch", "length"), (4, 9), mesh) == PartitionSpec(
+        ("data", "fsdp"), None
+    )
     with pytest.raises(KeyError, match="no rule"):
         sharding.spec_for(("nonsense",), (4,), mesh)
 

@@ -11,15 +11,21 @@ from absl import app, flags, logging
 
 from kimia_jax.conversion import llm
 
-_HF_DIR = flags.DEFINE_string("hf_dir", None, "Released folder: config.json + safetensors.", required=True)
-_OUT = flags.DEFINE_string("out", None, "Output Orbax directory (created atomically).", required=True)
+_HF_DIR = flags.DEFINE_string(
+    "hf_dir", None, "Released folder: config.json + safetensors.", required=True
+)
+_OUT = flags.DEFINE_string(
+    "out", None, "Output Orbax directory (created atomically).", required=True
+)
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Stored parameter dtype.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing output directory.")
 
 
 def main(argv: list[str]) -> None:
     del argv
-    stats = llm.convert_to_orbax(_HF_DIR.value, _OUT.value, dtype=_DTYPE.value, overwrite=_OVERWRITE.value)
+    stats = llm.convert_to_orbax(
+        _HF_DIR.value, _OUT.value, dtype=_DTYPE.value, overwrite=_OVERWRITE.value
+    )
     logging.info("done: %s", stats)
     print(
         f"converted {stats['tensors']} tensors in {stats['seconds']:.1f}s, "

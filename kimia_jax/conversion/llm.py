@@ -141,3 +141,15 @@ def convert_to_orbax(
     stats = dict(tensors=n, seconds=time.perf_counter() - t0, peak_rss_mib=common.peak_rss_mib())
     logging.info("wrote %s: %s", out_dir, stats)
     return stats
+
+
+def hf_name(path: str) -> str:
+    """Our param path -> released tensor name (inverse of `rules()`)."""
+    parts = path.split("/")
+    if parts[0] in ("lm_head", "mimo_output"):
+        return ".".join(parts)
+    out = []
+    for p in parts:
+        stack, _, idx = p.rpartition("_")
+        out.extend([stack, idx] if idx.isdigit() and stack in ("layers", "mimo_layers") else [p])
+    return "model." + ".".join(out)

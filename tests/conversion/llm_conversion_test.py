@@ -56,9 +56,13 @@ def test_sharded_folder_equals_single_file(reference_params):
 
 
 def test_bf16_shards_read_without_torch(tmp_path, reference_params):
-    d = _copy_with(tmp_path, mutate=lambda t: t.update({k: v.astype(ml_dtypes.bfloat16) for k, v in t.items()}))
+    d = _copy_with(
+        tmp_path, mutate=lambda t: t.update({k: v.astype(ml_dtypes.bfloat16) for k, v in t.items()})
+    )
     _, p32 = conv.load(d, dtype="float32")
-    want = jax.tree.map(lambda x: np.asarray(x).astype(ml_dtypes.bfloat16).astype(np.float32), reference_params)
+    want = jax.tree.map(
+        lambda x: np.asarray(x).astype(ml_dtypes.bfloat16).astype(np.float32), reference_params
+    )
     _assert_same(p32, want)
     _, p16 = conv.load(d, dtype="bfloat16")
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(p16))
@@ -91,19 +95,25 @@ def test_failed_conversion_leaves_nothing(tmp_path):
 
 def test_missing_tensor_is_named(tmp_path):
     d = _copy_with(tmp_path, mutate=lambda t: t.pop("model.mimo_layers.1.mlp.up_proj.weight"))
-    with pytest.raises(CheckpointError, match=r"no tensor in the checkpoint: mimo_layers_1/mlp/up_proj/weight"):
+    with pytest.raises(
+        CheckpointError, match=r"no tensor in the checkpoint: mimo_layers_1/mlp/up_proj/weight"
+    ):
         conv.load(d)
 
 
 def test_unused_tensor_is_named(tmp_path):
-    d = _copy_with(tmp_path, mutate=lambda t: t.update({"model.extra.weight": np.zeros(3, np.float32)}))
+    d = _copy_with(
+        tmp_path, mutate=lambda t: t.update({"model.extra.weight": np.zeros(3, np.float32)})
+    )
     with pytest.raises(CheckpointError, match=r"not used by the model: model\.extra\.weight"):
         conv.load(d)
 
 
 def test_misshaped_tensor_names_both_shapes(tmp_path):
     def cut(t):
-        t["model.layers.1.self_attn.k_proj.weight"] = t["model.layers.1.self_attn.k_proj.weight"][:, :-1]
+        t["model.layers.1.self_attn.k_proj.weight"] = t["model.layers.1.self_attn.k_proj.weight"][
+            :, :-1
+        ]
 
     d = _copy_with(tmp_path, mutate=cut)
     with pytest.raises(
@@ -124,7 +134,9 @@ def test_nan_tensor_is_rejected(tmp_path):
 
 def test_config_missing_key_is_named(tmp_path):
     d = _copy_with(tmp_path, config_mutate=lambda c: c.pop("kimia_mimo_layers"))
-    with pytest.raises(CheckpointError, match=r"missing required config key\(s\) \['kimia_mimo_layers'\]"):
+    with pytest.raises(
+        CheckpointError, match=r"missing required config key\(s\) \['kimia_mimo_layers'\]"
+    ):
         conv.load(d)
 
 
@@ -132,7 +144,9 @@ def test_missing_shard_and_folder_errors(tmp_path):
     d = tmp_path / "sh"
     shutil.copytree(LLM_DIR / "sharded", d)
     (d / "model-00002-of-00003.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="shard files named in model.safetensors.index.json are missing"):
+    with pytest.raises(
+        CheckpointError, match="shard files named in model.safetensors.index.json are missing"
+    ):
         conv.load(d)
     with pytest.raises(CheckpointError, match="does not exist"):
         conv.load(tmp_path / "nope")

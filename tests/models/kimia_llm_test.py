@@ -18,7 +18,13 @@ def prefill():
     pos = jnp.arange(t, dtype=jnp.int32)[None]
     out = jax.jit(
         lambda prm: kimia_llm.KimiaLLM(cfg).apply(
-            {"params": prm}, p.audio_ids, p.text_ids, pos, p.features, p.continuous_mask, collect=True
+            {"params": prm},
+            p.audio_ids,
+            p.text_ids,
+            pos,
+            p.features,
+            p.continuous_mask,
+            collect=True,
         )
     )(params)
     return cfg, params, out
@@ -74,7 +80,10 @@ def test_kv_cache_matches_reference(prefill):
 def test_prefill_argmax_matches_where_margin_is_clear(prefill):
     _, _, out = prefill
     d = fixture()
-    for ours, ref in (("text_logits", "prefill_text_logits"), ("audio_logits", "prefill_audio_logits")):
+    for ours, ref in (
+        ("text_logits", "prefill_text_logits"),
+        ("audio_logits", "prefill_audio_logits"),
+    ):
         want = d[ref][0]
         top2 = np.sort(want, axis=-1)[:, -2:]
         clear = (top2[:, 1] - top2[:, 0]) > 1e-4

@@ -69,7 +69,11 @@ def test_prefill_matches_transformers_qwen2(pair):
         want = ref(torch.from_numpy(ids), output_hidden_states=True)
     pos = jnp.broadcast_to(jnp.arange(11, dtype=jnp.int32), (2, 11))
     out = kimia_llm.KimiaLLM(cfg).apply(
-        {"params": params}, jnp.asarray(ids, jnp.int32), jnp.zeros((2, 11), jnp.int32), pos, collect=True
+        {"params": params},
+        jnp.asarray(ids, jnp.int32),
+        jnp.zeros((2, 11), jnp.int32),
+        pos,
+        collect=True,
     )
     # HF hidden_states: [embeddings, layer0 out, layer1 out, norm(layer2 out)]
     for i in range(cfg.num_hidden_layers - 1):
