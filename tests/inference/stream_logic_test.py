@@ -252,3 +252,17 @@ def test_postprocess_filters_and_detokenizes():
     )
     assert codes.tolist() == [5, 0, 47] and codes.dtype == np.int64
     assert s == "32|161" and decoded == [[32, 161]]
+
+
+def test_postprocess_fixture_both_with_tiny_tokenizer(trace, tmp_path):
+    """§6.5 on the fixture's "both" run: audio ids < 680 dropped, text decoded by the tokenizer."""
+    from kimia_jax.inference.text_tokenizer import TextTokenizer, write_tiny_tokenizer
+
+    tok = TextTokenizer.from_pretrained(write_tiny_tokenizer(tmp_path))
+    audio = trace["decode_both_returned_audio_tokens"].tolist()  # [378, 165, 717, 586, 444, 691]
+    text = trace["decode_both_returned_text_tokens"].tolist()
+    codes, s = sl.postprocess(
+        audio, text, kimia_token_offset=OFFSET, text_eos=TEOS, decode_fn=tok.decode
+    )
+    assert codes.tolist() == [717 - OFFSET, 691 - OFFSET]
+    assert s == tok.decode(text) and "[EOT]" in s  # 609 = base + 9 = [EOT]: decoded literally
