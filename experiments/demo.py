@@ -58,16 +58,17 @@ def main(argv: list[str]) -> None:
         text_ids=jnp.asarray([text], jnp.int32),
         lengths=jnp.asarray([len(audio)], jnp.int32),
     )
-    ids = gen.SpecialIds(blank=blank, text_eos=624, msg_end=msg_end, media_end=cfg.kimia_media_end)
+    stream = gen.StreamConfig(output_type="both", text_blank=blank, text_eos=624,
+                              eod_ids=(msg_end, cfg.kimia_media_end))  # fmt: skip
     gen.check_prompt(cfg, prompt, _STEPS.value, None)
-    kw = dict(model=KimiaLLM(cfg), max_new_tokens=_STEPS.value, output_type="both", ids=ids)
+    kw = dict(model=KimiaLLM(cfg), max_new_tokens=_STEPS.value, stream=stream)
     t0 = time.perf_counter()
-    out = jax.block_until_ready(gen.generate(params, prompt, jax.random.key(0), **kw))
+    out = jax.block_until_ready(gen.generate_fixed(params, prompt, jax.random.key(0), **kw))
     first = time.perf_counter() - t0
     t0 = time.perf_counter()
-    out = jax.block_until_ready(gen.generate(params, prompt, jax.random.key(0), **kw))
+    out = jax.block_until_ready(gen.generate_fixed(params, prompt, jax.random.key(0), **kw))
     again = time.perf_counter() - t0
-    text_tokens, audio_tokens = gen.returned_tokens(out)
+    text_tokens, audio_tokens = gen.returned_tokens(out, stream)
     print(f"[3/3] greedy dual-stream decode of {int(out.num_steps[0])} steps "
           f"(compile+run {first:.1f}s, run {again * 1e3:.1f} ms)")  # fmt: skip
     print(f"  text tokens : {np.asarray(text_tokens).tolist()}")

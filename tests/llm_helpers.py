@@ -9,10 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from kimia_jax.inference import generate as gen
+from kimia_jax.inference.stream_logic import StreamConfig
 
 LLM_DIR = Path(__file__).parent / "fixtures" / "llm"
-# Special ids of the tiny fixture checkpoint (fixtures README: offsets as in the 7B release).
-TINY_IDS = gen.SpecialIds(blank=623, text_eos=624, msg_end=605, media_end=620)
+# Special ids of the tiny fixture checkpoint (fixtures README).
+TINY_STREAM = {
+    mode: StreamConfig(output_type=mode, text_blank=623, text_eos=624, eod_ids=(605, 620))
+    for mode in ("text", "both")
+}
 
 
 @functools.cache

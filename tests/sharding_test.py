@@ -10,7 +10,7 @@ from kimia_jax import sharding
 from kimia_jax.conversion import llm as conv
 from kimia_jax.inference import generate as gen
 from kimia_jax.models import kimia_llm
-from tests.llm_helpers import LLM_DIR, TINY_IDS, fixture_prompt, rel_err
+from tests.llm_helpers import LLM_DIR, TINY_STREAM, fixture_prompt, rel_err
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +57,12 @@ def runs(mesh):
     p4 = jax.tree.map(lambda x: None if x is None else jnp.concatenate([x] * 4), p)
     p4 = p4.replace(lengths=jnp.asarray([37, 30, 20, 37], jnp.int32))
     model = kimia_llm.KimiaLLM(cfg)
-    kw = dict(model=model, max_new_tokens=16, output_type="both", ids=TINY_IDS, trace=True)
-    single = gen.generate(params, p4, jax.random.key(0), **kw)
+    kw = dict(model=model, max_new_tokens=16, stream=TINY_STREAM["both"], trace=True)
+    single = gen.generate_fixed(params, p4, jax.random.key(0), **kw)
     batch_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     p4s = jax.tree.map(lambda x: None if x is None else jax.device_put(x, batch_sh), p4)
     with sharding.use_mesh(mesh):
-        multi = gen.generate(sharded_params, p4s, jax.random.key(0), **kw)
+        multi = gen.generate_fixed(sharded_params, p4s, jax.random.key(0), **kw)
     return sharded_params, single, multi
 
 
@@ -80,6 +80,6 @@ def test_sharded_decode_equals_single_device(runs):
         err = rel_err(multi.trace[stream], single.trace[stream])
         # measured 3.7e-7 (text) / 3.2e-7 (audio): reduction order only
         assert err <= 1e-5, f"{stream}: sharded vs single max rel err {err:.2e}"
-    np.testing.assert_array_equal(multi.text_tokens, single.text_tokens)
-    np.testing.assert_array_equal(multi.audio_tokens, single.audio_tokens)
+    np.testing.assert_array_equal(multi.state.text_history, single.state.text_history)
+    np.testing.assert_array_equal(multi.state.audio_history, single.state.audio_history)
     np.testing.assert_array_equal(multi.num_steps, single.num_steps)

@@ -60,12 +60,12 @@ def bench_jax(cfg, batch: int, prompt_len: int, steps: int, repeats: int) -> dic
     prompt = gen.Prompt(
         audio_ids=ids, text_ids=ids, lengths=jnp.full((batch,), prompt_len, jnp.int32)
     )
-    never = gen.SpecialIds(blank=0, text_eos=-1, msg_end=-1, media_end=-1)  # no early stop
+    never = gen.StreamConfig(output_type="text", text_blank=0, text_eos=-1, eod_ids=())  # no stop
 
     def run(n):
-        out = gen.generate(params, prompt, jax.random.key(0), model=model, max_new_tokens=n,
-                           output_type="text", ids=never, cache_length=prompt_len + steps + 1)  # fmt: skip
-        return jax.block_until_ready(out.text_tokens)
+        out = gen.generate_fixed(params, prompt, jax.random.key(0), model=model, max_new_tokens=n,
+                                 stream=never, cache_length=prompt_len + steps + 1)  # fmt: skip
+        return jax.block_until_ready(out.state.text_history)
 
     t0 = time.perf_counter()
     run(1)

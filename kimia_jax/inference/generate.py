@@ -1,20 +1,15 @@
 """Compiled dual-stream generation: prefill + the whole decode loop in one jitted function.
 
 Implements the reference `_generate_loop` (spec/llm.md §6) for a batch of right-padded prompts:
-each row has its own prompt length, positions, stop state and histories; the loop runs inside
-`lax.while_loop` over a static, donated KV cache until every row stopped or the budget is spent.
-
-Per step i (0-based) and row b:
-  1. sample text and audio tokens from the last logits (both always sampled);
-  2. text: after EOS -> blank; at EOS -> finished (EOS fed back once); else valid_text += 1;
-  3. audio: i < 6 or output_type "text" -> blank; else valid_audio += 1;
-  4. stop: "text" when the text stream finished, "both" when audio hit msg_end/media_end;
-  5. otherwise feed (audio, text) at position len_b + i and compute the next logits.
+each row has its own prompt length, positions, step budget, stop state and histories
+(`stream_logic.StreamState`); the loop runs inside `lax.while_loop` over a static, donated KV
+cache until every row has stopped. Step i samples both streams from the last logits, applies the
+bookkeeping of `stream_logic.advance` (6-step audio delay, text EOS, stop tokens), and feeds the
+recorded tokens at position `len_b + i` to get the next logits.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any
 
@@ -24,22 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from kimia_jax.configs import LlmConfig
-from kimia_jax.inference import sampling
+from kimia_jax.inference import stream_logic
+from kimia_jax.inference.sampler import SamplingParams
+from kimia_jax.inference.stream_logic import StreamConfig, StreamState  # noqa: F401 (re-export)
 from kimia_jax.models.kimia_llm import KimiaLLM, KVCache, init_cache
 
-AUDIO_DELAY = (
-    6  # hard-coded in the reference kimia.py (config's kimia_mimo_audiodelaytokens unused)
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class SpecialIds:
-    """Stream-control ids, taken from the tokenizer (never recomputed from num_base_tokens)."""
-
-    blank: int  # kimia_text_blank
-    text_eos: int  # kimia_text_eos
-    msg_end: int
-    media_end: int
+GREEDY = SamplingParams()
 
 
 @flax.struct.dataclass
@@ -59,91 +44,68 @@ class Prompt:
 
 @flax.struct.dataclass
 class GenerateOutput:
-    text_tokens: jax.Array  # [B, max_new] text history (as recorded, blanks after EOS)
-    audio_tokens: jax.Array  # [B, max_new] audio history (blanks for the delay / text mode)
-    num_steps: jax.Array  # [B] steps taken (forward calls, prefill included)
-    valid_text: jax.Array  # [B] text tokens before EOS: returned text = text_tokens[:valid_text]
-    valid_audio: jax.Array  # [B] returned audio = audio_tokens[6 : 6 + valid_audio]
-    trace: dict[str, jax.Array]  # per-step logits/argmax when traced, else {}
+    state: StreamState  # histories, counters, per-row done
+    num_steps: jax.Array  # [B] forward calls per row (prefill included)
+    trace: dict[str, jax.Array]  # per-step last-position logits [steps, B, V] when traced
 
 
 @flax.struct.dataclass
-class _State:
-    i: jax.Array
+class _Loop:
+    stream: StreamState
     cache: KVCache
-    text_logits: jax.Array  # [B, V] fp32 logits of the last forward call
-    audio_logits: jax.Array
-    text_hist: jax.Array  # [B, N]
-    audio_hist: jax.Array
-    text_finished: jax.Array  # [B] bool
-    done: jax.Array  # [B] bool
+    next_text: jax.Array  # [B] tokens to feed at the next forward
+    next_audio: jax.Array
     num_steps: jax.Array
-    valid_text: jax.Array
-    valid_audio: jax.Array
     key: jax.Array
     trace: dict[str, jax.Array]
 
 
-def returned_tokens(out: GenerateOutput, row: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def returned_tokens(out: GenerateOutput, cfg: StreamConfig, row: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(text_tokens, audio_tokens) of one row exactly as the reference `_generate_loop` returns."""
-    nt, na = int(out.valid_text[row]), int(out.valid_audio[row])
-    text = np.asarray(out.text_tokens[row, :nt])
-    audio = np.asarray(out.audio_tokens[row, AUDIO_DELAY : AUDIO_DELAY + na])
-    return text, audio
+    audio, text = stream_logic.returned_tokens(cfg, out.state)[row]
+    return np.asarray(text, np.int64), np.asarray(audio, np.int64)
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=(
-        "model",
-        "max_new_tokens",
-        "output_type",
-        "ids",
-        "text_sampling",
-        "audio_sampling",
-        "cache_length",
-        "trace",
-    ),
+    static_argnames=("model", "max_steps", "stream", "text_sampling", "audio_sampling",
+                     "cache_length", "trace"),
     donate_argnames=("cache",),
-)
+)  # fmt: skip
 def generate(
     params: Any,
     prompt: Prompt,
+    budget: jax.Array,
     key: jax.Array,
     *,
     model: KimiaLLM,
-    max_new_tokens: int,
-    output_type: str,
-    ids: SpecialIds,
-    text_sampling: sampling.SamplingParams = sampling.GREEDY,
-    audio_sampling: sampling.SamplingParams = sampling.GREEDY,
+    max_steps: int,
+    stream: StreamConfig,
+    text_sampling: SamplingParams = GREEDY,
+    audio_sampling: SamplingParams = GREEDY,
     cache_length: int | None = None,
     cache: KVCache | None = None,
     trace: bool = False,
 ) -> GenerateOutput:
-    """Prefill and decode `max_new_tokens` steps for a batch of prompts in one compiled call.
+    """Prefill and decode a batch of prompts in one compiled call.
 
     Args:
       params: KimiaLLM params.
       prompt: right-padded batch; row b's prompt occupies positions [0, lengths[b]).
+      budget: [B] int32 steps per row (the reference's max_new_tokens, `stream_logic.budgets`).
       key: PRNG key for sampling (unused by greedy streams).
       model: the KimiaLLM module (hashable; static).
-      max_new_tokens: loop budget (static), as the reference's max_new_tokens.
-      output_type: "text" or "both".
-      ids: stream-control ids.
+      max_steps: static bound >= max(budget): history size and loop bound.
+      stream: static stream ids and output_type.
       text_sampling, audio_sampling: per-stream sampler settings (static).
-      cache_length: static cache size (default T + max_new_tokens).
+      cache_length: static cache size (default T + max_steps).
       cache: optional preallocated cache to donate (e.g. already sharded).
       trace: also return per-step logits (parity tests).
     """
-    if output_type not in ("text", "both"):
-        raise ValueError(f"output_type must be 'text' or 'both', got {output_type!r}")
-    cfg = model.cfg
     b, t = prompt.audio_ids.shape
-    n = max_new_tokens
-    if cache is None:
-        cache = init_cache(cfg, b, cache_length or t + n)
     lengths = prompt.lengths.astype(jnp.int32)
+    if cache is None:
+        cache = init_cache(model.cfg, b, cache_length or t + max_steps)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     out = model.apply(
         {"params": params},
@@ -156,96 +118,57 @@ def generate(
         attend_cache=False,
         logits_at=lengths - 1,
     )
-    v = out.text_logits.shape[-1]
-    zeros_i = jnp.zeros((b,), jnp.int32)
     tr: dict[str, jax.Array] = {}
     if trace:
-        tr = {
-            "text_logits": jnp.zeros((n, b, v), jnp.float32),
-            "audio_logits": jnp.zeros((n, b, v), jnp.float32),
-        }
-    state = _State(
-        i=jnp.int32(0),
+        v = out.text_logits.shape[-1]
+        tr = {k: jnp.zeros((max_steps, b, v), jnp.float32) for k in ("text_logits", "audio_logits")}
+
+    def step(s: _Loop, text_logits: jax.Array, audio_logits: jax.Array) -> _Loop:
+        key, sub = jax.random.split(s.key)
+        live = ~s.stream.done
+        trace_upd = s.trace
+        if trace:
+            i = s.stream.step
+            trace_upd = {
+                "text_logits": s.trace["text_logits"].at[i].set(text_logits),
+                "audio_logits": s.trace["audio_logits"].at[i].set(audio_logits),
+            }
+        st, nt, na = stream_logic.sample_and_advance(
+            stream, s.stream, text_logits, audio_logits, sub, text_sampling, audio_sampling
+        )
+        return s.replace(stream=st, next_text=nt, next_audio=na, num_steps=s.num_steps + live,
+                         key=key, trace=trace_upd)  # fmt: skip
+
+    def body(s: _Loop) -> _Loop:
+        pos = (lengths + s.stream.step - 1)[:, None]
+        o = model.apply(
+            {"params": params}, s.next_audio[:, None], s.next_text[:, None], pos, None, None,
+            s.cache, attend_cache=True,
+        )  # fmt: skip
+        return step(s.replace(cache=o.cache), o.text_logits[:, 0], o.audio_logits[:, 0])
+
+    zeros = jnp.zeros((b,), jnp.int32)
+    state = _Loop(
+        stream=StreamState.init(budget, max_steps),
         cache=out.cache,
-        text_logits=out.text_logits[:, 0],
-        audio_logits=out.audio_logits[:, 0],
-        text_hist=jnp.zeros((b, n), jnp.int32),
-        audio_hist=jnp.zeros((b, n), jnp.int32),
-        text_finished=jnp.zeros((b,), bool),
-        done=jnp.zeros((b,), bool),
-        num_steps=zeros_i,
-        valid_text=zeros_i,
-        valid_audio=zeros_i,
+        next_text=zeros,
+        next_audio=zeros,
+        num_steps=zeros,
         key=key,
         trace=tr,
     )
+    state = step(state, out.text_logits[:, 0], out.audio_logits[:, 0])
+    state = jax.lax.while_loop(lambda s: ~s.stream.all_done, body, state)
+    return GenerateOutput(state=state.stream, num_steps=state.num_steps, trace=state.trace)
 
-    def step(s: _State) -> _State:
-        """Sample + bookkeeping for step s.i from s.*_logits (rows already done are frozen)."""
-        k_text, k_audio, key_next = jax.random.split(s.key, 3)
-        nt = sampling.sample(s.text_logits, s.text_hist, s.i, text_sampling, k_text)
-        na = sampling.sample(s.audio_logits, s.audio_hist, s.i, audio_sampling, k_audio)
-        live = ~s.done
-        nt = jnp.where(s.text_finished, ids.blank, nt)
-        at_eos = ~s.text_finished & (nt == ids.text_eos)
-        valid_text = s.valid_text + (live & ~s.text_finished & ~at_eos)
-        text_finished = s.text_finished | (live & at_eos)
-        if output_type == "text":
-            na = jnp.full_like(na, ids.blank)
-            valid_audio = s.valid_audio
-        else:
-            na = jnp.where(s.i < AUDIO_DELAY, ids.blank, na)
-            valid_audio = s.valid_audio + (live & (s.i >= AUDIO_DELAY))
-        audio_finished = (na == ids.msg_end) | (na == ids.media_end)
-        stop = text_finished if output_type == "text" else audio_finished
-        col = jax.nn.one_hot(s.i, n, dtype=bool)[None, :] & live[:, None]
-        trace_upd = s.trace
-        if trace:
-            trace_upd = {
-                "text_logits": s.trace["text_logits"].at[s.i].set(s.text_logits),
-                "audio_logits": s.trace["audio_logits"].at[s.i].set(s.audio_logits),
-            }
-        return s.replace(
-            text_hist=jnp.where(col, nt[:, None], s.text_hist),
-            audio_hist=jnp.where(col, na[:, None], s.audio_hist),
-            text_finished=jnp.where(live, text_finished, s.text_finished),
-            done=s.done | (live & stop),
-            num_steps=s.num_steps + live,
-            valid_text=valid_text,
-            valid_audio=valid_audio,
-            key=key_next,
-            trace=trace_upd,
-        )
 
-    def forward(s: _State) -> _State:
-        """Feeds step s.i-1's recorded tokens at position len + s.i - 1; next logits."""
-        fed_a = jax.lax.dynamic_index_in_dim(s.audio_hist, s.i - 1, axis=1)  # [B, 1]
-        fed_t = jax.lax.dynamic_index_in_dim(s.text_hist, s.i - 1, axis=1)
-        pos = (lengths + s.i - 1)[:, None]
-        o = model.apply(
-            {"params": params}, fed_a, fed_t, pos, None, None, s.cache, attend_cache=True
-        )
-        return s.replace(
-            cache=o.cache, text_logits=o.text_logits[:, 0], audio_logits=o.audio_logits[:, 0]
-        )
-
-    def cond(s: _State) -> jax.Array:
-        return (s.i < n) & ~jnp.all(s.done)
-
-    def body(s: _State) -> _State:
-        s = step(forward(s))
-        return s.replace(i=s.i + 1)
-
-    state = step(state).replace(i=jnp.int32(1))
-    state = jax.lax.while_loop(cond, body, state)
-    return GenerateOutput(
-        text_tokens=state.text_hist,
-        audio_tokens=state.audio_hist,
-        num_steps=state.num_steps,
-        valid_text=state.valid_text,
-        valid_audio=state.valid_audio,
-        trace=state.trace,
-    )
+def generate_fixed(
+    params: Any, prompt: Prompt, key: jax.Array, *, max_new_tokens: int, **kw: Any
+) -> GenerateOutput:
+    """`generate` with the same budget of `max_new_tokens` steps for every row."""
+    b = prompt.audio_ids.shape[0]
+    budget = jnp.full((b,), max_new_tokens, jnp.int32)
+    return generate(params, prompt, budget, key, max_steps=max_new_tokens, **kw)
 
 
 def check_prompt(

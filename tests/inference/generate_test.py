@@ -8,7 +8,7 @@ import pytest
 from kimia_jax.conversion import llm as conv
 from kimia_jax.inference import generate as gen
 from kimia_jax.models import kimia_llm
-from tests.llm_helpers import LLM_DIR, TINY_IDS, fixture, fixture_prompt, rel_err
+from tests.llm_helpers import LLM_DIR, TINY_STREAM, fixture, fixture_prompt, rel_err
 
 STEPS = {"text": 8, "both": 12}  # the fixture's max_new_tokens per mode
 
@@ -23,9 +23,9 @@ def loaded():
 def traced(request, loaded):
     cfg, params, model = loaded
     mode = request.param
-    out = gen.generate(
+    out = gen.generate_fixed(
         params, fixture_prompt(cfg.kimia_adaptor_input_dim), jax.random.key(0), model=model,
-        max_new_tokens=STEPS[mode], output_type=mode, ids=TINY_IDS, trace=True,
+        max_new_tokens=STEPS[mode], stream=TINY_STREAM[mode], trace=True,
     )  # fmt: skip
     return mode, out
 
@@ -49,9 +49,10 @@ def test_fed_tokens_and_returned_tokens_match_reference(traced):
     d = fixture()
     n = STEPS[mode]
     assert int(out.num_steps[0]) == n  # no stop condition fires in the fixture runs
-    np.testing.assert_array_equal(out.audio_tokens[0, : n - 1], d[f"decode_{mode}_fed_audio_ids"])
-    np.testing.assert_array_equal(out.text_tokens[0, : n - 1], d[f"decode_{mode}_fed_text_ids"])
-    text, audio = gen.returned_tokens(out)
+    hist = out.state
+    np.testing.assert_array_equal(hist.audio_history[0, : n - 1], d[f"decode_{mode}_fed_audio_ids"])
+    np.testing.assert_array_equal(hist.text_history[0, : n - 1], d[f"decode_{mode}_fed_text_ids"])
+    text, audio = gen.returned_tokens(out, TINY_STREAM[mode])
     np.testing.assert_array_equal(text, d[f"decode_{mode}_returned_text_tokens"])
     np.testing.assert_array_equal(audio, d[f"decode_{mode}_returned_audio_tokens"])
 
@@ -82,34 +83,35 @@ def test_batched_generation_equals_single_runs(loaded):
         features=jnp.asarray(np.stack([r[3] for r in rows])),
         continuous_mask=jnp.asarray(np.stack([r[2] for r in rows])),
     )
-    kw = dict(model=model, max_new_tokens=10, output_type="both", ids=TINY_IDS)
-    together = gen.generate(params, batch, jax.random.key(0), **kw)
+    kw = dict(model=model, max_new_tokens=10, stream=TINY_STREAM["both"])
+    together = gen.generate_fixed(params, batch, jax.random.key(0), **kw)
     for b, n in enumerate(lengths):
         single = gen.Prompt(
             audio_ids=batch.audio_ids[b : b + 1, :n], text_ids=batch.text_ids[b : b + 1, :n],
             lengths=jnp.asarray([n], jnp.int32), features=batch.features[b : b + 1, :n],
             continuous_mask=batch.continuous_mask[b : b + 1, :n],
         )  # fmt: skip
-        alone = gen.generate(params, single, jax.random.key(0), **kw)
-        for got, want in zip(
-            gen.returned_tokens(together, b), gen.returned_tokens(alone), strict=True
-        ):
-            np.testing.assert_array_equal(got, want, err_msg=f"row {b} (length {n})")
-        np.testing.assert_array_equal(together.text_tokens[b], alone.text_tokens[0])
+        alone = gen.generate_fixed(params, single, jax.random.key(0), **kw)
+        stream = TINY_STREAM["both"]
+        got, want = gen.returned_tokens(together, stream, b), gen.returned_tokens(alone, stream)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(g, w, err_msg=f"row {b} (length {n})")
+        np.testing.assert_array_equal(together.state.text_history[b], alone.state.text_history[0])
 
 
 def test_rows_stop_on_their_own(loaded):
-    """A row whose text stream emits EOS stops; the other row runs to the budget."""
+    """Each row stops on its own: one on text EOS, one on its own budget."""
     cfg, params, model = loaded
     p = fixture_prompt(cfg.kimia_adaptor_input_dim)
     # Make the fixture's 3rd greedy text token the EOS id for row 0 only, by choosing ids so that
     # the reference argmax at step 2 (445) is treated as EOS.
-    ids = gen.SpecialIds(blank=623, text_eos=445, msg_end=605, media_end=620)
+    stream = gen.StreamConfig(output_type="text", text_blank=623, text_eos=445, eod_ids=(605, 620))
     two = jax.tree.map(lambda x: None if x is None else jnp.concatenate([x, x]), p)
-    out = gen.generate(params, two, jax.random.key(0), model=model, max_new_tokens=8,
-                       output_type="text", ids=ids)  # fmt: skip
-    np.testing.assert_array_equal(np.asarray(out.num_steps), [3, 3])  # EOS at step 2 in both rows
-    text, _ = gen.returned_tokens(out, 0)
+    out = gen.generate(params, two, jnp.asarray([8, 2], jnp.int32), jax.random.key(0), model=model,
+                       max_steps=8, stream=stream)  # fmt: skip
+    # row 0: EOS at step 2 -> 3 steps; row 1: its budget of 2 steps ends it first
+    np.testing.assert_array_equal(np.asarray(out.num_steps), [3, 2])
+    text, _ = gen.returned_tokens(out, stream, 0)
     np.testing.assert_array_equal(text, [32, 161])  # EOS excluded
 
 
