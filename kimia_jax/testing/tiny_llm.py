@@ -19,6 +19,7 @@ from safetensors.numpy import save_file
 from kimia_jax.configs import LlmConfig
 from kimia_jax.conversion import common
 from kimia_jax.conversion.llm import hf_name
+from kimia_jax.inference.text_tokenizer import write_tiny_tokenizer
 from kimia_jax.models import kimia_llm
 
 # The tiny fixture model's config.json (tests/fixtures/llm): hidden 40, 3 + 2 layers, vocab 728.
@@ -72,8 +73,10 @@ def write(
     seed: int = 0,
     dtype: str = "bfloat16",
     num_shards: int = 3,
+    with_tokenizer: bool = True,
 ) -> Path:
-    """Writes config.json + `model-<i>-of-<n>.safetensors` shards + index (released naming)."""
+    """Writes config.json + `model-<i>-of-<n>.safetensors` shards + index (released naming),
+    and the tiny tokenizer files (tiktoken.model, tokenizer_config.json) next to them."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = dict(TINY_CONFIG if config is None else config)
@@ -94,4 +97,7 @@ def write(
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     config["torch_dtype"] = dtype
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    if with_tokenizer:
+        write_tiny_tokenizer(out_dir, num_base_tokens=config["num_base_tokens"],
+                             num_special_tokens=config["kimia_text_output_vocab"] - config["num_base_tokens"])  # fmt: skip
     return out_dir
