@@ -50,28 +50,111 @@ class GenerateOutput:
 
 
 @flax.struct.dataclass
-class _Loop:
+class DecodeState:
+    """Everything the decode loop carries; resumable (`start` then `resume`, for streaming)."""
+
     stream: StreamState
     cache: KVCache
+    lengths: jax.Array  # [B] prompt lengths
     next_text: jax.Array  # [B] tokens to feed at the next forward
     next_audio: jax.Array
-    num_steps: jax.Array
+    num_steps: jax.Array  # [B] forward calls per row
     key: jax.Array
     trace: dict[str, jax.Array]
 
+    def output(self) -> GenerateOutput:
+        return GenerateOutput(state=self.stream, num_steps=self.num_steps, trace=self.trace)
 
-def returned_tokens(out: GenerateOutput, cfg: StreamConfig, row: int = 0) -> tuple[np.ndarray, np.ndarray]:
+
+def returned_tokens(
+    out: GenerateOutput, cfg: StreamConfig, row: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """(text_tokens, audio_tokens) of one row exactly as the reference `_generate_loop` returns."""
     audio, text = stream_logic.returned_tokens(cfg, out.state)[row]
     return np.asarray(text, np.int64), np.asarray(audio, np.int64)
 
 
+_STATIC = ("model", "stream", "text_sampling", "audio_sampling", "trace")
+
+
+def _step(
+    s: DecodeState, text_logits: jax.Array, audio_logits: jax.Array, stream: StreamConfig,
+    text_sampling: SamplingParams, audio_sampling: SamplingParams, trace: bool,
+) -> DecodeState:  # fmt: skip
+    """Samples step `s.stream.step` from its logits and applies the stream bookkeeping."""
+    key, sub = jax.random.split(s.key)
+    live = ~s.stream.done
+    trace_upd = s.trace
+    if trace:
+        i = s.stream.step
+        trace_upd = {
+            "text_logits": s.trace["text_logits"].at[i].set(text_logits),
+            "audio_logits": s.trace["audio_logits"].at[i].set(audio_logits),
+        }
+    st, nt, na = stream_logic.sample_and_advance(
+        stream, s.stream, text_logits, audio_logits, sub, text_sampling, audio_sampling
+    )
+    return s.replace(stream=st, next_text=nt, next_audio=na, num_steps=s.num_steps + live,
+                     key=key, trace=trace_upd)  # fmt: skip
+
+
+def _start(
+    params: Any, prompt: Prompt, budget: jax.Array, key: jax.Array, *, model: KimiaLLM,
+    max_steps: int, stream: StreamConfig, text_sampling: SamplingParams,
+    audio_sampling: SamplingParams, cache_length: int | None, cache: KVCache | None, trace: bool,
+) -> DecodeState:  # fmt: skip
+    """Prefill + step 0 (sampling from the prefill logits)."""
+    b, t = prompt.audio_ids.shape
+    lengths = prompt.lengths.astype(jnp.int32)
+    if cache is None:
+        cache = init_cache(model.cfg, b, cache_length or t + max_steps)
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    out = model.apply(
+        {"params": params},
+        prompt.audio_ids.astype(jnp.int32),
+        prompt.text_ids.astype(jnp.int32),
+        positions,
+        prompt.features,
+        prompt.continuous_mask,
+        cache,
+        attend_cache=False,
+        logits_at=lengths - 1,
+    )
+    tr: dict[str, jax.Array] = {}
+    if trace:
+        v = out.text_logits.shape[-1]
+        tr = {k: jnp.zeros((max_steps, b, v), jnp.float32) for k in ("text_logits", "audio_logits")}
+    zeros = jnp.zeros((b,), jnp.int32)
+    state = DecodeState(
+        stream=StreamState.init(budget, max_steps), cache=out.cache, lengths=lengths,
+        next_text=zeros, next_audio=zeros, num_steps=zeros, key=key, trace=tr,
+    )  # fmt: skip
+    return _step(state, out.text_logits[:, 0], out.audio_logits[:, 0], stream, text_sampling,
+                 audio_sampling, trace)  # fmt: skip
+
+
+def _resume(
+    params: Any, state: DecodeState, until: jax.Array, *, model: KimiaLLM, stream: StreamConfig,
+    text_sampling: SamplingParams, audio_sampling: SamplingParams, trace: bool,
+) -> DecodeState:  # fmt: skip
+    """Decodes until every row stopped or `until` steps are done (one while_loop)."""
+
+    def body(s: DecodeState) -> DecodeState:
+        pos = (s.lengths + s.stream.step - 1)[:, None]
+        o = model.apply(
+            {"params": params}, s.next_audio[:, None], s.next_text[:, None], pos, None, None,
+            s.cache, attend_cache=True,
+        )  # fmt: skip
+        return _step(s.replace(cache=o.cache), o.text_logits[:, 0], o.audio_logits[:, 0],
+                     stream, text_sampling, audio_sampling, trace)  # fmt: skip
+
+    cond = lambda s: (s.stream.step < until) & ~s.stream.all_done  # noqa: E731
+    return jax.lax.while_loop(cond, body, state)
+
+
 @functools.partial(
-    jax.jit,
-    static_argnames=("model", "max_steps", "stream", "text_sampling", "audio_sampling",
-                     "cache_length", "trace"),
-    donate_argnames=("cache",),
-)  # fmt: skip
+    jax.jit, static_argnames=(*_STATIC, "max_steps", "cache_length"), donate_argnames=("cache",)
+)
 def generate(
     params: Any,
     prompt: Prompt,
@@ -102,64 +185,19 @@ def generate(
       cache: optional preallocated cache to donate (e.g. already sharded).
       trace: also return per-step logits (parity tests).
     """
-    b, t = prompt.audio_ids.shape
-    lengths = prompt.lengths.astype(jnp.int32)
-    if cache is None:
-        cache = init_cache(model.cfg, b, cache_length or t + max_steps)
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    out = model.apply(
-        {"params": params},
-        prompt.audio_ids.astype(jnp.int32),
-        prompt.text_ids.astype(jnp.int32),
-        positions,
-        prompt.features,
-        prompt.continuous_mask,
-        cache,
-        attend_cache=False,
-        logits_at=lengths - 1,
-    )
-    tr: dict[str, jax.Array] = {}
-    if trace:
-        v = out.text_logits.shape[-1]
-        tr = {k: jnp.zeros((max_steps, b, v), jnp.float32) for k in ("text_logits", "audio_logits")}
+    kw = dict(model=model, stream=stream, text_sampling=text_sampling,
+              audio_sampling=audio_sampling, trace=trace)  # fmt: skip
+    state = _start(params, prompt, budget, key, max_steps=max_steps, cache_length=cache_length,
+                   cache=cache, **kw)  # fmt: skip
+    return _resume(params, state, jnp.int32(max_steps), **kw).output()
 
-    def step(s: _Loop, text_logits: jax.Array, audio_logits: jax.Array) -> _Loop:
-        key, sub = jax.random.split(s.key)
-        live = ~s.stream.done
-        trace_upd = s.trace
-        if trace:
-            i = s.stream.step
-            trace_upd = {
-                "text_logits": s.trace["text_logits"].at[i].set(text_logits),
-                "audio_logits": s.trace["audio_logits"].at[i].set(audio_logits),
-            }
-        st, nt, na = stream_logic.sample_and_advance(
-            stream, s.stream, text_logits, audio_logits, sub, text_sampling, audio_sampling
-        )
-        return s.replace(stream=st, next_text=nt, next_audio=na, num_steps=s.num_steps + live,
-                         key=key, trace=trace_upd)  # fmt: skip
 
-    def body(s: _Loop) -> _Loop:
-        pos = (lengths + s.stream.step - 1)[:, None]
-        o = model.apply(
-            {"params": params}, s.next_audio[:, None], s.next_text[:, None], pos, None, None,
-            s.cache, attend_cache=True,
-        )  # fmt: skip
-        return step(s.replace(cache=o.cache), o.text_logits[:, 0], o.audio_logits[:, 0])
-
-    zeros = jnp.zeros((b,), jnp.int32)
-    state = _Loop(
-        stream=StreamState.init(budget, max_steps),
-        cache=out.cache,
-        next_text=zeros,
-        next_audio=zeros,
-        num_steps=zeros,
-        key=key,
-        trace=tr,
-    )
-    state = step(state, out.text_logits[:, 0], out.audio_logits[:, 0])
-    state = jax.lax.while_loop(lambda s: ~s.stream.all_done, body, state)
-    return GenerateOutput(state=state.stream, num_steps=state.num_steps, trace=state.trace)
+start = functools.partial(
+    jax.jit, static_argnames=(*_STATIC, "max_steps", "cache_length"), donate_argnames=("cache",)
+)(_start)
+start.__doc__ = "Jitted prefill + step 0; returns a DecodeState to `resume` (streaming)."
+resume = functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("state",))(_resume)
+resume.__doc__ = "Jitted: decode until `until` steps (or all rows stopped); donates the state."
 
 
 def generate_fixed(

@@ -132,3 +132,21 @@ def test_bad_prompts_get_clear_errors(loaded):
         gen.check_prompt(cfg, gen.Prompt(**ok), 3, 6)
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
         gen.check_prompt(cfg, gen.Prompt(**ok), 0, None)
+
+
+def test_resumable_decode_in_chunks_equals_one_call(loaded, traced):
+    """start + resume(until=k) in chunks (the streaming path) == the single compiled call."""
+    cfg, params, model = loaded
+    mode, whole = traced
+    kw = dict(model=model, stream=TINY_STREAM[mode], text_sampling=gen.GREEDY,
+              audio_sampling=gen.GREEDY, trace=False)  # fmt: skip
+    n = STEPS[mode]
+    state = gen.start(params, fixture_prompt(cfg.kimia_adaptor_input_dim), jnp.asarray([n]),
+                      jax.random.key(0), max_steps=n, cache_length=None, cache=None, **kw)  # fmt: skip
+    seen = [int(state.stream.step)]
+    for until in (3, 7, n):
+        state = gen.resume(params, state, jnp.int32(until), **kw)
+        seen.append(int(state.stream.step))
+    assert seen == [1, 3, 7, n]
+    np.testing.assert_array_equal(state.stream.text_history, whole.state.text_history)
+    np.testing.assert_array_equal(state.stream.audio_history, whole.state.audio_history)
