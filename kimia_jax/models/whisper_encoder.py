@@ -97,9 +97,12 @@ class WhisperConfig:
                 raise ValueError(
                     "encoder_causal_attention / quantize_causal_encoder are not supported"
                 )
-            if self.quantize_position is None or self.pooling_kernel_size is None:
-                raise ValueError("a VQ config needs quantize_position and pooling_kernel_size")
-            if self.pooling_position is not None and self.quantize_position < self.pooling_position:
+            if None in (self.quantize_position, self.pooling_kernel_size, self.pooling_position):
+                # the 12.5 Hz token rate (1280 samples per token) assumes pooling before the VQ
+                raise ValueError(
+                    "a VQ config needs quantize_position, pooling_position and pooling_kernel_size"
+                )
+            if self.quantize_position < self.pooling_position:
                 raise ValueError(
                     f"quantize_position {self.quantize_position} < "
                     f"pooling_position {self.pooling_position}"
