@@ -136,3 +136,15 @@ def test_conversion_errors_name_the_tensor(tmp_path, fixtures_dir):
         conv.load(no_cfg)
     with pytest.raises(CheckpointError, match="not a checkpoint directory"):
         conv.load(tmp_path / "nowhere")
+
+
+def test_bad_config_is_named(tmp_path, fixtures_dir):
+    src = fixtures_dir / "audio" / "glm-4-voice-tokenizer"
+    bad = tmp_path / "bad_cfg"
+    shutil.copytree(src, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["pooling_position"] = 4
+    (bad / "config.json").write_text(json.dumps(cfg))
+    msg = f"{bad / 'config.json'}: quantize_position 3 < pooling_position 4"
+    with pytest.raises(CheckpointError, match=re.escape(msg)):
+        conv.load(bad)
