@@ -9,7 +9,8 @@ waveforms to token ids / continuous features, host-side feature extraction inclu
     from transformers `WhisperEncoderLayer`s (causal convs, block-causal mask, avg pool, addmm VQ);
   * whisper continuous features: ours (`WhisperFeatureExtractor`) vs the same feature extractor on
     30 s windows + transformers `WhisperEncoder`.
-Both sides get the same random weights (the torch model is saved in the released layout and loaded
+Each side runs once untimed (compile / warm-up, and the agreement check), then the best of
+--repeats timed runs is kept. Both sides get the same random weights (the torch model is saved in the released layout and loaded
 through our converter) and token agreement is printed. Batch 1: one 10 s clip; batch 8: eight clips
 of 2-20 s (the reference gets all 8 in one call, as `extract_speech_token` batches a list).
 Sizes: tiny = the test fixtures' shapes; medium = whisper-small shape (d 768, 12 layers; GLM 8
@@ -142,7 +143,7 @@ def _clips(batch: int) -> list[np.ndarray]:
 
 
 def _best(fn, repeats: int) -> float:
-    fn()  # warm-up / compile
+    """Best wall time of `repeats` runs; the caller has already run fn once (compile, warm-up)."""
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
