@@ -10,9 +10,10 @@ waveforms to token ids / continuous features, host-side feature extraction inclu
   * whisper continuous features: ours (`WhisperFeatureExtractor`) vs the same feature extractor on
     30 s windows + transformers `WhisperEncoder`.
 Each side runs once untimed (compile / warm-up, and the agreement check), then the best of
---repeats timed runs is kept. Both sides get the same random weights (the torch model is saved in the released layout and loaded
-through our converter) and token agreement is printed. Batch 1: one 10 s clip; batch 8: eight clips
-of 2-20 s (the reference gets all 8 in one call, as `extract_speech_token` batches a list).
+--repeats timed runs is kept. Both sides get the same random weights (the torch model is saved
+in the released layout and loaded through our converter) and token agreement is printed.
+Batch 1: one 10 s clip; batch 8: eight clips of 2-20 s (the reference gets all 8 in one call,
+as `extract_speech_token` batches a list).
 Sizes: tiny = the test fixtures' shapes; medium = whisper-small shape (d 768, 12 layers; GLM 8
 layers); large = whisper-large-v3 (d 1280, 32 layers) and the released GLM tokenizer (16 layers,
 16384 codes). Expect minutes per size beyond tiny on 2 CPU cores.
