@@ -176,4 +176,4 @@ def test_sharded_params_and_bf16_whisper(audio_dir, wavs):
     ref = np.load(audio_dir / "whisper_case_a.npz")["feature"][0]
     assert got.dtype == np.float32 and got.shape == ref.shape
     err = _rel(got, ref)
-    assert 1e-4 < err < 5e-2, f"bf16 feature rel err {err:.2e}"
+    assert 1e-4 < err < 5e-2, f"bf16 feature rel err {err:.2e} (measured 2.5e-2)"
