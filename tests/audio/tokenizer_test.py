@@ -4,9 +4,10 @@ two 30 s segments), plus batching of clips of different lengths.
 
 Measured on CPU (fp32, 2026-11-25): log-mel max abs 4.0e-5 / 3.9e-5 (305 of 78848 / 755 of 768000
 values above 1e-5, all in low-power bins: torch's MKL FFT itself differs from an fp64 FFT by 2.5e-5
-there; >= 99.6 % of values within 1e-5); prequant rel 1.2e-6 / 9.6e-7; distances abs 1.2e-4 (f32
-rounding at |d| ~ 150); tokens identical; last_hidden_state exact; whisper encoder rel 4.0e-6 /
-5.0e-6, features rel 5.0e-6.
+there; >= 99.6 % of values within 1e-5; an fp64 FFT would still leave 2.5e-5); prequant rel
+1.2e-6 / 9.0e-7; distances abs 1.2e-4 (f32 rounding at |d| ~ 150); tokens identical (smallest valid
+margin 0.0027); last_hidden_state exact; whisper encoder rel 3.8e-6 / 5.5e-6 (seg 0), 2.8e-6
+(seg 1); features rel 3.8e-6 / 5.5e-6.
 """
 
 import numpy as np
