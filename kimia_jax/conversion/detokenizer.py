@@ -329,6 +329,24 @@ def load_released(
     return dit_cfg, norm, voc_cfg, {"dit": dit, "vocoder": voc}
 
 
+def restore_params(
+    path: str | os.PathLike[str], dit_cfg: DiTConfig, voc_cfg: BigVGANConfig, *, mesh=None
+) -> dict[str, Any]:
+    """Params {"dit", "vocoder"} of a converted Orbax dir, placed on `mesh` (or the first device)."""
+    from jax.sharding import SingleDeviceSharding
+
+    from kimia_jax import checkpoint
+
+    boxed = {"dit": dit_abstract(dit_cfg), "vocoder": vocoder_abstract(voc_cfg)}
+    shapes = _unbox(boxed)
+    if mesh is None:
+        dev = SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: dev, shapes)
+    else:
+        shardings = _shardings(boxed, mesh)
+    return checkpoint.restore(path, checkpoint.abstract_like(shapes, shardings))
+
+
 def convert_released(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
     """Released folder -> Orbax dir (float32 params, both configs copied verbatim)."""
     from kimia_jax import checkpoint
