@@ -167,7 +167,7 @@ class Detokenizer:
             static_argnames=("refill", "commit_ode"),
             donate_argnames=("cache_k", "cache_v"),
         )
-        self._vocode_fn = jax.jit(lambda p, mel: self.vocoder.apply({"params": p}, mel))
+        self._vocode_fn = jax.jit(lambda p, mel, n: self.vocoder.apply({"params": p}, mel, n))
 
     # ------------------------------------------------------------------------------------------
     # Loading
@@ -274,8 +274,13 @@ class Detokenizer:
         is_final: bool,
         key: Any = None,
         noise: NoiseSpec = None,
+        trace: dict[str, Any] | None = None,
     ) -> np.ndarray:
-        """One `detokenize_streaming(tokens, is_final, upsample_factor)` call; updates `state`."""
+        """One `detokenize_streaming(tokens, is_final, upsample_factor)` call; updates `state`.
+
+        trace: optional dict that receives this chunk's intermediates (tokens_upsampled, noise,
+        start_position_id, look_ahead_frames, ode_final, mel, cache_len, ...) for debugging/tests.
+        """
         sc = self.streaming
         tokens = self._check_tokens(tokens)
         u = np.repeat(tokens, sc.upsample_factor)
@@ -298,6 +303,12 @@ class Detokenizer:
         )
         m = np.asarray(x[0, :n_keep], np.float32)
         mel = self.mel_norm.denormalize(m)
+        if trace is not None:
+            trace.update(
+                tokens_upsampled=s, noise=z, start_position_id=state.start_position, look_ahead_frames=la,
+                ode_prev_kv_len=state.cache_len, ode_final=np.asarray(x[0, :n], np.float32), mel=mel,
+                bucket=lp, cache_len_after=int(cache_len),
+            )
         state.cache_len = int(cache_len)
         state.carry_tokens = s[n_keep:] if la > 0 else None
         state.start_position += n_keep
@@ -315,7 +326,12 @@ class Detokenizer:
         mel = np.asarray(mel, np.float32)
         if mel.ndim != 2 or mel.shape[1] != self.vocoder_cfg.num_mels or mel.shape[0] == 0:
             raise ValueError(f"vocoder input must be [T > 0, {self.vocoder_cfg.num_mels}], got {mel.shape}")
-        return np.asarray(self._vocode_fn(self.params["vocoder"], mel[None]))[0]
+        t = mel.shape[0]
+        tp = vocoder_bucket(t)
+        padded = np.zeros((1, tp, mel.shape[1]), np.float32)
+        padded[0, :t] = mel
+        wav = self._vocode_fn(self.params["vocoder"], padded, np.full((1,), t, np.int32))
+        return np.asarray(wav[0, : t * self.vocoder_cfg.hop])
 
     # ------------------------------------------------------------------------------------------
     # Helpers
@@ -366,6 +382,14 @@ class Detokenizer:
         if isinstance(key, int | np.integer):
             key = jax.random.key(int(key))
         return np.asarray(_normal(jax.random.fold_in(key, index), n, m))
+
+
+def vocoder_bucket(t: int) -> int:
+    """Padded vocoder length: powers of two from 64 frames, then multiples of 256 (few compiles)."""
+    b = 64
+    while b < t and b < 256:
+        b *= 2
+    return b if t <= b else -(-t // 256) * 256
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))

@@ -93,6 +93,26 @@ def kaiser_sinc_filter(cutoff: float = 0.25, half_width: float = 0.3, kernel_siz
     return (f / f.sum()).astype(np.float32)
 
 
+def _valid(x: jax.Array, n: jax.Array | None) -> jax.Array | None:
+    """[B, T, 1] bool: frames before each row's valid length n [B] (None: all valid)."""
+    if n is None:
+        return None
+    return (jnp.arange(x.shape[1])[None, :] < n[:, None])[:, :, None]
+
+
+def _zero_tail(x: jax.Array, n: jax.Array | None) -> jax.Array:
+    """Zeroes frames >= n, so a zero-padded conv sees the sequence end exactly at n."""
+    return x if n is None else jnp.where(_valid(x, n), x, 0)
+
+
+def _edge_tail(x: jax.Array, n: jax.Array | None) -> jax.Array:
+    """Repeats frame n-1 over frames >= n, so a replicate pad sees the sequence end at n."""
+    if n is None:
+        return x
+    last = jnp.take_along_axis(x, jnp.maximum(n - 1, 0)[:, None, None], axis=1)  # [B, 1, C]
+    return jnp.where(_valid(x, n), x, last)
+
+
 def _const_init(value: np.ndarray):
     def init(key, shape, dtype=jnp.float32):
         del key
@@ -114,7 +134,7 @@ class AntiAliasedSnake(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, C] -> [B, T, C]
+    def __call__(self, x: jax.Array, n: jax.Array | None = None) -> jax.Array:  # [B, T, C] -> [B, T, C]
         c = self.channels
         init = nn.initializers.zeros_init() if self.logscale else nn.initializers.ones_init()
         alpha = self.param("alpha", nn.with_logical_partitioning(init, ("conv_out",)), (c,), jnp.float32)
@@ -132,7 +152,7 @@ class AntiAliasedSnake(nn.Module):
         t = x.shape[1]
         # Up: u[2i] = 2 sum_r xp[i+2+r] f[11-2r], u[2i+1] = 2 sum_r xp[i+3+r] f[10-2r]
         # (torch: replicate pad 5, conv_transpose1d stride 2, x2, crop 15 each side).
-        xp = jnp.pad(x, ((0, 0), (_PAD_UP, _PAD_UP), (0, 0)), mode="edge")
+        xp = jnp.pad(_edge_tail(x, n), ((0, 0), (_PAD_UP, _PAD_UP), (0, 0)), mode="edge")
         up2 = (2.0 * up_f).astype(dt)
         even = sum(xp[:, 2 + r : 2 + r + t] * up2[11 - 2 * r] for r in range(6))
         odd = sum(xp[:, 3 + r : 3 + r + t] * up2[10 - 2 * r] for r in range(6))
@@ -143,6 +163,7 @@ class AntiAliasedSnake(nn.Module):
         u = u + inv_b * jnp.square(jnp.sin(u * a))
         # Down: y[n] = sum_k f[k] ap[2n+k], ap = replicate pad (5, 6) of u (length 2T+11; padded
         # to 2T+12 so it splits into even/odd phases).
+        u = _edge_tail(u, None if n is None else 2 * n)
         ap = jnp.pad(u, ((0, 0), (5, 7), (0, 0)), mode="edge").reshape(x.shape[0], t + 6, 2, c)
         ph = (ap[:, :, 0], ap[:, :, 1])
         df = down_f.astype(dt)
@@ -159,8 +180,9 @@ class Conv1d(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, Cin] -> [B, T, Cout]
+    def __call__(self, x: jax.Array, n: jax.Array | None = None) -> jax.Array:  # [B, T, Cin] -> [B, T, Cout]
         k = self.kernel_size
+        x = _zero_tail(x, n)
         w = self.param(
             "kernel",
             nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("kernel_w", "conv_in", "conv_out")),
@@ -199,8 +221,9 @@ class ConvTranspose1d(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, Cin] -> [B, u*T, Cout]
+    def __call__(self, x: jax.Array, n: jax.Array | None = None) -> jax.Array:  # [B, T, Cin] -> [B, u*T, Cout]
         k, u = self.kernel_size, self.stride
+        x = _zero_tail(x, n)
         bsz, t, cin = x.shape
         w = self.param(
             "kernel",
@@ -234,13 +257,13 @@ class AMPBlock1(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, n: jax.Array | None = None) -> jax.Array:
         c, k = self.channels, self.kernel_size
         for m, d in enumerate(self.dilations):
             a0 = AntiAliasedSnake(c, self.beta, self.logscale, self.dtype, name=f"activations_{2 * m}")
             a1 = AntiAliasedSnake(c, self.beta, self.logscale, self.dtype, name=f"activations_{2 * m + 1}")
-            xt = Conv1d(c, k, d, dtype=self.dtype, name=f"convs1_{m}")(a0(x))
-            xt = Conv1d(c, k, 1, dtype=self.dtype, name=f"convs2_{m}")(a1(xt))
+            xt = Conv1d(c, k, d, dtype=self.dtype, name=f"convs1_{m}")(a0(x, n), n)
+            xt = Conv1d(c, k, 1, dtype=self.dtype, name=f"convs2_{m}")(a1(xt, n), n)
             x = x + xt
         return x
 
@@ -251,27 +274,36 @@ class BigVGAN(nn.Module):
     cfg: BigVGANConfig
 
     @nn.compact
-    def __call__(self, mel: jax.Array, return_hidden: bool = False):  # [B, T, M] -> [B, T*hop]
+    def __call__(self, mel: jax.Array, n_frames: jax.Array | None = None, return_hidden: bool = False):
+        """mel [B, T, M] -> wav [B, T * hop].
+
+        n_frames: optional [B] valid lengths. Frames past them are padding: every layer then
+        treats the sequence as ending at the valid length (zero pad for convs, replicate pad for
+        the anti-aliased activations), so samples before n_frames * hop equal those of the unpadded
+        input. One compiled shape then serves many lengths.
+        """
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
         beta = cfg.activation == "snakebeta"
+        n = None if n_frames is None else jnp.asarray(n_frames, jnp.int32).reshape(mel.shape[0])
         hidden = {}
-        x = Conv1d(cfg.upsample_initial_channel, 7, dtype=dt, name="conv_pre")(mel.astype(dt))
+        x = Conv1d(cfg.upsample_initial_channel, 7, dtype=dt, name="conv_pre")(mel.astype(dt), n)
         hidden["conv_pre"] = x
         nk = len(cfg.resblock_kernel_sizes)
         ch = cfg.upsample_initial_channel
         for s, (u, k) in enumerate(zip(cfg.upsample_rates, cfg.upsample_kernel_sizes, strict=True)):
             ch = cfg.upsample_initial_channel // 2 ** (s + 1)
-            x = ConvTranspose1d(ch, k, u, dtype=dt, name=f"ups_{s}")(x)
+            x = ConvTranspose1d(ch, k, u, dtype=dt, name=f"ups_{s}")(x, n)
+            n = None if n is None else n * u
             hidden[f"ups{s}"] = x
             xs = None
             for j, (rk, rd) in enumerate(zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes, strict=True)):
-                y = AMPBlock1(ch, rk, rd, beta, cfg.snake_logscale, dt, name=f"resblocks_{s * nk + j}")(x)
+                y = AMPBlock1(ch, rk, rd, beta, cfg.snake_logscale, dt, name=f"resblocks_{s * nk + j}")(x, n)
                 xs = y if xs is None else xs + y
             x = xs / nk
         hidden["stages_out"] = x
-        x = AntiAliasedSnake(ch, beta, cfg.snake_logscale, dt, name="activation_post")(x)
-        x = Conv1d(1, 7, use_bias=cfg.use_bias_at_final, dtype=dt, name="conv_post")(x)
+        x = AntiAliasedSnake(ch, beta, cfg.snake_logscale, dt, name="activation_post")(x, n)
+        x = Conv1d(1, 7, use_bias=cfg.use_bias_at_final, dtype=dt, name="conv_post")(x, n)
         x = jnp.tanh(x) if cfg.use_tanh_at_final else jnp.clip(x, -1.0, 1.0)
         wav = x[..., 0].astype(jnp.float32)
         return (wav, hidden) if return_hidden else wav
