@@ -164,7 +164,6 @@ class Detokenizer:
         self._buckets = sc.frame_buckets()
         self._chunk_fn = jax.jit(
             functools.partial(_chunk_fn, self.dit, self._t_int, self._dt, sc.max_kv_cache_tokens),
-            static_argnames=("refill", "commit_ode"),
             donate_argnames=("cache_k", "cache_v"),
         )
         self._vocode_fn = jax.jit(lambda p, mel, n: self.vocoder.apply({"params": p}, mel, n))
@@ -299,7 +298,7 @@ class Detokenizer:
         commit_ode = la == 0 and not is_final
         x, state.cache_k, state.cache_v, cache_len = self._chunk_fn(
             self.params["dit"], z_pad, s_pad, np.int32(n), np.int32(n_keep), np.int32(state.start_position),
-            state.cache_k, state.cache_v, np.int32(state.cache_len), refill=la > 0, commit_ode=commit_ode,
+            state.cache_k, state.cache_v, np.int32(state.cache_len), np.bool_(la > 0), np.bool_(commit_ode),
         )
         m = np.asarray(x[0, :n_keep], np.float32)
         mel = self.mel_norm.denormalize(m)
@@ -405,53 +404,51 @@ def _chunk_fn(
     params: Any,
     noise: jax.Array,  # [1, Lp, M]
     tokens: jax.Array,  # [1, Lp]
-    n_valid: jax.Array,  # frames of this chunk (rest is padding)
+    n_valid: jax.Array,  # frames of this chunk (the rest is padding)
     n_keep: jax.Array,  # frames kept (n_valid - look-ahead)
     start_pos: jax.Array,
     cache_k: jax.Array,  # [depth, 1, S, N, H]
     cache_v: jax.Array,
     cache_len: jax.Array,
-    *,
-    refill: bool,
-    commit_ode: bool,
+    refill: jax.Array,  # bool: run the clean re-encode (t=999 on x[:n_keep]) and commit its K/V
+    commit_ode: jax.Array,  # bool: commit the K/V of the last Euler evaluation (look-ahead 0)
 ):
-    """ODE over one chunk (29 Euler steps in a fori_loop), optional clean re-encode, cache commit."""
+    """ODE over one chunk (29 Euler steps), the optional clean re-encode, and the cache commit.
+
+    All in one `fori_loop` whose body holds the only copy of the DiT: iteration i < 29 is an Euler
+    step; iteration 29 (only when `refill`) is the re-encode, with dt = 0 so x stays the ODE
+    result and the key mask cut to the kept frames. The K/V of the last iteration are carried out
+    and committed when asked. Chunk kinds are runtime flags, so one compile serves each bucket.
+    """
     lp = noise.shape[1]
     s = cache_k.shape[2]
     positions = start_pos + jnp.arange(lp, dtype=jnp.int32)[None]
     cache_mask = jnp.arange(s) < cache_len
-    t_tab = jnp.asarray(t_int, jnp.int32)
-    dt_tab = jnp.asarray(dt, jnp.float32)
-
-    def dit(x, t, n):
-        mask = jnp.concatenate([cache_mask, jnp.arange(lp) < n])[None]
-        return model.apply({"params": params}, x, tokens, jnp.full((1,), t, jnp.int32), positions, cache_k, cache_v, mask)
-
     n_steps = len(dt)
-    if commit_ode:
-        # Look-ahead 0 on a non-final chunk: the K/V of the last Euler evaluation get committed.
-        def body_kv(i, carry):
-            x, _, _ = carry
-            v, k, vv = dit(x, t_tab[i], n_valid)
-            return x + dt_tab[i] * v, k, vv
+    refill_t = int(np.float32(REFILL_T) * np.float32(1000.0))  # 999
+    t_tab = jnp.asarray(np.append(t_int, refill_t), jnp.int32)
+    dt_tab = jnp.asarray(np.append(dt, np.float32(0.0)), jnp.float32)
 
-        k0 = jnp.zeros((cache_k.shape[0], 1, lp, *cache_k.shape[3:]), cache_k.dtype)
-        x, k_new, v_new = jax.lax.fori_loop(0, n_steps, body_kv, (noise, k0, k0))
-        n_new = n_valid
-    else:
+    def body(i, carry):
+        x, _, _ = carry
+        n = jnp.where(i < n_steps, n_valid, n_keep)
+        mask = jnp.concatenate([cache_mask, jnp.arange(lp) < n])[None]
+        t = jnp.full((1,), t_tab[i], jnp.int32)
+        v, k, vv = model.apply({"params": params}, x, tokens, t, positions, cache_k, cache_v, mask)
+        return x + dt_tab[i] * v, k.astype(cache_k.dtype), vv.astype(cache_v.dtype)
 
-        def body(i, x):
-            v, _, _ = dit(x, t_tab[i], n_valid)
-            return x + dt_tab[i] * v
-
-        x = jax.lax.fori_loop(0, n_steps, body, noise)
-        if not refill:
-            return x, cache_k, cache_v, cache_len
-        t_refill = int(np.float32(REFILL_T) * np.float32(1000.0))
-        _, k_new, v_new = dit(x, t_refill, n_keep)
-        n_new = n_keep
+    kv0 = jnp.zeros((cache_k.shape[0], 1, lp, *cache_k.shape[3:]), cache_k.dtype)
+    n_iter = n_steps + refill.astype(jnp.int32)
+    x, k_new, v_new = jax.lax.fori_loop(0, n_iter, body, (noise, kv0, kv0))
+    n_new = jnp.where(refill, n_keep, n_valid)
     ck, cv, clen = _commit(cache_k, cache_v, cache_len, k_new, v_new, n_new, max_kv)
-    return x, ck, cv, clen
+    do = refill | commit_ode
+    return (
+        x,
+        jnp.where(do, ck, cache_k),
+        jnp.where(do, cv, cache_v),
+        jnp.where(do, clen, cache_len),
+    )
 
 
 def _commit(cache_k, cache_v, cache_len, k_new, v_new, n_new, max_kv):
