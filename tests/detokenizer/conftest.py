@@ -34,3 +34,21 @@ def cases() -> dict[str, dict[str, np.ndarray]]:
 
 def chunk_noise(case: dict[str, np.ndarray]) -> list[np.ndarray]:
     return [case[f"chunk{i}_noise"] for i in range(int(case["num_chunks"]))]
+
+
+@pytest.fixture(scope="session")
+def runs(detok, cases):
+    """Each case streamed once chunk by chunk (official plan, recorded noise), with traces."""
+    from kimia_jax.detokenizer import plan_chunks
+
+    out = {}
+    for name, c in cases.items():
+        noise = chunk_noise(c)
+        state = detok.new_state()
+        traces, pieces = [], []
+        for s, e, fin in plan_chunks(c["semantic_tokens"].shape[1]):
+            tr = {}
+            pieces.append(detok.detokenize_chunk(state, c["semantic_tokens"][0, s:e], is_final=fin, noise=noise, trace=tr))
+            traces.append(tr)
+        out[name] = {"traces": traces, "pieces": pieces}
+    return out
