@@ -1,4 +1,4 @@
-"""Detokenizer speed vs the PyTorch reference, same shapes, same run: real-time factor and first chunk.
+"""Detokenizer speed vs the PyTorch reference (same shapes, same run): RTF and first chunk.
 
     python -m tools.bench_detokenizer --preset=tiny --tokens=150
     python -m tools.bench_detokenizer --preset=released --tokens=60 --ode_steps=4   # random weights
@@ -20,27 +20,53 @@ from absl import app, flags
 
 _PRESET = flags.DEFINE_enum("preset", "tiny", ["tiny", "released", "both"], "model size")
 _TOKENS = flags.DEFINE_integer("tokens", 150, "semantic tokens (12.5 Hz) per utterance")
-_ODE = flags.DEFINE_integer("ode_steps", 30, "linspace points of the ODE (30 = official, 29 Euler steps)")
+_ODE = flags.DEFINE_integer(
+    "ode_steps", 30, "linspace points of the ODE (30 = official, 29 Euler steps)"
+)
 _REPEATS = flags.DEFINE_integer("repeats", 2, "timed runs per framework (best is reported)")
 _THREADS = flags.DEFINE_list(
-    "torch_threads", ["1", "2"], "torch.set_num_threads values to try; the fastest is reported (with 2 "
-    "threads on a busy 2-core machine torch's OpenMP sync can cost ms per op)"
+    "torch_threads",
+    ["1", "2"],
+    "torch.set_num_threads values to try; the fastest is reported (with 2 "
+    "threads on a busy 2-core machine torch's OpenMP sync can cost ms per op)",
 )
 _FIXTURE = flags.DEFINE_string(
-    "fixture", "tests/fixtures/detokenizer/Kimi-Audio-7B-Instruct", "tiny released-layout checkpoint"
+    "fixture",
+    "tests/fixtures/detokenizer/Kimi-Audio-7B-Instruct",
+    "tiny released-layout checkpoint",
 )
 
 RELEASED_DIT = {
-    "input_size": 80, "semantic_vocab_size": 16384, "hidden_size": 2304, "depth": 16, "num_heads": 18,
-    "mlp_ratio": 4.0, "ffn_type": "vanilla_mlp", "use_rope": True,
-    "rope_params": {"max_position_embeddings": 4096, "rope_base": 10000.0, "rope_interpolation_factor": 1.0},
-    "position_embedding_type": "skip", "max_seq_len": 4096,
+    "input_size": 80,
+    "semantic_vocab_size": 16384,
+    "hidden_size": 2304,
+    "depth": 16,
+    "num_heads": 18,
+    "mlp_ratio": 4.0,
+    "ffn_type": "vanilla_mlp",
+    "use_rope": True,
+    "rope_params": {
+        "max_position_embeddings": 4096,
+        "rope_base": 10000.0,
+        "rope_interpolation_factor": 1.0,
+    },
+    "position_embedding_type": "skip",
+    "max_seq_len": 4096,
 }
 RELEASED_VOCODER = {
-    "resblock": "1", "upsample_rates": [5, 2, 2, 2, 2, 3, 2], "upsample_kernel_sizes": [9, 4, 4, 4, 4, 5, 4],
-    "upsample_initial_channel": 2048, "resblock_kernel_sizes": [3, 5, 7, 11],
-    "resblock_dilation_sizes": [[1, 3, 5]] * 4, "activation": "snakebeta", "snake_logscale": True,
-    "use_tanh_at_final": False, "use_bias_at_final": False, "num_mels": 80, "sampling_rate": 24000, "hop_size": 480,
+    "resblock": "1",
+    "upsample_rates": [5, 2, 2, 2, 2, 3, 2],
+    "upsample_kernel_sizes": [9, 4, 4, 4, 4, 5, 4],
+    "upsample_initial_channel": 2048,
+    "resblock_kernel_sizes": [3, 5, 7, 11],
+    "resblock_dilation_sizes": [[1, 3, 5]] * 4,
+    "activation": "snakebeta",
+    "snake_logscale": True,
+    "use_tanh_at_final": False,
+    "use_bias_at_final": False,
+    "num_mels": 80,
+    "sampling_rate": 24000,
+    "hop_size": 480,
 }
 
 
@@ -48,7 +74,9 @@ def build_tiny(ode_steps: int):
     from kimia_jax.detokenizer import Detokenizer, StreamingConfig
     from tools.detok_torch_reference import TorchDetokenizer
 
-    det = Detokenizer.from_pretrained(_FIXTURE.value, streaming=StreamingConfig(ode_steps=ode_steps))
+    det = Detokenizer.from_pretrained(
+        _FIXTURE.value, streaming=StreamingConfig(ode_steps=ode_steps)
+    )
     ref = TorchDetokenizer.from_released(_FIXTURE.value, ode_steps=ode_steps)
     return det, ref
 
@@ -100,7 +128,9 @@ def time_jax(det, tokens, noise):
 def time_torch(ref, tokens, noise):
     t0 = time.perf_counter()
     first = []
-    wav = ref.detokenize_audio(tokens, noise, on_chunk=lambda i: first.append(time.perf_counter() - t0) if i == 0 else None)
+    wav = ref.detokenize_audio(
+        tokens, noise, on_chunk=lambda i: first.append(time.perf_counter() - t0) if i == 0 else None
+    )
     return time.perf_counter() - t0, first[0], wav
 
 
@@ -151,10 +181,23 @@ def bench(preset: str) -> dict:
         ref.vocoder(torch.from_numpy(mel.T[None]))
         tv = time.perf_counter() - t0
     return dict(
-        preset=preset, audio_s=audio_s, torch_threads=t_threads, chunks=len(noise), ode_steps=_ODE.value,
-        torch_s=t_total, jax_s=j_total, rtf_torch=t_total / audio_s, rtf_jax=j_total / audio_s,
-        speedup=t_total / j_total, first_torch=t_first, first_jax=j_first, first_jax_cold=cold_first,
-        jax_cold_total=cold_total, voc_torch=tv, voc_jax=jv, max_abs_diff=err,
+        preset=preset,
+        audio_s=audio_s,
+        torch_threads=t_threads,
+        chunks=len(noise),
+        ode_steps=_ODE.value,
+        torch_s=t_total,
+        jax_s=j_total,
+        rtf_torch=t_total / audio_s,
+        rtf_jax=j_total / audio_s,
+        speedup=t_total / j_total,
+        first_torch=t_first,
+        first_jax=j_first,
+        first_jax_cold=cold_first,
+        jax_cold_total=cold_total,
+        voc_torch=tv,
+        voc_jax=jv,
+        max_abs_diff=err,
     )
 
 
@@ -167,14 +210,19 @@ def main(argv):
     presets = ["tiny", "released"] if _PRESET.value == "both" else [_PRESET.value]
     rows = [bench(p) for p in presets]
     print()
-    print("| preset | audio | Euler steps | torch RTF (threads) | JAX RTF | speedup | first chunk torch | first chunk JAX (warm / cold) "
-          "| vocoder 156 fr torch / JAX | max abs diff |")
+    print(
+        "| preset | audio | Euler steps | torch RTF (threads) | JAX RTF | speedup "
+        "| first chunk torch | first chunk JAX (warm / cold) | vocoder 156 fr torch / JAX "
+        "| max abs diff |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['preset']} | {r['audio_s']:.2f} s ({r['chunks']} chunks) | {r['ode_steps'] - 1} | {r['rtf_torch']:.3f} ({r['torch_threads']}) "
-            f"| {r['rtf_jax']:.3f} | {r['speedup']:.2f}x | {r['first_torch']:.2f} s | {r['first_jax']:.2f} s / "
-            f"{r['first_jax_cold']:.2f} s | {r['voc_torch']:.2f} s / {r['voc_jax']:.2f} s | {r['max_abs_diff']:.1e} |"
+            f"| {r['preset']} | {r['audio_s']:.2f} s ({r['chunks']} chunks) | {r['ode_steps'] - 1} "
+            f"| {r['rtf_torch']:.3f} ({r['torch_threads']}) | {r['rtf_jax']:.3f} "
+            f"| {r['speedup']:.2f}x | {r['first_torch']:.2f} s "
+            f"| {r['first_jax']:.2f} s / {r['first_jax_cold']:.2f} s "
+            f"| {r['voc_torch']:.2f} s / {r['voc_jax']:.2f} s | {r['max_abs_diff']:.1e} |"
         )
 
 

@@ -109,14 +109,24 @@ class DiTPrefix(nn.Module):
         self.semantic_token_embedding = nn.Embedding(c["semantic_vocab_size"] + 1, d)
         self.input_linear = nn.Linear(c["input_size"], d)
         self.t_embedder = TimestepEmbedder(d)
-        self.blocks = nn.ModuleList([Block(d, h, c.get("mlp_ratio", 4.0)) for _ in range(c["depth"])])
+        self.blocks = nn.ModuleList(
+            [Block(d, h, c.get("mlp_ratio", 4.0)) for _ in range(c["depth"])]
+        )
         self.final_layer = FinalLayer(d, c["input_size"])
         rp = c.get("rope_params", {})
         hd = d // h
-        theta = 1.0 / (rp.get("rope_base", 10000.0) ** (torch.arange(0, hd, 2)[: hd // 2].float() / hd))
-        pos = torch.arange(rp.get("max_position_embeddings", 4096)).float() / rp.get("rope_interpolation_factor", 1.0)
+        theta = 1.0 / (
+            rp.get("rope_base", 10000.0) ** (torch.arange(0, hd, 2)[: hd // 2].float() / hd)
+        )
+        pos = torch.arange(rp.get("max_position_embeddings", 4096)).float() / rp.get(
+            "rope_interpolation_factor", 1.0
+        )
         freqs = torch.outer(pos, theta)
-        self.register_buffer("freqs_cis", torch.polar(torch.ones_like(freqs), freqs)[: c.get("max_seq_len", 4096)], persistent=False)
+        self.register_buffer(
+            "freqs_cis",
+            torch.polar(torch.ones_like(freqs), freqs)[: c.get("max_seq_len", 4096)],
+            persistent=False,
+        )
 
     def forward(self, x, position_ids, t, condition, cache=None):
         c = self.t_embedder(t)[:, None, :] + self.semantic_token_embedding(condition)
@@ -146,11 +156,26 @@ def import_bigvgan():
 class TorchDetokenizer:
     """Official chunk loop in float32 (look-ahead 12, max KV 900, 30 linspace points, stitching)."""
 
-    def __init__(self, dit: DiTPrefix, vocoder: nn.Module, mel_mean: float, mel_std: float, *,
-                 look_ahead_tokens: int = 12, ode_steps: int = 30, max_kv: int = 900, max_pos: int = 4096):
+    def __init__(
+        self,
+        dit: DiTPrefix,
+        vocoder: nn.Module,
+        mel_mean: float,
+        mel_std: float,
+        *,
+        look_ahead_tokens: int = 12,
+        ode_steps: int = 30,
+        max_kv: int = 900,
+        max_pos: int = 4096,
+    ):
         self.dit, self.vocoder = dit.eval(), vocoder.eval()
         self.mean, self.std = mel_mean, mel_std
-        self.la_tokens, self.ode_steps, self.max_kv, self.max_pos = look_ahead_tokens, ode_steps, max_kv, max_pos
+        self.la_tokens, self.ode_steps, self.max_kv, self.max_pos = (
+            look_ahead_tokens,
+            ode_steps,
+            max_kv,
+            max_pos,
+        )
         self.clear_states()
 
     @classmethod
@@ -160,12 +185,18 @@ class TorchDetokenizer:
         root = Path(root)
         y = yaml.safe_load((root / "audio_detokenizer" / "config.yaml").read_text())
         dit = DiTPrefix(y["model"]["dit"])
-        sd = torch.load(root / "audio_detokenizer" / "model.pt", weights_only=True, mmap=True)["state_dict"]
-        dit.load_state_dict({k.replace("speech_model.", ""): v for k, v in sd.items() if "speech_model" in k})
+        sd = torch.load(root / "audio_detokenizer" / "model.pt", weights_only=True, mmap=True)[
+            "state_dict"
+        ]
+        dit.load_state_dict(
+            {k.replace("speech_model.", ""): v for k, v in sd.items() if "speech_model" in k}
+        )
         bigvgan = import_bigvgan()
         h = bigvgan.env.AttrDict(json.loads((root / "vocoder" / "config.json").read_text()))
         voc = bigvgan.BigVGAN(h, use_cuda_kernel=False)
-        voc.load_state_dict(torch.load(root / "vocoder" / "model.pt", weights_only=True, mmap=True)["generator"])
+        voc.load_state_dict(
+            torch.load(root / "vocoder" / "model.pt", weights_only=True, mmap=True)["generator"]
+        )
         return cls(dit, voc, float(y.get("mel_mean", 0.0)), float(y.get("mel_std", 1.0)), **kw)
 
     def clear_states(self):
@@ -182,7 +213,9 @@ class TorchDetokenizer:
         return out[0], kv
 
     @torch.no_grad()
-    def detokenize_streaming(self, tokens: torch.Tensor, noise: torch.Tensor, is_final: bool) -> torch.Tensor:
+    def detokenize_streaming(
+        self, tokens: torch.Tensor, noise: torch.Tensor, is_final: bool
+    ) -> torch.Tensor:
         u = tokens.repeat_interleave(4)
         s = u if self.carry is None else torch.cat([self.carry, u])
         n = len(s)
@@ -230,12 +263,16 @@ class TorchDetokenizer:
         g = 2 * p if wav.shape[1] > 2 * p else wav.shape[1] // 2
         win = torch.hamming_window(g)
         out = wav[:, :g].clone()
-        out[:, : g // 2] = self.pre_wav[:, : g // 2] * win[-(g // 2) :] + wav[:, : g // 2] * win[: g // 2]
+        out[:, : g // 2] = (
+            self.pre_wav[:, : g // 2] * win[-(g // 2) :] + wav[:, : g // 2] * win[: g // 2]
+        )
         r = wav.shape[1] - g
         self.pre_wav, self.pre_mel = wav[:, -r:], mel[-(r // 480) :]
         return out
 
-    def detokenize_audio(self, tokens: np.ndarray, noise: list[np.ndarray], on_chunk=None) -> np.ndarray:
+    def detokenize_audio(
+        self, tokens: np.ndarray, noise: list[np.ndarray], on_chunk=None
+    ) -> np.ndarray:
         """`KimiAudio.detokenize_audio`: first chunk 30 tokens, then chunks of 30."""
         from kimia_jax.detokenizer import plan_chunks  # pure numpy helper, no JAX work
 
@@ -243,7 +280,11 @@ class TorchDetokenizer:
         tok = torch.from_numpy(np.asarray(tokens).reshape(-1).astype(np.int64))
         out = []
         for i, (s, e, fin) in enumerate(plan_chunks(len(tok))):
-            out.append(self.detokenize_streaming(tok[s:e], torch.from_numpy(np.asarray(noise[i], np.float32)), fin))
+            out.append(
+                self.detokenize_streaming(
+                    tok[s:e], torch.from_numpy(np.asarray(noise[i], np.float32)), fin
+                )
+            )
             if on_chunk is not None:
                 on_chunk(i)
         return torch.cat(out, dim=1)[0].numpy()

@@ -1,8 +1,8 @@
 """Converts the released detokenizer (DiT) and BigVGAN vocoder PyTorch files to Flax params.
 
 Released layout (spec/detokenizer.md §1):
-    <root>/audio_detokenizer/config.yaml   DiT config (model.dit.*, normalize_mel, mel_mean, mel_std)
-    <root>/audio_detokenizer/model.pt      Lightning checkpoint: {"state_dict": {"speech_model.*": ...},
+    <root>/audio_detokenizer/config.yaml  DiT config (model.dit.*, normalize_mel, mel_mean, mel_std)
+    <root>/audio_detokenizer/model.pt     Lightning checkpoint {"state_dict": {"speech_model.*"},
                                            ...optimizer state...} (~19 GB for the 1.58 B DiT)
     <root>/vocoder/config.json             BigVGAN hyper-parameters
     <root>/vocoder/model.pt                {"generator": BigVGAN state dict, weight-norm g/v form}
@@ -12,13 +12,13 @@ views of the mapped file and nothing is read until a tensor is converted. Only t
 weights are ever touched; the optimizer moments (2/3 of the 19 GB file) are never paged in. Peak
 host RSS is therefore about the kept weights' mapped pages plus the converted arrays.
 
-Run:  python -m kimia_jax.conversion.detokenizer --src=/path/Kimi-Audio-7B-Instruct --dst=/path/detok
+Run:
+    python -m kimia_jax.conversion.detokenizer --src=/path/Kimi-Audio-7B-Instruct --dst=/path/detok
 """
 
 from __future__ import annotations
 
 import os
-
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -46,9 +46,17 @@ DIT_RULES = [
     Rule(r"blocks\.(\d+)\.attn\.(qkv|proj)\.bias", r"blocks_\1/attn/\2/bias"),
     Rule(r"blocks\.(\d+)\.mlp\.(fc1|fc2)\.weight", r"blocks_\1/mlp/\2/kernel", common.linear),
     Rule(r"blocks\.(\d+)\.mlp\.(fc1|fc2)\.bias", r"blocks_\1/mlp/\2/bias"),
-    Rule(r"blocks\.(\d+)\.adaLN_modulation\.1\.weight", r"blocks_\1/adaLN_modulation_1/kernel", common.linear),
+    Rule(
+        r"blocks\.(\d+)\.adaLN_modulation\.1\.weight",
+        r"blocks_\1/adaLN_modulation_1/kernel",
+        common.linear,
+    ),
     Rule(r"blocks\.(\d+)\.adaLN_modulation\.1\.bias", r"blocks_\1/adaLN_modulation_1/bias"),
-    Rule(r"final_layer\.adaLN_modulation\.1\.weight", "final_layer/adaLN_modulation_1/kernel", common.linear),
+    Rule(
+        r"final_layer\.adaLN_modulation\.1\.weight",
+        "final_layer/adaLN_modulation_1/kernel",
+        common.linear,
+    ),
     Rule(r"final_layer\.adaLN_modulation\.1\.bias", "final_layer/adaLN_modulation_1/bias"),
     Rule(r"final_layer\.linear\.weight", "final_layer/linear/kernel", common.linear),
     Rule(r"final_layer\.linear\.bias", "final_layer/linear/bias"),
@@ -81,7 +89,8 @@ class CheckedFilters:
             ref = kaiser_sinc_filter()
             if f.shape != ref.shape or np.max(np.abs(f - ref)) > 1e-6:
                 raise CheckpointError(
-                    f"anti-alias filter {name!r} = {f.tolist()} differs from the kaiser-sinc filter "
+                    f"anti-alias filter {name!r} = {f.tolist()} differs from the kaiser-sinc "
+                    "filter "
                     f"{ref.tolist()} by more than 1e-6"
                 )
         return w
@@ -92,9 +101,16 @@ VOCODER_RULES = [
     Rule(r"conv_pre\.bias", "conv_pre/bias"),
     Rule(r"ups\.(\d+)\.0\.weight", r"ups_\1/kernel", common.conv_transpose1d),
     Rule(r"ups\.(\d+)\.0\.bias", r"ups_\1/bias"),
-    Rule(r"resblocks\.(\d+)\.convs(1|2)\.(\d+)\.weight", r"resblocks_\1/convs\2_\3/kernel", common.conv1d),
+    Rule(
+        r"resblocks\.(\d+)\.convs(1|2)\.(\d+)\.weight",
+        r"resblocks_\1/convs\2_\3/kernel",
+        common.conv1d,
+    ),
     Rule(r"resblocks\.(\d+)\.convs(1|2)\.(\d+)\.bias", r"resblocks_\1/convs\2_\3/bias"),
-    Rule(r"resblocks\.(\d+)\.activations\.(\d+)\.act\.(alpha|beta)", r"resblocks_\1/activations_\2/\3"),
+    Rule(
+        r"resblocks\.(\d+)\.activations\.(\d+)\.act\.(alpha|beta)",
+        r"resblocks_\1/activations_\2/\3",
+    ),
     Rule(
         r"resblocks\.(\d+)\.activations\.(\d+)\.upsample\.filter",
         r"resblocks_\1/activations_\2/upsample_filter",
@@ -107,7 +123,11 @@ VOCODER_RULES = [
     ),
     Rule(r"activation_post\.act\.(alpha|beta)", r"activation_post/\1"),
     Rule(r"activation_post\.upsample\.filter", "activation_post/upsample_filter", _filter),
-    Rule(r"activation_post\.downsample\.lowpass\.filter", "activation_post/downsample_filter", _filter),
+    Rule(
+        r"activation_post\.downsample\.lowpass\.filter",
+        "activation_post/downsample_filter",
+        _filter,
+    ),
     Rule(r"conv_post\.weight", "conv_post/kernel", common.conv1d),
     Rule(r"conv_post\.bias", "conv_post/bias"),
 ]
@@ -127,7 +147,9 @@ class TorchStateDictSource:
         DiT loader keeps keys containing "speech_model" and removes "speech_model.").
     """
 
-    def __init__(self, path: str | os.PathLike[str], entry: str, contains: str = "", strip: str = ""):
+    def __init__(
+        self, path: str | os.PathLike[str], entry: str, contains: str = "", strip: str = ""
+    ):
         import torch  # conversion-only dependency
 
         path = Path(path)
@@ -146,7 +168,9 @@ class TorchStateDictSource:
             if contains and contains not in k:
                 continue
             if not isinstance(v, torch.Tensor):
-                raise CheckpointError(f"{path}: {entry}[{k!r}] is a {type(v).__name__}, not a tensor")
+                raise CheckpointError(
+                    f"{path}: {entry}[{k!r}] is a {type(v).__name__}, not a tensor"
+                )
             self._t[k.replace(strip, "") if strip else k] = v
         del ckpt  # drops the references to optimizer-state views: never paged in
 
@@ -196,7 +220,9 @@ class WeightNormFolded:
             g, v = self._folded[name]
             gs, vs = self.inner.shape(g), self.inner.shape(v)
             if len(gs) != len(vs) or gs[0] != vs[0] or any(d != 1 for d in gs[1:]):
-                raise CheckpointError(f"weight norm {g!r} has shape {gs}, incompatible with {v!r} {vs}")
+                raise CheckpointError(
+                    f"weight norm {g!r} has shape {gs}, incompatible with {v!r} {vs}"
+                )
             return vs
         return self.inner.shape(name)
 
@@ -272,7 +298,9 @@ def dit_abstract(cfg: DiTConfig) -> Any:
 
 def vocoder_abstract(cfg: BigVGANConfig) -> Any:
     m = BigVGAN(cfg)
-    return jax.eval_shape(lambda: m.init(jax.random.key(0), jnp.zeros((1, 4, cfg.num_mels)))["params"])
+    return jax.eval_shape(
+        lambda: m.init(jax.random.key(0), jnp.zeros((1, 4, cfg.num_mels)))["params"]
+    )
 
 
 def _unbox(tree: Any) -> Any:
@@ -282,24 +310,42 @@ def _unbox(tree: Any) -> Any:
 
 
 def convert_dit(
-    source: common.TensorSource, cfg: DiTConfig, *, dtype: Any = jnp.float32, mesh=None, progress: bool = False
+    source: common.TensorSource,
+    cfg: DiTConfig,
+    *,
+    dtype: Any = jnp.float32,
+    mesh=None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """DiT state dict (prefix already stripped) -> nested Flax params."""
     boxed = dit_abstract(cfg)
     sh = _shardings(boxed, mesh)
     targets = common.targets_from_abstract(_unbox(boxed), sh, dtype)
-    flat = common.convert(source, DIT_RULES, targets, ignore=DIT_IGNORE, progress=progress, desc="DiT")
+    flat = common.convert(
+        source, DIT_RULES, targets, ignore=DIT_IGNORE, progress=progress, desc="DiT"
+    )
     return common.unflatten(flat)
 
 
 def convert_vocoder(
-    source: common.TensorSource, cfg: BigVGANConfig, *, dtype: Any = jnp.float32, mesh=None, progress: bool = False
+    source: common.TensorSource,
+    cfg: BigVGANConfig,
+    *,
+    dtype: Any = jnp.float32,
+    mesh=None,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """BigVGAN generator state dict (weight-norm form) -> nested Flax params (weight norm folded)."""
+    """BigVGAN generator state dict (weight-norm g/v form) -> nested Flax params, norm folded."""
     boxed = vocoder_abstract(cfg)
     sh = _shardings(boxed, mesh)
     targets = common.targets_from_abstract(_unbox(boxed), sh, dtype)
-    flat = common.convert(CheckedFilters(WeightNormFolded(source)), VOCODER_RULES, targets, progress=progress, desc="vocoder")
+    flat = common.convert(
+        CheckedFilters(WeightNormFolded(source)),
+        VOCODER_RULES,
+        targets,
+        progress=progress,
+        desc="vocoder",
+    )
     return common.unflatten(flat)
 
 
@@ -321,7 +367,9 @@ def load_released(
     root = Path(root)
     dit_cfg, norm = read_dit_config(root / DIT_DIR / "config.yaml")
     voc_cfg = read_vocoder_config(root / VOCODER_DIR / "config.json")
-    dit_src = TorchStateDictSource(root / DIT_DIR / "model.pt", "state_dict", "speech_model", DIT_PREFIX)
+    dit_src = TorchStateDictSource(
+        root / DIT_DIR / "model.pt", "state_dict", "speech_model", DIT_PREFIX
+    )
     dit = convert_dit(dit_src, dit_cfg, dtype=dtype, mesh=mesh, progress=progress)
     del dit_src
     voc_src = TorchStateDictSource(root / VOCODER_DIR / "model.pt", "generator")
@@ -332,7 +380,7 @@ def load_released(
 def restore_params(
     path: str | os.PathLike[str], dit_cfg: DiTConfig, voc_cfg: BigVGANConfig, *, mesh=None
 ) -> dict[str, Any]:
-    """Params {"dit", "vocoder"} of a converted Orbax dir, placed on `mesh` (or the first device)."""
+    """Params {"dit", "vocoder"} of a converted Orbax dir, on `mesh` (or the first device)."""
     from jax.sharding import SingleDeviceSharding
 
     from kimia_jax import checkpoint
@@ -347,7 +395,9 @@ def restore_params(
     return checkpoint.restore(path, checkpoint.abstract_like(shapes, shardings))
 
 
-def convert_released(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+def convert_released(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], *, overwrite: bool = False
+) -> Path:
     """Released folder -> Orbax dir (float32 params, both configs copied verbatim)."""
     from kimia_jax import checkpoint
 
@@ -361,11 +411,14 @@ def convert_released(src: str | os.PathLike[str], dst: str | os.PathLike[str], *
         dst,
         params,
         files=files,
-        meta={"source": str(src), "model": "detokenizer", "dtype": "float32",
-              "peak_rss_mib": round(common.peak_rss_mib())},
+        meta={
+            "source": str(src),
+            "model": "detokenizer",
+            "dtype": "float32",
+            "peak_rss_mib": round(common.peak_rss_mib()),
+        },
         overwrite=overwrite,
     )
-
 
 
 def main(argv: list[str]) -> None:

@@ -1,9 +1,9 @@
-"""Detokenizer: semantic tokens -> mel (flow-matching DiT, chunked look-ahead) -> 24 kHz wav (BigVGAN).
+"""Detokenizer: semantic tokens -> mel (flow-matching DiT, chunked look-ahead) -> wav (BigVGAN).
 
-    det = Detokenizer.from_pretrained("Kimi-Audio-7B-Instruct")     # released folder or converted dir
-    wav = det.detokenize(codes, key=jax.random.key(0))              # whole utterance
-    for piece in det.stream(token_iterator, key=jax.random.key(0)):  # same samples, chunk by chunk
-        ...
+det = Detokenizer.from_pretrained("Kimi-Audio-7B-Instruct")     # released folder or converted dir
+wav = det.detokenize(codes, key=jax.random.key(0))              # whole utterance
+for piece in det.stream(token_iterator, key=jax.random.key(0)):  # same samples, chunk by chunk
+    ...
 """
 
 from kimia_jax.detokenizer.detokenizer import (

@@ -1,4 +1,4 @@
-"""Semantic tokens -> 24 kHz waveform: chunked look-ahead flow matching + BigVGAN, exact to the official.
+"""Semantic tokens -> 24 kHz wav: chunked look-ahead flow matching + BigVGAN, exact to the official.
 
 The chunk loop mirrors `KimiAudio.detokenize_audio` + `PrefixStreamingFlowMatchingDetokenizer.
 detokenize_streaming` (spec/detokenizer.md §3-§4): first chunk 30 tokens, then 30-token chunks,
@@ -48,7 +48,10 @@ class StreamingConfig:
     frame_size: int = 480  # samples per mel frame (24 kHz / 50 Hz)
 
     def __post_init__(self) -> None:
-        if min(self.first_chunk_size, self.chunk_size, self.upsample_factor) < 1 or self.ode_steps < 2:
+        if (
+            min(self.first_chunk_size, self.chunk_size, self.upsample_factor) < 1
+            or self.ode_steps < 2
+        ):
             raise ValueError(f"bad streaming config {self}")
 
     @property
@@ -64,7 +67,7 @@ class StreamingConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MelNorm:
-    """Top-level keys of audio_detokenizer/config.yaml: scalar normalization of the DiT mel space."""
+    """Top-level keys of audio_detokenizer/config.yaml: scalar normalization of the DiT mels."""
 
     normalize_mel: bool = True
     mel_mean: float = 0.0
@@ -99,14 +102,22 @@ def euler_schedule(ode_steps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return t, t_int, dt
 
 
-def plan_chunks(n_tokens: int, first_chunk_size: int = 30, chunk_size: int = 30) -> list[tuple[int, int, bool]]:
+def plan_chunks(
+    n_tokens: int, first_chunk_size: int = 30, chunk_size: int = 30
+) -> list[tuple[int, int, bool]]:
     """(start, end, is_final) token ranges of `KimiAudio.detokenize_audio` (spec §4.1)."""
     if n_tokens <= first_chunk_size:
         return [(0, n_tokens, True)]
     out = [(0, first_chunk_size, False)]
     rest = n_tokens - first_chunk_size
     for i in range(0, rest, chunk_size):
-        out.append((first_chunk_size + i, first_chunk_size + min(i + chunk_size, rest), i + chunk_size >= rest))
+        out.append(
+            (
+                first_chunk_size + i,
+                first_chunk_size + min(i + chunk_size, rest),
+                i + chunk_size >= rest,
+            )
+        )
     return out
 
 
@@ -151,11 +162,15 @@ class Detokenizer:
         self.dtype = dtype
         sc = self.streaming
         if vocoder_cfg.hop != sc.frame_size:
-            raise ValueError(f"vocoder hop {vocoder_cfg.hop} != detokenizer frame_size {sc.frame_size}")
+            raise ValueError(
+                f"vocoder hop {vocoder_cfg.hop} != detokenizer frame_size {sc.frame_size}"
+            )
         if self.dit_cfg.use_rope and self.dit_cfg.rope_rows < sc.max_pos_size:
             # Positions reach ~max_pos_size before the reset of spec §4.3; the official table would
             # be indexed out of range.
-            raise ValueError(f"RoPE table has {self.dit_cfg.rope_rows} rows < max_pos_size {sc.max_pos_size}")
+            raise ValueError(
+                f"RoPE table has {self.dit_cfg.rope_rows} rows < max_pos_size {sc.max_pos_size}"
+            )
         cast = (lambda x: x.astype(dtype)) if dtype != jnp.float32 else (lambda x: x)
         self.params = jax.tree.map(cast, params)
         self.dit = FlowDiT(self.dit_cfg)
@@ -180,7 +195,7 @@ class Detokenizer:
         mesh: Any = None,
         streaming: StreamingConfig | None = None,
     ) -> Detokenizer:
-        """Loads a converted Orbax dir, or the released folder (audio_detokenizer/ + vocoder/, torch files).
+        """Loads a converted Orbax dir or the released folder (audio_detokenizer/ + vocoder/).
 
         `path` may also be the released model root (e.g. Kimi-Audio-7B-Instruct/); converting from
         the torch files needs torch installed (conversion only).
@@ -197,7 +212,8 @@ class Detokenizer:
             dit_cfg, norm, voc_cfg, params = conv.load_released(path, mesh=mesh)
         else:
             raise FileNotFoundError(
-                f"{path}: neither a converted detokenizer (kimia_jax.json + params/) nor a released "
+                f"{path}: neither a converted detokenizer (kimia_jax.json + params/) nor a "
+                "released "
                 f"model folder with {conv.DIT_DIR}/ and {conv.VOCODER_DIR}/"
             )
         return cls(dit_cfg, voc_cfg, params, MelNorm(**norm), streaming=streaming, dtype=dtype)
@@ -215,7 +231,11 @@ class Detokenizer:
         )
 
     def detokenize(
-        self, semantic_codes: np.ndarray | Sequence[int], *, key: Any = None, noise: NoiseSpec = None
+        self,
+        semantic_codes: np.ndarray | Sequence[int],
+        *,
+        key: Any = None,
+        noise: NoiseSpec = None,
     ) -> np.ndarray:
         """Whole utterance, same samples as `stream` over the same tokens and noise.
 
@@ -237,7 +257,11 @@ class Detokenizer:
         return np.concatenate(pieces)
 
     def stream(
-        self, tokens: Iterable[int | Sequence[int] | np.ndarray], *, key: Any = None, noise: NoiseSpec = None
+        self,
+        tokens: Iterable[int | Sequence[int] | np.ndarray],
+        *,
+        key: Any = None,
+        noise: NoiseSpec = None,
     ) -> Iterator[np.ndarray]:
         """Yields waveform pieces as tokens arrive (ints or arrays of ints, in order).
 
@@ -263,7 +287,9 @@ class Detokenizer:
         if n_seen == 0:
             raise ValueError("no semantic tokens: the token stream was empty")
         if buf or state.chunk_index == 0:
-            yield self.detokenize_chunk(state, np.asarray(buf, np.int64), is_final=True, key=key, noise=noise)
+            yield self.detokenize_chunk(
+                state, np.asarray(buf, np.int64), is_final=True, key=key, noise=noise
+            )
 
     def detokenize_chunk(
         self,
@@ -287,7 +313,10 @@ class Detokenizer:
         n = len(s)
         la = 0 if is_final else sc.look_ahead_frames
         if la >= n:
-            raise ValueError(f"a non-final chunk needs more than {la // sc.upsample_factor} tokens; got {len(tokens)}")
+            raise ValueError(
+                f"a non-final chunk needs more than {la // sc.upsample_factor} tokens; "
+                f"got {len(tokens)}"
+            )
         z = self._noise(state.chunk_index, n, key, noise)
         lp = self._bucket(n)
         z_pad = np.zeros((1, lp, self.dit_cfg.input_size), np.float32)
@@ -297,16 +326,31 @@ class Detokenizer:
         n_keep = n - la
         commit_ode = la == 0 and not is_final
         x, state.cache_k, state.cache_v, cache_len = self._chunk_fn(
-            self.params["dit"], z_pad, s_pad, np.int32(n), np.int32(n_keep), np.int32(state.start_position),
-            state.cache_k, state.cache_v, np.int32(state.cache_len), np.bool_(la > 0), np.bool_(commit_ode),
+            self.params["dit"],
+            z_pad,
+            s_pad,
+            np.int32(n),
+            np.int32(n_keep),
+            np.int32(state.start_position),
+            state.cache_k,
+            state.cache_v,
+            np.int32(state.cache_len),
+            np.bool_(la > 0),
+            np.bool_(commit_ode),
         )
         m = np.asarray(x[0, :n_keep], np.float32)
         mel = self.mel_norm.denormalize(m)
         if trace is not None:
             trace.update(
-                tokens_upsampled=s, noise=z, start_position_id=state.start_position, look_ahead_frames=la,
-                ode_prev_kv_len=state.cache_len, ode_final=np.asarray(x[0, :n], np.float32), mel=mel,
-                bucket=lp, cache_len_after=int(cache_len),
+                tokens_upsampled=s,
+                noise=z,
+                start_position_id=state.start_position,
+                look_ahead_frames=la,
+                ode_prev_kv_len=state.cache_len,
+                ode_final=np.asarray(x[0, :n], np.float32),
+                mel=mel,
+                bucket=lp,
+                cache_len_after=int(cache_len),
             )
         state.cache_len = int(cache_len)
         state.carry_tokens = s[n_keep:] if la > 0 else None
@@ -324,7 +368,9 @@ class Detokenizer:
         """BigVGAN alone: log-mel [T, num_mels] -> float32 wav [T * hop] (compiled once per T)."""
         mel = np.asarray(mel, np.float32)
         if mel.ndim != 2 or mel.shape[1] != self.vocoder_cfg.num_mels or mel.shape[0] == 0:
-            raise ValueError(f"vocoder input must be [T > 0, {self.vocoder_cfg.num_mels}], got {mel.shape}")
+            raise ValueError(
+                f"vocoder input must be [T > 0, {self.vocoder_cfg.num_mels}], got {mel.shape}"
+            )
         t = mel.shape[0]
         tp = vocoder_bucket(t)
         padded = np.zeros((1, tp, mel.shape[1]), np.float32)
@@ -358,8 +404,9 @@ class Detokenizer:
         if bad.size:
             i = int(bad[0])
             raise ValueError(
-                f"semantic token {int(arr[i])} at position {i + offset} is outside the semantic vocabulary "
-                f"[0, {vocab}) ({bad.size} such tokens); subtract the LLM's audio token offset first"
+                f"semantic token {int(arr[i])} at position {i + offset} is outside the semantic "
+                f"vocabulary [0, {vocab}) ({bad.size} such tokens); subtract the LLM's audio "
+                "token offset first"
             )
         return arr.astype(np.int64)
 
@@ -370,11 +417,16 @@ class Detokenizer:
                 z = noise(index, n)
             else:
                 if index >= len(noise):
-                    raise ValueError(f"noise has {len(noise)} chunk arrays; chunk {index} needs one of shape ({n}, {m})")
+                    raise ValueError(
+                        f"noise has {len(noise)} chunk arrays; chunk {index} needs one of "
+                        f"shape ({n}, {m})"
+                    )
                 z = noise[index]
             z = np.asarray(z, np.float32)
             if z.shape != (n, m):
-                raise ValueError(f"noise for chunk {index} has shape {z.shape}, expected ({n}, {m})")
+                raise ValueError(
+                    f"noise for chunk {index} has shape {z.shape}, expected ({n}, {m})"
+                )
             return z
         if key is None:
             key = 0

@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 
 
-def write_wav(path: str | os.PathLike[str], wav: np.ndarray, sample_rate: int = 24000, subtype: str = "PCM_16") -> Path:
+def write_wav(
+    path: str | os.PathLike[str], wav: np.ndarray, sample_rate: int = 24000, subtype: str = "PCM_16"
+) -> Path:
     """Writes a mono float waveform in [-1, 1] to `path` atomically; returns the path.
 
     A reader never sees a half-written file: the data goes to a temporary file next to `path`

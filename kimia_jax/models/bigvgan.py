@@ -47,16 +47,22 @@ class BigVGANConfig:
 
     def __post_init__(self) -> None:
         if self.resblock != "1":
-            raise ValueError(f"BigVGAN resblock {self.resblock!r} is not supported (Kimi-Audio uses '1')")
+            raise ValueError(
+                f"BigVGAN resblock {self.resblock!r} is not supported (Kimi-Audio uses '1')"
+            )
         if self.activation not in ("snake", "snakebeta"):
-            raise ValueError(f"BigVGAN activation {self.activation!r} must be 'snake' or 'snakebeta'")
+            raise ValueError(
+                f"BigVGAN activation {self.activation!r} must be 'snake' or 'snakebeta'"
+            )
         if len(self.upsample_rates) != len(self.upsample_kernel_sizes):
             raise ValueError("upsample_rates and upsample_kernel_sizes differ in length")
         if len(self.resblock_kernel_sizes) != len(self.resblock_dilation_sizes):
             raise ValueError("resblock_kernel_sizes and resblock_dilation_sizes differ in length")
         for u, k in zip(self.upsample_rates, self.upsample_kernel_sizes, strict=True):
             if (k - u) % 2:
-                raise ValueError(f"upsample kernel {k} / rate {u}: output would not be exactly {u}x")
+                raise ValueError(
+                    f"upsample kernel {k} / rate {u}: output would not be exactly {u}x"
+                )
 
     @property
     def hop(self) -> int:
@@ -75,7 +81,9 @@ class BigVGANConfig:
         return cls(**kw)
 
 
-def kaiser_sinc_filter(cutoff: float = 0.25, half_width: float = 0.3, kernel_size: int = 12) -> np.ndarray:
+def kaiser_sinc_filter(
+    cutoff: float = 0.25, half_width: float = 0.3, kernel_size: int = 12
+) -> np.ndarray:
     """Kaiser-windowed sinc low-pass filter of alias_free_activation (spec §5.4), float32."""
     even = kernel_size % 2 == 0
     half = kernel_size // 2
@@ -134,10 +142,14 @@ class AntiAliasedSnake(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, n: jax.Array | None = None) -> jax.Array:  # [B, T, C] -> [B, T, C]
+    def __call__(
+        self, x: jax.Array, n: jax.Array | None = None
+    ) -> jax.Array:  # [B, T, C] -> [B, T, C]
         c = self.channels
         init = nn.initializers.zeros_init() if self.logscale else nn.initializers.ones_init()
-        alpha = self.param("alpha", nn.with_logical_partitioning(init, ("conv_out",)), (c,), jnp.float32)
+        alpha = self.param(
+            "alpha", nn.with_logical_partitioning(init, ("conv_out",)), (c,), jnp.float32
+        )
         beta = (
             self.param("beta", nn.with_logical_partitioning(init, ("conv_out",)), (c,), jnp.float32)
             if self.beta
@@ -180,12 +192,16 @@ class Conv1d(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, n: jax.Array | None = None) -> jax.Array:  # [B, T, Cin] -> [B, T, Cout]
+    def __call__(
+        self, x: jax.Array, n: jax.Array | None = None
+    ) -> jax.Array:  # [B, T, Cin] -> [B, T, Cout]
         k = self.kernel_size
         x = _zero_tail(x, n)
         w = self.param(
             "kernel",
-            nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("kernel_w", "conv_in", "conv_out")),
+            nn.with_logical_partitioning(
+                nn.initializers.lecun_normal(), ("kernel_w", "conv_in", "conv_out")
+            ),
             (k, x.shape[-1], self.features),
             jnp.float32,
         )
@@ -200,8 +216,10 @@ class Conv1d(nn.Module):
         )
         if self.use_bias:
             b = self.param(
-                "bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
-                (self.features,), jnp.float32,
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+                (self.features,),
+                jnp.float32,
             )
             y = y + b.astype(y.dtype)
         return y
@@ -221,24 +239,30 @@ class ConvTranspose1d(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, n: jax.Array | None = None) -> jax.Array:  # [B, T, Cin] -> [B, u*T, Cout]
+    def __call__(
+        self, x: jax.Array, n: jax.Array | None = None
+    ) -> jax.Array:  # [B, T, Cin] -> [B, u*T, Cout]
         k, u = self.kernel_size, self.stride
         x = _zero_tail(x, n)
         bsz, t, cin = x.shape
         w = self.param(
             "kernel",
-            nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("kernel_w", "conv_in", "conv_out")),
+            nn.with_logical_partitioning(
+                nn.initializers.lecun_normal(), ("kernel_w", "conv_in", "conv_out")
+            ),
             (k, cin, self.features),
             jnp.float32,
         )
         b = self.param(
-            "bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
-            (self.features,), jnp.float32,
+            "bias",
+            nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+            (self.features,),
+            jnp.float32,
         )
         p = (k - u) // 2
         q = -(-k // u)  # phase blocks
         wk = jnp.pad(w, ((0, q * u - k), (0, 0), (0, 0))).astype(x.dtype)  # [q*u, Cin, Cout]
-        # z[b, j, m, o] = sum_i x[b, j, i] w[m, i, o]: contribution of input frame j to output u*j+m.
+        # z[b, j, m, o] = sum_i x[b, j, i] w[m, i, o]: input frame j -> output sample u*j+m.
         z = jnp.einsum("bti,mio->btmo", x, wk).reshape(bsz, t, q, u, self.features)
         full = sum(
             jnp.pad(z[:, :, a], ((0, 0), (a, q - 1 - a), (0, 0), (0, 0))) for a in range(q)
@@ -260,8 +284,12 @@ class AMPBlock1(nn.Module):
     def __call__(self, x: jax.Array, n: jax.Array | None = None) -> jax.Array:
         c, k = self.channels, self.kernel_size
         for m, d in enumerate(self.dilations):
-            a0 = AntiAliasedSnake(c, self.beta, self.logscale, self.dtype, name=f"activations_{2 * m}")
-            a1 = AntiAliasedSnake(c, self.beta, self.logscale, self.dtype, name=f"activations_{2 * m + 1}")
+            a0 = AntiAliasedSnake(
+                c, self.beta, self.logscale, self.dtype, name=f"activations_{2 * m}"
+            )
+            a1 = AntiAliasedSnake(
+                c, self.beta, self.logscale, self.dtype, name=f"activations_{2 * m + 1}"
+            )
             xt = Conv1d(c, k, d, dtype=self.dtype, name=f"convs1_{m}")(a0(x, n), n)
             xt = Conv1d(c, k, 1, dtype=self.dtype, name=f"convs2_{m}")(a1(xt, n), n)
             x = x + xt
@@ -269,12 +297,14 @@ class AMPBlock1(nn.Module):
 
 
 class BigVGAN(nn.Module):
-    """Generator: conv_pre -> [ConvTranspose -> mean of K AMP blocks] x stages -> act -> conv_post."""
+    """conv_pre -> [ConvTranspose -> mean of K AMP blocks] x stages -> act -> conv_post."""
 
     cfg: BigVGANConfig
 
     @nn.compact
-    def __call__(self, mel: jax.Array, n_frames: jax.Array | None = None, return_hidden: bool = False):
+    def __call__(
+        self, mel: jax.Array, n_frames: jax.Array | None = None, return_hidden: bool = False
+    ):
         """mel [B, T, M] -> wav [B, T * hop].
 
         n_frames: optional [B] valid lengths. Frames past them are padding: every layer then
@@ -297,8 +327,12 @@ class BigVGAN(nn.Module):
             n = None if n is None else n * u
             hidden[f"ups{s}"] = x
             xs = None
-            for j, (rk, rd) in enumerate(zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes, strict=True)):
-                y = AMPBlock1(ch, rk, rd, beta, cfg.snake_logscale, dt, name=f"resblocks_{s * nk + j}")(x, n)
+            for j, (rk, rd) in enumerate(
+                zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes, strict=True)
+            ):
+                y = AMPBlock1(
+                    ch, rk, rd, beta, cfg.snake_logscale, dt, name=f"resblocks_{s * nk + j}"
+                )(x, n)
                 xs = y if xs is None else xs + y
             x = xs / nk
         hidden["stages_out"] = x

@@ -27,7 +27,7 @@ _LN_EPS = 1e-6
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DiTConfig:
-    """`model.dit` of audio_detokenizer/config.yaml. Field names = yaml keys (rope_params flattened)."""
+    """`model.dit` of audio_detokenizer/config.yaml; field names = yaml keys (rope_params flat)."""
 
     input_size: int = 80
     semantic_vocab_size: int = 16384
@@ -47,14 +47,18 @@ class DiTConfig:
     def __post_init__(self) -> None:
         # The official block only implements vanilla_mlp (others raise NotImplementedError there).
         if self.ffn_type != "vanilla_mlp":
-            raise ValueError(f"DiT ffn_type {self.ffn_type!r} is not supported (official: vanilla_mlp only)")
+            raise ValueError(
+                f"DiT ffn_type {self.ffn_type!r} is not supported (official: vanilla_mlp only)"
+            )
         if self.position_embedding_type != "skip":
             raise ValueError(
                 f"DiT position_embedding_type {self.position_embedding_type!r} is not supported; "
                 "the released checkpoint uses 'skip' (RoPE only)"
             )
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
+            raise ValueError(
+                f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}"
+            )
         if self.head_dim % 2:
             raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
 
@@ -68,7 +72,7 @@ class DiTConfig:
 
     @property
     def rope_rows(self) -> int:
-        """Rows of the official RoPE table: built for max_position_embeddings, cut to max_seq_len."""
+        """Rows of the official RoPE table: max_position_embeddings, cut to max_seq_len."""
         return min(self.rope_max_position_embeddings, self.max_seq_len)
 
     @classmethod
@@ -114,7 +118,9 @@ def rope_inverse_frequencies(cfg: DiTConfig) -> np.ndarray:
     """theta_j = base^(-2j/H) / interpolation, float32 (spec §2.4)."""
     hd = cfg.head_dim
     expo = np.arange(0, hd, 2, dtype=np.float32)[: hd // 2] / np.float32(hd)
-    theta = (1.0 / (np.float64(np.float32(cfg.rope_base)) ** expo.astype(np.float64))).astype(np.float32)
+    theta = (1.0 / (np.float64(np.float32(cfg.rope_base)) ** expo.astype(np.float64))).astype(
+        np.float32
+    )
     return theta
 
 
@@ -162,11 +168,11 @@ class Attention(nn.Module):
         key_mask: jax.Array,  # [B, S + L] bool: which keys exist (valid cache, unpadded frames)
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         cfg = self.cfg
-        b, l, d = x.shape
+        b, ln, d = x.shape
         n, hd = cfg.num_heads, cfg.head_dim
         dt = jnp.dtype(cfg.dtype)
         qkv = _dense(3 * d, ("embed", "mlp"), "qkv", dt)(x)  # [B, L, 3D]: [q ; k ; v], head-major
-        q, k, v = (qkv[..., i * d : (i + 1) * d].reshape(b, l, n, hd) for i in range(3))
+        q, k, v = (qkv[..., i * d : (i + 1) * d].reshape(b, ln, n, hd) for i in range(3))
         if cfg.use_rope:
             theta = jnp.asarray(rope_inverse_frequencies(cfg))
             q = apply_rope(q, positions, theta, cfg.rope_interpolation_factor)
@@ -177,7 +183,7 @@ class Attention(nn.Module):
         logits = logits * jnp.float32(hd**-0.5)
         logits = jnp.where(key_mask[:, None, None, :], logits, -jnp.inf)
         probs = jax.nn.softmax(logits, axis=-1)
-        o = jnp.einsum("bnls,bsnh->blnh", probs.astype(vals.dtype), vals).reshape(b, l, d)
+        o = jnp.einsum("bnls,bsnh->blnh", probs.astype(vals.dtype), vals).reshape(b, ln, d)
         return _dense(d, ("mlp", "embed"), "proj", dt)(o), k, v
 
 
@@ -242,7 +248,9 @@ class FlowDiT(nn.Module):
             cfg.hidden_size,
             dtype=dt,
             param_dtype=jnp.float32,
-            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+            embedding_init=nn.with_logical_partitioning(
+                nn.initializers.normal(0.02), ("vocab", "embed")
+            ),
             name="semantic_token_embedding",
         )
         cond = emb(condition)  # [B, L, D]
@@ -252,7 +260,9 @@ class FlowDiT(nn.Module):
         hidden = {"input_linear": h, "t_emb": temb}
         ks, vs = [], []
         for i in range(cfg.depth):  # unrolled: faster than scan for inference (perf-notes.md)
-            h, k, v = DiTBlock(cfg, name=f"blocks_{i}")(h, c, positions, cache_k[i], cache_v[i], key_mask)
+            h, k, v = DiTBlock(cfg, name=f"blocks_{i}")(
+                h, c, positions, cache_k[i], cache_v[i], key_mask
+            )
             hidden[f"block{i}_out"] = h
             ks.append(k)
             vs.append(v)

@@ -46,7 +46,12 @@ def _import_bigvgan():
 
 
 def _snr_db(ref: np.ndarray, got: np.ndarray) -> float:
-    return float(10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / np.sum((ref - got).astype(np.float64) ** 2)))
+    return float(
+        10
+        * np.log10(
+            np.sum(ref.astype(np.float64) ** 2) / np.sum((ref - got).astype(np.float64) ** 2)
+        )
+    )
 
 
 @pytest.mark.torch
@@ -58,7 +63,11 @@ def test_matches_pip_bigvgan_released_structure(tmp_path):
     import torch
 
     bigvgan = _import_bigvgan()
-    from kimia_jax.conversion.detokenizer import TorchStateDictSource, convert_vocoder, read_vocoder_config
+    from kimia_jax.conversion.detokenizer import (
+        TorchStateDictSource,
+        convert_vocoder,
+        read_vocoder_config,
+    )
 
     torch.manual_seed(0)
     h = bigvgan.env.AttrDict(RELEASED_LIKE)
@@ -93,7 +102,12 @@ def test_intermediates_match_official_fixture(detok, cases):
     c = cases["a"]
     apply = jax.jit(lambda p, m: detok.vocoder.apply({"params": p}, m, return_hidden=True))
     _, hid = apply(detok.params["vocoder"], c["vocoder_alone_mel"][None])
-    for ours, theirs in [("conv_pre", "conv_pre"), ("ups0", "ups0"), ("ups1", "ups1"), ("stages_out", "stages_out")]:
+    for ours, theirs in [
+        ("conv_pre", "conv_pre"),
+        ("ups0", "ups0"),
+        ("ups1", "ups1"),
+        ("stages_out", "stages_out"),
+    ]:
         got = np.asarray(hid[ours][0]).T  # NWC -> [C, T] as the fixture
         want = c["vocoder_alone_" + theirs]
         rel = np.linalg.norm(got - want) / np.linalg.norm(want)
@@ -108,9 +122,17 @@ def test_conv_transpose_matches_torch():
         x = rng.normal(size=(2, 7, 6)).astype(np.float32)
         w = rng.normal(size=(6, 4, k)).astype(np.float32)  # torch [in, out, k]
         b = rng.normal(size=(4,)).astype(np.float32)
-        want = torch.nn.functional.conv_transpose1d(
-            torch.from_numpy(x.transpose(0, 2, 1)), torch.from_numpy(w), torch.from_numpy(b), stride=u, padding=(k - u) // 2
-        ).numpy().transpose(0, 2, 1)
+        want = (
+            torch.nn.functional.conv_transpose1d(
+                torch.from_numpy(x.transpose(0, 2, 1)),
+                torch.from_numpy(w),
+                torch.from_numpy(b),
+                stride=u,
+                padding=(k - u) // 2,
+            )
+            .numpy()
+            .transpose(0, 2, 1)
+        )
         params = {"kernel": np.transpose(w, (2, 0, 1)), "bias": b}
         got = np.asarray(ConvTranspose1d(4, k, u).apply({"params": params}, x))
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)

@@ -1,4 +1,4 @@
-"""Conversion of the released torch files: Orbax round trip, named errors, memory bound, wav writer."""
+"""Conversion of the released torch files: Orbax round trip, named errors, memory, wav writer."""
 
 import json
 import os
@@ -52,12 +52,26 @@ def test_weight_norm_is_folded(model_dir, detok):
     import torch
 
     sd = torch.load(model_dir / "vocoder" / "model.pt", weights_only=True)["generator"]
-    v, g = sd["ups.0.0.weight_v"].double(), sd["ups.0.0.weight_g"].double()  # ConvTranspose: per input channel
+    v, g = (
+        sd["ups.0.0.weight_v"].double(),
+        sd["ups.0.0.weight_g"].double(),
+    )  # ConvTranspose: per input channel
     w = (g * v / v.norm(dim=(1, 2), keepdim=True)).float().numpy()
-    np.testing.assert_allclose(np.asarray(detok.params["vocoder"]["ups_0"]["kernel"]), np.transpose(w, (2, 0, 1)), atol=1e-7)
-    v, g = sd["conv_pre.weight_v"].double(), sd["conv_pre.weight_g"].double()  # Conv1d: per output channel
+    np.testing.assert_allclose(
+        np.asarray(detok.params["vocoder"]["ups_0"]["kernel"]),
+        np.transpose(w, (2, 0, 1)),
+        atol=1e-7,
+    )
+    v, g = (
+        sd["conv_pre.weight_v"].double(),
+        sd["conv_pre.weight_g"].double(),
+    )  # Conv1d: per output channel
     w = (g * v / v.norm(dim=(1, 2), keepdim=True)).float().numpy()
-    np.testing.assert_allclose(np.asarray(detok.params["vocoder"]["conv_pre"]["kernel"]), np.transpose(w, (2, 1, 0)), atol=1e-7)
+    np.testing.assert_allclose(
+        np.asarray(detok.params["vocoder"]["conv_pre"]["kernel"]),
+        np.transpose(w, (2, 1, 0)),
+        atol=1e-7,
+    )
 
 
 def test_mismatched_dit_tensor_is_named_with_both_shapes(tmp_path, model_dir):
@@ -67,10 +81,15 @@ def test_mismatched_dit_tensor_is_named_with_both_shapes(tmp_path, model_dir):
 
     root = _copy_released(model_dir, tmp_path / "m")
     pt = root / "audio_detokenizer" / "model.pt"
-    _edit_state_dict(pt, "state_dict", lambda sd: sd.__setitem__("speech_model.blocks.1.attn.proj.weight", torch.zeros(64, 63)))
+    _edit_state_dict(
+        pt,
+        "state_dict",
+        lambda sd: sd.__setitem__("speech_model.blocks.1.attn.proj.weight", torch.zeros(64, 63)),
+    )
     with pytest.raises(
         CheckpointError,
-        match=r"tensor 'blocks\.1\.attn\.proj\.weight' has shape \(64, 63\) .*the model expects \(64, 64\)",
+        match=r"tensor 'blocks\.1\.attn\.proj\.weight' has shape \(64, 63\) "
+        r".*the model expects \(64, 64\)",
     ):
         Detokenizer.from_pretrained(root)
 
@@ -83,20 +102,37 @@ def test_missing_and_unexpected_tensors(tmp_path, model_dir):
     root = _copy_released(model_dir, tmp_path / "m")
     pt = root / "audio_detokenizer" / "model.pt"
     _edit_state_dict(pt, "state_dict", lambda sd: sd.pop("speech_model.final_layer.linear.bias"))
-    with pytest.raises(CheckpointError, match=r"no tensor in the checkpoint: final_layer/linear/bias"):
+    with pytest.raises(
+        CheckpointError, match=r"no tensor in the checkpoint: final_layer/linear/bias"
+    ):
         Detokenizer.from_pretrained(root)
     _copy_released(model_dir, tmp_path / "n")
     pt = tmp_path / "n" / "audio_detokenizer" / "model.pt"
-    _edit_state_dict(pt, "state_dict", lambda sd: sd.__setitem__("speech_model.blocks.9.attn.qkv.weight", torch.zeros(3)))
-    with pytest.raises(CheckpointError, match=r"not used by the model: blocks\.9\.attn\.qkv\.weight"):
+    _edit_state_dict(
+        pt,
+        "state_dict",
+        lambda sd: sd.__setitem__("speech_model.blocks.9.attn.qkv.weight", torch.zeros(3)),
+    )
+    with pytest.raises(
+        CheckpointError, match=r"not used by the model: blocks\.9\.attn\.qkv\.weight"
+    ):
         Detokenizer.from_pretrained(tmp_path / "n")
     vp = tmp_path / "n" / "vocoder" / "model.pt"
     shutil.copy(model_dir / "vocoder" / "model.pt", vp)
     _edit_state_dict(vp, "generator", lambda sd: sd.pop("conv_post.weight_g"))
-    from kimia_jax.conversion.detokenizer import TorchStateDictSource, convert_vocoder, read_vocoder_config
+    from kimia_jax.conversion.detokenizer import (
+        TorchStateDictSource,
+        convert_vocoder,
+        read_vocoder_config,
+    )
 
-    with pytest.raises(CheckpointError, match=r"'conv_post\.weight_v' has no matching 'conv_post\.weight_g'"):
-        convert_vocoder(TorchStateDictSource(vp, "generator"), read_vocoder_config(model_dir / "vocoder" / "config.json"))
+    with pytest.raises(
+        CheckpointError, match=r"'conv_post\.weight_v' has no matching 'conv_post\.weight_g'"
+    ):
+        convert_vocoder(
+            TorchStateDictSource(vp, "generator"),
+            read_vocoder_config(model_dir / "vocoder" / "config.json"),
+        )
 
 
 def test_bad_config_and_missing_files(tmp_path, model_dir):
@@ -121,7 +157,7 @@ def test_bad_config_and_missing_files(tmp_path, model_dir):
 
 
 def test_training_checkpoint_optimizer_state_is_never_read(tmp_path, model_dir):
-    """A Lightning checkpoint whose optimizer state dwarfs the weights: peak RSS stays near the weights.
+    """A Lightning checkpoint whose optimizer state dwarfs the weights: RSS stays near the weights.
 
     The optimizer moments (2 x 192 MiB here, like the released 2/3 of 19 GB) live in the same
     file; mmap=True + weights_only=True means they are never paged in. Measured in a fresh
@@ -133,8 +169,12 @@ def test_training_checkpoint_optimizer_state_is_never_read(tmp_path, model_dir):
     pt = root / "audio_detokenizer" / "model.pt"
     ckpt = torch.load(pt, weights_only=True)
     big = 48 * 1024 * 1024  # floats: 192 MiB per moment
-    ckpt["optimizer_states"] = [{"state": {0: {"exp_avg": torch.randn(big), "exp_avg_sq": torch.randn(big)}}}]
-    ckpt["state_dict"]["resampler.kernel"] = torch.randn(16)  # non-DiT key, ignored like the official loader
+    ckpt["optimizer_states"] = [
+        {"state": {0: {"exp_avg": torch.randn(big), "exp_avg_sq": torch.randn(big)}}}
+    ]
+    ckpt["state_dict"]["resampler.kernel"] = torch.randn(
+        16
+    )  # non-DiT key, ignored like the official loader
     torch.save(ckpt, pt)
     del ckpt
     load_hook = os.environ.get("KIMIA_TEST_LOAD_HOOK", "")  # control run: force a non-mmap load
@@ -143,7 +183,7 @@ def test_training_checkpoint_optimizer_state_is_never_read(tmp_path, model_dir):
         from kimia_jax.conversion import detokenizer as conv
         import torch, jax  # noqa: imported before the baseline so only loading is measured
         {load_hook}
-        base = psutil.Process().memory_info().rss / 2**20  # current RSS, not the import high-water mark
+        base = psutil.Process().memory_info().rss / 2**20  # current RSS, not the import peak
         dit_cfg, norm, voc_cfg, params = conv.load_released({str(root)!r})
         # VmHWM is this process's own high-water mark; ru_maxrss would include the parent's RSS at
         # fork (Linux keeps the larger one across exec).
@@ -151,12 +191,21 @@ def test_training_checkpoint_optimizer_state_is_never_read(tmp_path, model_dir):
         peak = int(hwm.split()[1]) / 1024
         print(json.dumps({{"base": base, "peak": peak}}))
     """)
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[2],
-                         env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[2],
+        env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     r = json.loads(res.stdout.strip().splitlines()[-1])
     grow = r["peak"] - r["base"]
-    print(f"peak RSS {r['peak']:.0f} MiB, growth while loading {grow:.0f} MiB, file {pt.stat().st_size / 2**20:.0f} MiB")
+    print(
+        f"peak RSS {r['peak']:.0f} MiB, growth while loading {grow:.0f} MiB, "
+        f"file {pt.stat().st_size / 2**20:.0f} MiB"
+    )
     assert grow < 150, f"loading grew RSS by {grow:.0f} MiB: the optimizer state was read"
 
 

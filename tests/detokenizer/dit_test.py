@@ -29,7 +29,9 @@ def _call(detok, dit_apply, x, cond, t, pos, cache):
     posp = np.arange(_LP, dtype=np.int32)[None] + int(pos[0])
     np.testing.assert_array_equal(posp[0, :n], pos)
     mask = np.concatenate([np.arange(_SP) < s, np.arange(_LP) < n])[None]
-    out, k, v, hid = dit_apply(detok.params["dit"], xp, condp, jnp.asarray([t], jnp.int32), posp, ckp, cvp, mask)
+    out, k, v, hid = dit_apply(
+        detok.params["dit"], xp, condp, jnp.asarray([t], jnp.int32), posp, ckp, cvp, mask
+    )
     hid = {kk: np.asarray(vv[0, :n] if vv.ndim == 3 else vv[0]) for kk, vv in hid.items()}
     return np.asarray(out[0, :n]), (k[:, :, :n], v[:, :, :n]), hid
 
@@ -41,8 +43,14 @@ def test_schedule_matches_official_integer_timesteps(cases):
             np.testing.assert_array_equal(t, c[f"chunk{i}_ode_t_float"])  # bit-exact float32
             np.testing.assert_array_equal(t_int, c[f"chunk{i}_ode_t_long"])
             if f"chunk{i}_refill_t_long" in c:
-                assert int(np.float32(0.999) * np.float32(1000)) == int(c[f"chunk{i}_refill_t_long"]) == 999
-    assert len(dt) == 29 and float(t[0] + dt.astype(np.float64).sum()) == pytest.approx(1.0, abs=1e-6)
+                assert (
+                    int(np.float32(0.999) * np.float32(1000))
+                    == int(c[f"chunk{i}_refill_t_long"])
+                    == 999
+                )
+    assert len(dt) == 29 and float(t[0] + dt.astype(np.float64).sum()) == pytest.approx(
+        1.0, abs=1e-6
+    )
     # spec §3.2: torch.linspace rounds once; numpy.linspace is one ulp off at i = 3, 6, 12.
     span = torch_linspace_f32(0.0, 1.0, 30)
     assert span[-1] == np.float32(1.0)
@@ -69,8 +77,15 @@ def test_single_dit_calls_and_kv_cache_carry(detok, dit_apply, cases):
         for i in range(int(c["num_chunks"])):
             p = f"chunk{i}_"
             assert cache[0].shape[2] == int(c[p + "ode_prev_kv_len"])
-            out, kv, hid = _call(detok, dit_apply, c[p + "noise"], c[p + "step0_condition"], 0,
-                                 c[p + "step0_position_ids"], cache)
+            out, kv, hid = _call(
+                detok,
+                dit_apply,
+                c[p + "noise"],
+                c[p + "step0_condition"],
+                0,
+                c[p + "step0_position_ids"],
+                cache,
+            )
             err = np.abs(out - c[p + "step0_out"]).max()
             assert err <= 1e-4, f"case {name} chunk {i} step0: max abs {err:.2e}"
             worst = max(worst, err)
@@ -81,18 +96,36 @@ def test_single_dit_calls_and_kv_cache_carry(detok, dit_apply, cases):
                     assert e <= 1e-4, f"case {name} chunk {i} {key}: max abs {e:.2e}"
             if p + "steplast_x" in c:
                 t_last = int(c[p + "ode_t_long"][-1])
-                out, _, _ = _call(detok, dit_apply, c[p + "steplast_x"], c[p + "step0_condition"], t_last,
-                                  c[p + "step0_position_ids"], cache)
+                out, _, _ = _call(
+                    detok,
+                    dit_apply,
+                    c[p + "steplast_x"],
+                    c[p + "step0_condition"],
+                    t_last,
+                    c[p + "step0_position_ids"],
+                    cache,
+                )
                 err = np.abs(out - c[p + "steplast_out"]).max()
-                assert err <= 1e-4, f"case {name} chunk {i} last step (t={t_last}): max abs {err:.2e}"
+                assert err <= 1e-4, (
+                    f"case {name} chunk {i} last step (t={t_last}): max abs {err:.2e}"
+                )
             if p + "refill_out" in c:
                 n_keep = len(c[p + "refill_condition"])
                 assert int(c[p + "refill_prev_kv_len"]) == cache[0].shape[2]
-                out, kv, _ = _call(detok, dit_apply, c[p + "ode_final"][:n_keep], c[p + "refill_condition"],
-                                   999, c[p + "refill_position_ids"], cache)
+                out, kv, _ = _call(
+                    detok,
+                    dit_apply,
+                    c[p + "ode_final"][:n_keep],
+                    c[p + "refill_condition"],
+                    999,
+                    c[p + "refill_position_ids"],
+                    cache,
+                )
                 err = np.abs(out - c[p + "refill_out"]).max()
                 assert err <= 1e-4, f"case {name} chunk {i} refill: max abs {err:.2e}"
-                cache = tuple(jnp.concatenate([a, b], axis=2) for a, b in zip(cache, kv, strict=True))
+                cache = tuple(
+                    jnp.concatenate([a, b], axis=2) for a, b in zip(cache, kv, strict=True)
+                )
     assert worst < 1e-4
 
 
@@ -116,4 +149,6 @@ def test_ode_and_mel_after_streamed_chunks(runs, cases):
         mel = np.concatenate([tr["mel"] for tr in traces])
         err = np.abs(mel - c["mel_full"]).max()
         rel = np.linalg.norm(mel - c["mel_full"]) / np.linalg.norm(c["mel_full"])
-        assert err <= 1e-4 and rel <= 1e-4, f"case {name} mel_full: max abs {err:.2e}, rel L2 {rel:.2e}"
+        assert err <= 1e-4 and rel <= 1e-4, (
+            f"case {name} mel_full: max abs {err:.2e}, rel L2 {rel:.2e}"
+        )

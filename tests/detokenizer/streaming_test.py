@@ -1,4 +1,4 @@
-"""End-to-end streaming parity (DiT + vocoder + stitching), the stream API, the cross-fade window, bad input."""
+"""End-to-end streaming parity (DiT + vocoder + stitching), stream API, cross-fade, bad input."""
 
 import numpy as np
 import pytest
@@ -9,7 +9,7 @@ from tests.detokenizer.conftest import chunk_noise
 
 @pytest.mark.parametrize("name", ["a", "b", "c"])
 def test_stitched_waveform_matches_official(runs, cases, name):
-    """Measured: max abs 4e-7 (a), 6e-7 (b), 4e-7 (c) against the official fp32 wav_full (bound 1e-5)."""
+    """Measured: max abs 4e-7 (a), 6e-7 (b), 4e-7 (c) vs the official fp32 wav_full (bound 1e-5)."""
     c = cases[name]
     pieces = runs[name]["pieces"]
     n = int(c["num_chunks"])
@@ -17,7 +17,9 @@ def test_stitched_waveform_matches_official(runs, cases, name):
     starts = np.cumsum([0] + [len(p) for p in pieces])[:-1]
     assert starts.tolist() == [int(c[f"chunk{i}_wav_start"]) for i in range(n)]
     wav = np.concatenate(pieces)
-    assert wav.dtype == np.float32 and wav.shape == c["wav_full"].shape == (1920 * c["semantic_tokens"].shape[1],)
+    assert wav.dtype == np.float32 and wav.shape == c["wav_full"].shape == (
+        1920 * c["semantic_tokens"].shape[1],
+    )
     err = np.abs(wav - c["wav_full"]).max()
     assert err <= 1e-5, f"case {name}: stitched waveform max abs err {err:.2e}"
 
@@ -91,7 +93,7 @@ def test_hamming_window_matches_torch():
 
 
 def test_stitcher_with_synthetic_vocoder():
-    """Stitching arithmetic alone: a fake vocoder (frame index ramp) over the spec §4.5 chunk pattern."""
+    """Stitching arithmetic alone: a fake vocoder (frame-index ramp), spec §4.5 chunk pattern."""
 
     def decode(mel):
         return np.repeat(mel[:, 0], 4).astype(np.float32)  # frame_size 4 for readability
@@ -99,18 +101,32 @@ def test_stitcher_with_synthetic_vocoder():
     st = WaveStitcher(decode, frame_size=4)
     frames = np.arange(500, dtype=np.float32)
     mel = np.stack([frames, frames], axis=1)
-    bounds = [(0, 72, False), (72, 192, False), (192, 312, False), (312, 432, False), (432, 500, True)]
+    bounds = [
+        (0, 72, False),
+        (72, 192, False),
+        (192, 312, False),
+        (312, 432, False),
+        (432, 500, True),
+    ]
     out = [st.push(mel[s:e], f) for s, e, f in bounds]
-    assert [len(o) for o in out] == [4 * 36, 4 * 72, 4 * 168, 4 * 72, 4 * 152]  # spec §4.5 / 480 * 4
+    assert [len(o) for o in out] == [
+        4 * 36,
+        4 * 72,
+        4 * 168,
+        4 * 72,
+        4 * 152,
+    ]  # spec §4.5 / 480 * 4
     whole = np.concatenate(out)
     assert len(whole) == 2000
     # Outside the cross-fades the ramp is reproduced exactly; inside, both decodes agree, so the
-    # gain is the window-pair sum 0.54 - 0.46 cos + (0.54 + 0.46 cos) * ... = w[n+h] + w[n] (<= 1.08).
+    # gain is the window-pair sum w[n + h] + w[n] (up to 1.08).
     ref = np.repeat(frames, 4)
     g = 4 * 72
     w = hamming_periodic(g)
     seg = whole[4 * 36 : 4 * 36 + g // 2]
-    np.testing.assert_allclose(seg, ref[4 * 36 : 4 * 36 + g // 2] * (w[g // 2 :] + w[: g // 2]), rtol=1e-6)
+    np.testing.assert_allclose(
+        seg, ref[4 * 36 : 4 * 36 + g // 2] * (w[g // 2 :] + w[: g // 2]), rtol=1e-6
+    )
     np.testing.assert_array_equal(whole[: 4 * 36], ref[: 4 * 36])
 
 
@@ -126,7 +142,11 @@ def test_bad_inputs_give_clear_errors(detok):
     with pytest.raises(ValueError, match="token stream was empty"):
         list(detok.stream(iter([])))
     vocab = detok.dit_cfg.semantic_vocab_size
-    with pytest.raises(ValueError, match=rf"semantic token {vocab} at position 3 is outside the semantic vocabulary \[0, {vocab}\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"semantic token {vocab} at position 3 is outside the semantic "
+        rf"vocabulary \[0, {vocab}\)",
+    ):
         detok.detokenize(np.array([1, 2, 3, vocab, 5]))
     with pytest.raises(ValueError, match="semantic token -1 at position 0"):
         detok.detokenize([-1, 2])
@@ -136,7 +156,9 @@ def test_bad_inputs_give_clear_errors(detok):
         detok.detokenize(np.array([1.0, 2.0]))
     with pytest.raises(ValueError, match=r"must be \[N\] or \[1, N\]"):
         detok.detokenize(np.zeros((2, 3), np.int64))
-    with pytest.raises(ValueError, match=r"noise for chunk 0 has shape \(10, 80\), expected \(20, 80\)"):
+    with pytest.raises(
+        ValueError, match=r"noise for chunk 0 has shape \(10, 80\), expected \(20, 80\)"
+    ):
         detok.detokenize(np.arange(5), noise=[np.zeros((10, 80))])
     with pytest.raises(ValueError, match="vocoder input must be"):
         detok.vocode(np.zeros((4, 81)))
@@ -144,7 +166,13 @@ def test_bad_inputs_give_clear_errors(detok):
 
 def test_plan_chunks_matches_spec_example():
     # spec §4.5: N = 125 -> 30 | 30 | 30 | 30 | 5 (final)
-    assert plan_chunks(125) == [(0, 30, False), (30, 60, False), (60, 90, False), (90, 120, False), (120, 125, True)]
+    assert plan_chunks(125) == [
+        (0, 30, False),
+        (30, 60, False),
+        (60, 90, False),
+        (90, 120, False),
+        (120, 125, True),
+    ]
     assert plan_chunks(30) == [(0, 30, True)]
     assert plan_chunks(31) == [(0, 30, False), (30, 31, True)]
     assert plan_chunks(60) == [(0, 30, False), (30, 60, True)]
