@@ -46,6 +46,11 @@ class StreamingConfig:
     max_kv_cache_tokens: int = 900  # frames kept in the K/V cache
     max_pos_size: int = 4096  # position reset threshold (frames)
     frame_size: int = 480  # samples per mel frame (24 kHz / 50 Hz)
+    # Vocoder inputs are padded (exactly: BigVGAN masks past the valid length) to a multiple of
+    # this many frames. 12 keeps the official streaming lengths (72, 156, 204 frames) unpadded, so
+    # nothing is wasted, at the price of one compile per distinct length; a large value (e.g. 128)
+    # trades padded work for fewer compiles.
+    vocoder_pad_multiple: int = 12
 
     def __post_init__(self) -> None:
         if (
@@ -372,7 +377,8 @@ class Detokenizer:
                 f"vocoder input must be [T > 0, {self.vocoder_cfg.num_mels}], got {mel.shape}"
             )
         t = mel.shape[0]
-        tp = vocoder_bucket(t)
+        m = self.streaming.vocoder_pad_multiple
+        tp = -(-t // m) * m
         padded = np.zeros((1, tp, mel.shape[1]), np.float32)
         padded[0, :t] = mel
         wav = self._vocode_fn(self.params["vocoder"], padded, np.full((1,), t, np.int32))
@@ -433,18 +439,6 @@ class Detokenizer:
         if isinstance(key, int | np.integer):
             key = jax.random.key(int(key))
         return np.asarray(_normal(jax.random.fold_in(key, index), n, m))
-
-
-def vocoder_bucket(t: int) -> int:
-    """Padded vocoder length: 128 or 256 frames, then multiples of 256 (few compiles).
-
-    Padding is exact (BigVGAN masks past the valid length) and the vocoder is ~2 % of the
-    detokenizer's FLOPs at the released size, so coarse buckets cost little.
-    """
-    b = 128
-    while b < t and b < 256:
-        b *= 2
-    return b if t <= b else -(-t // 256) * 256
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))

@@ -56,8 +56,8 @@ def test_stream_with_prng_key_matches_whole_call(detok, cases):
 def test_vocoder_alone_matches_official(detok, cases):
     """Measured: wav max abs 3.3e-7 (bound 1e-4); intermediates checked in bigvgan_test.
 
-    `vocode` pads every input to a length bucket (16 and 72/116 frames -> 128) with valid-length
-    masking, so these comparisons also prove the padding exact.
+    `vocode` pads every input (here to multiples of 128 frames: 16, 72, 116 -> 128) with
+    valid-length masking, so these comparisons also prove the padding exact.
     """
     c = cases["a"]
     wav = detok.vocode(c["vocoder_alone_mel"])
