@@ -62,7 +62,9 @@ def make_mesh(
     devices = list(jax.devices() if devices is None else devices)
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+        raise ValueError(
+            f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}"
+        )
     known = math.prod(s for s in sizes if s != -1)
     if any(s == 0 or s < -1 for s in sizes):
         raise ValueError(f"mesh axis sizes must be positive or -1, got {sizes}")
@@ -72,7 +74,9 @@ def make_mesh(
         sizes[sizes.index(-1)] = len(devices) // known
     n = math.prod(sizes)
     if n > len(devices):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {n} devices, have {len(devices)}")
+        raise ValueError(
+            f"mesh {dict(zip(MESH_AXES, sizes))} needs {n} devices, have {len(devices)}"
+        )
     grid = np.asarray(devices[:n], dtype=object).reshape(sizes)
     return Mesh(grid, MESH_AXES)
 
@@ -100,7 +104,9 @@ def _axis_size(mesh: Mesh, axes: Any) -> int:
     return math.prod(mesh.shape[a] for a in axes)
 
 
-def spec_for(logical: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+def spec_for(
+    logical: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh
+) -> PartitionSpec:
     """PartitionSpec for one array from its logical names; replicates dims that would not divide."""
     if logical is None:
         return PartitionSpec()
@@ -183,9 +189,10 @@ def describe(mesh: Mesh) -> str:
 
 
 def log_mesh(mesh: Mesh) -> None:
-    logging.info("mesh %s over %d devices (%s)", describe(mesh), mesh.size, jax.devices()[0].platform)
+    logging.info(
+        "mesh %s over %d devices (%s)", describe(mesh), mesh.size, jax.devices()[0].platform
+    )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
-

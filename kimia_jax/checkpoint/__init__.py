@@ -45,9 +45,12 @@ def save(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(tmp / PARAMS_DIR, params)
-            ckptr.wait_until_finished()
+        # Bounded host staging: without the limits Orbax copies every array to host buffers at
+        # once (measured +3 GiB peak RSS for a 1.5 GiB model); 1 GB batches keep the extra near
+        # the largest tensor.
+        handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=1, save_device_host_concurrent_gb=1)
+        with ocp.Checkpointer(handler) as ckptr:
+            ckptr.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(params))
         for name, content in (files or {}).items():
             mode = "wb" if isinstance(content, bytes) else "w"
             with open(tmp / name, mode) as f:
@@ -82,5 +85,7 @@ def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
 def abstract_like(shapes: Any, shardings: Any, dtype: Any = None) -> Any:
     """ShapeDtypeStruct tree with shardings (and optionally one dtype) for `restore`."""
     return jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype or s.dtype, sharding=sh), shapes, shardings
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype or s.dtype, sharding=sh),
+        shapes,
+        shardings,
     )

@@ -1,0 +1,190 @@
+"""Frozen, typed model configs whose field names are the keys of the released config files.
+
+Loading a released `config.json` is a filter over its keys (`LlmConfig.from_json`); a key the model
+needs but the file lacks is a clear error naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from kimia_jax.conversion.common import CheckpointError
+
+
+def _from_dict(cls: type, d: Mapping[str, Any], source: str, **overrides: Any) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in d.items() if k in fields}
+    kwargs.update(overrides)
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+    ]
+    if missing:
+        raise CheckpointError(f"{source}: missing required config key(s) {missing}")
+    return cls(**kwargs)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LlmConfig:
+    """Qwen2.5 trunk + MIMO audio branch + VQ adaptor (spec/llm.md §1). Names = config.json keys.
+
+    Attributes:
+      vocab_size: rows of `embed_tokens` and width of both heads (text ids, specials, audio codes).
+      hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads:
+        the Qwen2 trunk.
+      rms_norm_eps: every RMSNorm and the adaptor LayerNorm.
+      rope_theta: RoPE base.
+      kimia_mimo_layers: extra decoder layers of the audio branch.
+      kimia_mimo_transformer_from_layer_index: main layer whose output seeds the audio branch.
+      kimia_adaptor_input_dim: width of the continuous whisper feature (4 x whisper d_model).
+      kimia_media_begin, kimia_media_end: audio-stream ids bracketing an audio segment.
+      kimia_token_offset: first audio-code id.
+      use_whisper_feature: whether the adaptor exists.
+      dtype: compute dtype (activations); `param_dtype`: dtype parameters are stored in.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    rms_norm_eps: float
+    rope_theta: float
+    kimia_mimo_layers: int
+    kimia_mimo_transformer_from_layer_index: int
+    kimia_adaptor_input_dim: int
+    kimia_media_begin: int
+    kimia_media_end: int
+    kimia_token_offset: int
+    kimia_text_output_vocab: int | None = None
+    max_position_embeddings: int = 8192
+    use_whisper_feature: bool = True
+    hidden_act: str = "silu"
+    tie_word_embeddings: bool = False
+    pad_token_id: int | None = None
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise CheckpointError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                f"{self.num_attention_heads}"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise CheckpointError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+        if not 0 <= self.kimia_mimo_transformer_from_layer_index < self.num_hidden_layers:
+            raise CheckpointError(
+                f"kimia_mimo_transformer_from_layer_index {self.kimia_mimo_transformer_from_layer_index} "
+                f"is outside the {self.num_hidden_layers} main layers"
+            )
+        if self.hidden_act != "silu":
+            raise CheckpointError(f"hidden_act {self.hidden_act!r} is not supported (only 'silu')")
+        if self.tie_word_embeddings:
+            raise CheckpointError("tie_word_embeddings=true is not the Kimi-Audio layout")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_layers_total(self) -> int:
+        """Main layers plus MIMO layers (the KV-cache order: main first, then MIMO)."""
+        return self.num_hidden_layers + self.kimia_mimo_layers
+
+    @classmethod
+    def from_json(
+        cls, d: Mapping[str, Any], source: str = "config.json", **overrides: Any
+    ) -> LlmConfig:
+        return _from_dict(cls, d, source, **overrides)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], **overrides: Any) -> LlmConfig:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path} is not valid JSON ({e})") from e
+        return cls.from_json(d, str(path), **overrides)
+
+    def replace(self, **kw: Any) -> LlmConfig:
+        return dataclasses.replace(self, **kw)
+
+
+def tiny(**kw: Any) -> LlmConfig:
+    """The tiny fixture LLM shape (tests/fixtures/llm): hidden 40, 3 + 2 layers, vocab 728."""
+    base = dict(
+        vocab_size=728, hidden_size=40, intermediate_size=88, num_hidden_layers=3,
+        num_attention_heads=5, num_key_value_heads=1, rms_norm_eps=1e-6, rope_theta=1e4,
+        kimia_mimo_layers=2, kimia_mimo_transformer_from_layer_index=2, kimia_adaptor_input_dim=96,
+        kimia_media_begin=618, kimia_media_end=620, kimia_token_offset=680,
+        kimia_text_output_vocab=680, pad_token_id=679,
+    )  # fmt: skip
+    base.update(kw)
+    return LlmConfig(**base)
+
+
+def qwen25_05b_shaped(**kw: Any) -> LlmConfig:
+    """A Qwen2.5-0.5B-shaped Kimi LLM (random weights; benchmarks). MIMO branch of 2 layers."""
+    base = dict(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-6,
+        rope_theta=1e6,
+        kimia_mimo_layers=2,
+        kimia_mimo_transformer_from_layer_index=21,
+        kimia_adaptor_input_dim=5120,
+        kimia_media_begin=151661,
+        kimia_media_end=151663,
+        kimia_token_offset=152064 - 4096,
+        kimia_text_output_vocab=152064 - 4096,
+    )
+    base.update(kw)
+    return LlmConfig(**base)
+
+
+def kimia_7b(**kw: Any) -> LlmConfig:
+    """The released Kimi-Audio-7B(-Instruct) LLM shape (spec/llm.md §1)."""
+    base = dict(
+        vocab_size=168448,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        rms_norm_eps=1e-6,
+        rope_theta=1e6,
+        kimia_mimo_layers=6,
+        kimia_mimo_transformer_from_layer_index=21,
+        kimia_adaptor_input_dim=5120,
+        kimia_media_begin=151661,
+        kimia_media_end=151663,
+        kimia_token_offset=152064,
+        kimia_text_output_vocab=152064,
+        pad_token_id=152063,
+    )
+    base.update(kw)
+    return LlmConfig(**base)
+
+
+PRESETS = {"tiny": tiny, "0.5b": qwen25_05b_shaped, "7b": kimia_7b}

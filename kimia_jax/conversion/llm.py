@@ -1,0 +1,170 @@
+"""Released Kimi-Audio LLM folder (HF safetensors) -> KimiaLLM params, and loading either format.
+
+The rule table is the whole mapping; every HF tensor is used exactly once. Weights keep the HF
+[out, in] layout (see layers/linear.py), so every transform is the identity. The released index
+has 34 extra bf16 `rotary_emb.inv_freq` buffers (spec/llm.md §2): they are ignored by name and
+RoPE is recomputed in fp32.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh
+
+from kimia_jax import checkpoint, sharding
+from kimia_jax.configs import LlmConfig
+from kimia_jax.conversion import common
+from kimia_jax.conversion.common import CheckpointError, Rule
+from kimia_jax.models import kimia_llm
+
+_LAYER_PARTS = (
+    "self_attn.q_proj.weight", "self_attn.q_proj.bias",
+    "self_attn.k_proj.weight", "self_attn.k_proj.bias",
+    "self_attn.v_proj.weight", "self_attn.v_proj.bias",
+    "self_attn.o_proj.weight",
+    "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+    "input_layernorm.weight", "post_attention_layernorm.weight",
+)  # fmt: skip
+
+
+def rules() -> tuple[Rule, ...]:
+    """HF name regex -> our param path; the whole LLM mapping."""
+    table = [
+        Rule(r"model\.embed_tokens\.weight", "embed_tokens/weight"),
+        Rule(r"model\.norm\.weight", "norm/weight"),
+        Rule(r"model\.mimo_norm\.weight", "mimo_norm/weight"),
+        Rule(r"lm_head\.weight", "lm_head/weight"),
+        Rule(r"mimo_output\.weight", "mimo_output/weight"),
+        Rule(r"model\.vq_adaptor\.layers\.(0|3|4)\.(weight|bias)", r"vq_adaptor/layers_\1/\2"),
+    ]
+    for stack in ("layers", "mimo_layers"):
+        for part in _LAYER_PARTS:
+            pattern = rf"model\.{stack}\.(\d+)\." + part.replace(".", r"\.")
+            table.append(Rule(pattern, rf"{stack}_\1/" + part.replace(".", "/")))
+    return tuple(table)
+
+
+# Saved non-persistent RoPE buffers in the released index (spec/llm.md §2): recomputed in fp32.
+IGNORE = (r".*\.rotary_emb\.inv_freq",)
+
+
+def _targets(cfg: LlmConfig, mesh: Mesh | None, dtype: Any) -> dict[str, common.Target]:
+    boxed = kimia_llm.abstract_params(cfg)
+    shardings = sharding.shardings_for(boxed, mesh) if mesh is not None else None
+    return common.targets_from_abstract(nn.unbox(boxed), shardings, dtype)
+
+
+def load_hf(
+    model_dir: str | os.PathLike[str],
+    *,
+    dtype: str = "float32",
+    mesh: Mesh | None = None,
+    progress: bool = False,
+) -> tuple[LlmConfig, Any]:
+    """Reads a released HF folder (single or sharded safetensors) into verified, placed params.
+
+    Args:
+      model_dir: folder with config.json and model.safetensors or an index + shards.
+      dtype: parameter and compute dtype ("float32" or "bfloat16").
+      mesh: place each tensor straight onto its shards; None = default device.
+    Returns:
+      (config, params) with params a nested dict matching `KimiaLLM`.
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.exists():
+        raise CheckpointError(f"{model_dir} does not exist")
+    cfg = LlmConfig.from_file(model_dir / "config.json", dtype=dtype, param_dtype=dtype)
+    source = common.SafetensorsSource(model_dir)
+    flat = common.convert(
+        source,
+        rules(),
+        _targets(cfg, mesh, dtype),
+        ignore=IGNORE,
+        progress=progress,
+        desc=model_dir.name,
+    )
+    return cfg, common.unflatten(flat)
+
+
+def load(
+    path: str | os.PathLike[str],
+    *,
+    dtype: str = "float32",
+    mesh: Mesh | None = None,
+    progress: bool = False,
+) -> tuple[LlmConfig, Any]:
+    """Loads params from a released HF folder or from a converted Orbax directory."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    if checkpoint.is_orbax_dir(path):
+        cfg = LlmConfig.from_file(path / "config.json", dtype=dtype, param_dtype=dtype)
+        default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = common.unflatten(
+            {
+                k: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=t.sharding or default)
+                for k, t in _targets(cfg, mesh, dtype).items()
+            }
+        )
+        return cfg, checkpoint.restore(path, abstract)
+    return load_hf(path, dtype=dtype, mesh=mesh, progress=progress)
+
+
+def convert_to_orbax(
+    hf_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    dtype: str = "bfloat16",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """HF folder -> Orbax directory (atomic). Returns stats: tensors, seconds, peak RSS."""
+    t0 = time.perf_counter()
+    hf_dir = Path(hf_dir)
+    rss_before = common.current_rss_mib()
+    cfg, params = load_hf(hf_dir, dtype=dtype, progress=progress)
+    leaves = jax.tree.leaves(params)
+    n = len(leaves)
+    params_mib = sum(x.nbytes for x in leaves) / 2**20
+    source = common.SafetensorsSource(hf_dir)
+    largest = max(source.names(), key=lambda k: int(np.prod(source.shape(k))))
+    config_text = (hf_dir / "config.json").read_text()
+    checkpoint.save(
+        out_dir,
+        params,
+        files={"config.json": config_text},
+        meta={"model": "kimia_llm", "source": str(hf_dir.absolute()), "dtype": dtype},
+        overwrite=overwrite,
+    )
+    stats = dict(
+        tensors=n,
+        seconds=time.perf_counter() - t0,
+        rss_before_mib=rss_before,
+        params_mib=params_mib,
+        largest_tensor=largest,
+        largest_tensor_mib=int(np.prod(source.shape(largest))) * jnp.dtype(dtype).itemsize / 2**20,
+        peak_rss_mib=common.peak_rss_mib(),
+    )
+    logging.info("wrote %s: %s", out_dir, stats)
+    return stats
+
+
+def hf_name(path: str) -> str:
+    """Our param path -> released tensor name (inverse of `rules()`)."""
+    parts = path.split("/")
+    if parts[0] in ("lm_head", "mimo_output"):
+        return ".".join(parts)
+    out = []
+    for p in parts:
+        stack, _, idx = p.rpartition("_")
+        out.extend([stack, idx] if idx.isdigit() and stack in ("layers", "mimo_layers") else [p])
+    return "model." + ".".join(out)

@@ -1,0 +1,456 @@
+"""Dual-stream prompt builder: twin of `KimiAPromptManager.get_prompt` (llm.md §5, training.md §4).
+
+Messages use the official format: a list of dicts
+`{"role": "user"|"assistant", "message_type": "text"|"audio"|"audio-text", "content": ...}`;
+text content is a str, audio content a file path or a 1-D float waveform (16 kHz), and
+"audio-text" content a pair `(audio, text)` (an assistant speech turn given with its transcript).
+
+Two builder versions (argument `version`):
+* `"349251e"` (default): MoonshotAI/Kimi-Audio after PR #100 (commit 349251e). An assistant
+  *text* message ends with `blank | text_eos`; `"audio-text"` messages exist (audio stream =
+  6 blanks + codes, not continuous, no media markers; text stream = the transcript padded with
+  blanks to the same length); loss masks are produced.
+* `"2607d51"`: the builder at commit 2607d51 (what the LLM fixture was built with): no text_eos in
+  assistant text history, no "audio-text".
+Single-turn prompts (ASR, QA, speech chat) are identical in both.
+
+The audio tokenizer and the Whisper feature extractor are injected callables, so this module does
+not depend on the audio package:
+* `audio_tokens_fn(audio) -> int array [N]`: GLM-4 codes (0-based; the builder adds
+  `kimia_token_offset`);
+* `whisper_features_fn(audio) -> float array [N', D]` (D = 5120 for the 7B: four 1280-d Whisper
+  frames per 12.5 Hz step); N' >= N is required, extra frames are dropped as in the LLM forward.
+Both receive the message's audio content unchanged (path or waveform).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from kimia_jax.inference.text_tokenizer import ExtraTokens, TextTokenizer
+
+AudioInput = str | os.PathLike[str] | np.ndarray
+OutputType = Literal["text", "both"]
+BuilderVersion = Literal["349251e", "2607d51"]
+
+ROLES = ("user", "assistant")
+OUTPUT_TYPES = ("text", "both")
+VERSIONS = ("349251e", "2607d51")
+MESSAGE_TYPES = {"349251e": ("text", "audio", "audio-text"), "2607d51": ("text", "audio")}
+AUDIO_DELAY = 6  # kimia_text_audiodelaytokens (hard-coded 6 in kimia.py; config key unused)
+
+
+class PromptError(ValueError):
+    """A malformed message list; the message names the message index and the problem."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """One prompt: two aligned token streams plus continuous features.
+
+    Attributes:
+        audio_ids: [T] int32, audio stream (`input_ids` of the official forward).
+        text_ids: [T] int32, text stream (`text_input_ids`).
+        is_continuous: [T] bool, positions whose embedding mixes a Whisper feature row.
+        features: one float32 array [N_k, D] per audio message, in order, each already
+            truncated to the N_k continuous positions of its segment.
+        audio_loss_mask, text_loss_mask: [T] bool, the newer builder's loss masks (all False
+            for version 2607d51, which has none).
+    """
+
+    audio_ids: np.ndarray
+    text_ids: np.ndarray
+    is_continuous: np.ndarray
+    features: tuple[np.ndarray, ...]
+    audio_loss_mask: np.ndarray
+    text_loss_mask: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.audio_ids.shape[0])
+
+    @property
+    def feature_dim(self) -> int | None:
+        return int(self.features[0].shape[1]) if self.features else None
+
+    def dense_features(self, feature_dim: int | None = None) -> np.ndarray:
+        """Features scattered onto their positions: [T, D] float32, zero rows elsewhere.
+
+        This is what the official forward builds before the adaptor (`X[b_k+1:e_k] = F_k`).
+        """
+        d = self.feature_dim if feature_dim is None else feature_dim
+        if d is None:
+            raise ValueError("prompt has no features; pass feature_dim")
+        out = np.zeros((len(self), d), np.float32)
+        if self.features:
+            if self.feature_dim != d:
+                raise ValueError(f"feature_dim {d} != the prompt's features' {self.feature_dim}")
+            out[self.is_continuous] = np.concatenate(self.features, axis=0)
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptBatch:
+    """Prompts padded to one length P for batched prefill.
+
+    Attributes:
+        audio_ids, text_ids: [B, P] int32, padded with `pad_id`.
+        is_continuous: [B, P] bool (False on padding).
+        features: [B, P, D] float32 dense features (zero rows off the continuous positions), or
+            None when no prompt has audio and no feature_dim was given.
+        positions: [B, P] int32 RoPE positions: 0..len-1 on the valid tokens (0 on padding).
+        valid: [B, P] bool, True on real tokens.
+        lengths: [B] int32 number of real tokens per row.
+        padding: "right" (tokens at [0, len)) or "left" (tokens at [P - len, P)).
+    """
+
+    audio_ids: np.ndarray
+    text_ids: np.ndarray
+    is_continuous: np.ndarray
+    features: np.ndarray | None
+    positions: np.ndarray
+    valid: np.ndarray
+    lengths: np.ndarray
+    padding: str
+
+
+def batch(
+    prompts: Sequence[Prompt],
+    pad_to: int | None = None,
+    *,
+    padding: Literal["right", "left"] = "right",
+    pad_id: int = 0,
+    feature_dim: int | None = None,
+) -> PromptBatch:
+    """Pads prompts into [B, P] arrays plus per-row lengths.
+
+    Convention for the decode loop: right padding. Row b holds its prompt at positions
+    [0, lengths[b]) with RoPE positions 0..lengths[b]-1; prefill writes P cache slots per row, the
+    logits of row b's last prompt token are at index lengths[b]-1, and the k-th generated token of
+    row b gets RoPE position lengths[b] + k and cache slot lengths[b] + k (so the padding slots
+    [lengths[b], P) are overwritten by generated tokens before they could be attended to; they
+    must be masked until then). Left padding puts every last prompt token at P-1 instead.
+    Padding slots carry `pad_id` in both streams, False masks and zero features.
+
+    Args:
+        prompts: built prompts.
+        pad_to: padded length P (default: the longest prompt). Must be >= every length.
+        padding: "right" (default) or "left".
+        pad_id: id written on padding positions (any valid id; it is masked out).
+        feature_dim: feature width D, needed only when no prompt has audio.
+
+    Returns:
+        A PromptBatch.
+    """
+    if not prompts:
+        raise ValueError("batch: no prompts")
+    if padding not in ("right", "left"):
+        raise ValueError(f"batch: padding must be 'right' or 'left', got {padding!r}")
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    width = int(lengths.max()) if pad_to is None else int(pad_to)
+    if width < lengths.max():
+        raise ValueError(
+            f"batch: pad_to={pad_to} is shorter than the longest prompt ({lengths.max()})"
+        )
+    dims = {p.feature_dim for p in prompts if p.feature_dim is not None}
+    if feature_dim is not None:
+        dims.add(feature_dim)
+    if len(dims) > 1:
+        raise ValueError(f"batch: prompts have different feature widths {sorted(dims)}")
+    d = dims.pop() if dims else None
+    b = len(prompts)
+    audio = np.full((b, width), pad_id, np.int32)
+    text = np.full((b, width), pad_id, np.int32)
+    cont = np.zeros((b, width), bool)
+    valid = np.zeros((b, width), bool)
+    positions = np.zeros((b, width), np.int32)
+    feats = None if d is None else np.zeros((b, width, d), np.float32)
+    for i, p in enumerate(prompts):
+        n = len(p)
+        sl = slice(0, n) if padding == "right" else slice(width - n, width)
+        audio[i, sl] = p.audio_ids
+        text[i, sl] = p.text_ids
+        cont[i, sl] = p.is_continuous
+        valid[i, sl] = True
+        positions[i, sl] = np.arange(n, dtype=np.int32)
+        if feats is not None:
+            feats[i, sl] = p.dense_features(d)
+    return PromptBatch(audio, text, cont, feats, positions, valid, lengths, padding)
+
+
+class _Stream:
+    """Accumulates the parallel lists of `KimiAContent` (kimia_infer/utils/data.py)."""
+
+    def __init__(self) -> None:
+        self.audio: list[int] = []
+        self.text: list[int] = []
+        self.cont: list[bool] = []
+        self.audio_loss: list[bool] = []
+        self.text_loss: list[bool] = []
+        self.features: list[np.ndarray] = []
+
+    def audio_extend(self, ids: Sequence[int], *, cont: bool = False, loss: bool = False) -> None:
+        self.audio.extend(int(i) for i in ids)
+        self.cont.extend([cont] * len(ids))
+        self.audio_loss.extend([loss] * len(ids))
+
+    def text_extend(self, ids: Sequence[int], *, loss: bool = False) -> None:
+        self.text.extend(int(i) for i in ids)
+        self.text_loss.extend([loss] * len(ids))
+
+    def pair(self, audio_id: int, text_id: int) -> None:
+        self.audio_extend([audio_id])
+        self.text_extend([text_id])
+
+
+class PromptBuilder:
+    """Builds `Prompt`s from official-format messages.
+
+    Args:
+        extra_tokens: named special ids (from `TextTokenizer.extra_tokens`).
+        text_encode_fn: str -> list of text ids (`TextTokenizer.encode`: no bos/eos).
+        audio_tokens_fn: audio -> GLM-4 codes [N] (0-based).
+        whisper_features_fn: audio -> [N', D] continuous features, or None for a model without
+            `use_whisper_feature` (then no features are attached).
+        kimia_token_offset: id of audio code 0 (config `kimia_token_offset`).
+        num_audio_codes: codebook size (16384 for the 7B), to reject out-of-range codes; None
+            skips the check.
+        version: "349251e" (default, post PR #100) or "2607d51" (see module docstring).
+    """
+
+    def __init__(
+        self,
+        extra_tokens: ExtraTokens,
+        text_encode_fn: Callable[[str], Sequence[int]],
+        audio_tokens_fn: Callable[[AudioInput], Any],
+        whisper_features_fn: Callable[[AudioInput], Any] | None,
+        *,
+        kimia_token_offset: int,
+        num_audio_codes: int | None = None,
+        version: BuilderVersion = "349251e",
+    ) -> None:
+        if version not in VERSIONS:
+            raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
+        self.tokens = extra_tokens
+        self.text_encode_fn = text_encode_fn
+        self.audio_tokens_fn = audio_tokens_fn
+        self.whisper_features_fn = whisper_features_fn
+        self.kimia_token_offset = int(kimia_token_offset)
+        self.num_audio_codes = num_audio_codes
+        self.version = version
+
+    @classmethod
+    def from_tokenizer(
+        cls,
+        tokenizer: TextTokenizer,
+        audio_tokens_fn: Callable[[AudioInput], Any],
+        whisper_features_fn: Callable[[AudioInput], Any] | None,
+        *,
+        kimia_token_offset: int,
+        num_audio_codes: int | None = None,
+        version: BuilderVersion = "349251e",
+    ) -> PromptBuilder:
+        """Builder using `tokenizer.encode` and `tokenizer.extra_tokens` (the official wiring)."""
+        if tokenizer.vocab_size > kimia_token_offset:
+            raise ValueError(
+                f"text vocabulary ({tokenizer.vocab_size}) overlaps the audio ids starting at "
+                f"kimia_token_offset={kimia_token_offset}"
+            )
+        return cls(
+            tokenizer.extra_tokens,
+            tokenizer.encode,
+            audio_tokens_fn,
+            whisper_features_fn,
+            kimia_token_offset=kimia_token_offset,
+            num_audio_codes=num_audio_codes,
+            version=version,
+        )
+
+    # -- validation helpers ------------------------------------------------------------------
+
+    def _check_message(self, i: int, m: Any) -> None:
+        if not isinstance(m, Mapping):
+            raise PromptError(f"message {i}: expected a dict, got {type(m).__name__}")
+        missing = [k for k in ("role", "message_type", "content") if k not in m]
+        if missing:
+            raise PromptError(f"message {i}: missing key(s) {missing}")
+        if m["role"] not in ROLES:
+            raise PromptError(f"message {i}: unknown role {m['role']!r} (expected one of {ROLES})")
+        types = MESSAGE_TYPES[self.version]
+        if m["message_type"] not in types:
+            raise PromptError(
+                f"message {i}: unknown message_type {m['message_type']!r} (builder version "
+                f"{self.version} accepts {types})"
+            )
+
+    @staticmethod
+    def _check_text(i: int, content: Any) -> str:
+        if not isinstance(content, str):
+            raise PromptError(
+                f"message {i}: text content must be a str, got {type(content).__name__}"
+                + (
+                    " (audio belongs in an 'audio' message)"
+                    if isinstance(content, np.ndarray)
+                    else ""
+                )
+            )
+        return content
+
+    @staticmethod
+    def _check_audio(i: int, content: Any) -> AudioInput:
+        if isinstance(content, (str, os.PathLike)):
+            if not Path(content).is_file():
+                raise FileNotFoundError(f"message {i}: audio file not found: {os.fspath(content)}")
+            return content
+        if isinstance(content, np.ndarray):
+            if content.ndim != 1 or content.size == 0:
+                raise PromptError(
+                    f"message {i}: audio waveform must be a non-empty 1-D array, got shape "
+                    f"{content.shape}"
+                )
+            if not np.issubdtype(content.dtype, np.floating):
+                raise PromptError(f"message {i}: audio waveform must be float, got {content.dtype}")
+            return content
+        raise PromptError(
+            f"message {i}: audio content must be a file path or a 1-D float array, got "
+            f"{type(content).__name__}"
+        )
+
+    def _codes(self, i: int, audio: AudioInput) -> list[int]:
+        codes = np.asarray(self.audio_tokens_fn(audio))
+        codes = codes.reshape(-1) if codes.ndim == 2 and codes.shape[0] == 1 else codes
+        if codes.ndim != 1 or codes.size == 0 or not np.issubdtype(codes.dtype, np.integer):
+            raise PromptError(
+                f"message {i}: audio_tokens_fn must return a non-empty 1-D integer array, got "
+                f"{codes.dtype} {codes.shape}"
+            )
+        hi = self.num_audio_codes
+        if codes.min() < 0 or (hi is not None and codes.max() >= hi):
+            raise PromptError(
+                f"message {i}: audio codes outside [0, {hi}): min {codes.min()}, max {codes.max()}"
+            )
+        return (codes.astype(np.int64) + self.kimia_token_offset).tolist()
+
+    def _features(self, i: int, audio: AudioInput, n: int) -> np.ndarray:
+        f = np.asarray(self.whisper_features_fn(audio), np.float32)
+        f = f[0] if f.ndim == 3 and f.shape[0] == 1 else f
+        if f.ndim != 2:
+            raise PromptError(f"message {i}: whisper_features_fn must return [N, D], got {f.shape}")
+        if f.shape[0] < n:
+            raise PromptError(
+                f"message {i}: {f.shape[0]} whisper feature frames for {n} audio tokens (need >= "
+                f"{n}; the official forward would fail the same way)"
+            )
+        return f[:n]
+
+    # -- building ----------------------------------------------------------------------------
+
+    def _message(
+        self,
+        i: int,
+        m: Mapping[str, Any],
+        s: _Stream,
+        *,
+        role_marker: bool,
+        turn_end: bool,
+        output_type: str,
+    ) -> None:
+        """`tokenize_message` of the reference; `turn_end` = has_ct_token = has_msg_end_token."""
+        t = self.tokens
+        role = m["role"]
+        new = self.version == "349251e"
+        has_loss = new and role == "assistant"
+        if role_marker:
+            start = t.kimia_user_msg_start if role == "user" else t.kimia_assistant_msg_start
+            s.pair(start, t.kimia_text_blank)
+        kind = m["message_type"]
+        if kind == "text":
+            ids = list(self.text_encode_fn(self._check_text(i, m["content"])))
+            s.text_extend(ids, loss=has_loss)
+            s.audio_extend([t.kimia_text_blank] * len(ids))
+            if new and role == "assistant":  # PR #100: text stream eos closes assistant text
+                s.text_extend([t.kimia_text_eos], loss=has_loss)
+                s.audio_extend([t.kimia_text_blank])
+        elif kind == "audio":
+            audio = self._check_audio(i, m["content"])
+            codes = self._codes(i, audio)
+            s.audio_extend([t.media_begin])
+            s.audio_extend(codes, cont=True, loss=has_loss)
+            s.audio_extend([t.media_end], loss=has_loss)
+            s.text_extend([t.kimia_text_blank] * (len(codes) + 2))
+            if turn_end:
+                s.pair(
+                    t.kimia_speech_ct_id if output_type == "text" else t.kimia_speech_ctd_id,
+                    t.kimia_text_blank,
+                )
+            if self.whisper_features_fn is not None:
+                s.features.append(self._features(i, audio, len(codes)))
+        else:  # "audio-text" (349251e only): no loss, no features, no media markers
+            content = m["content"]
+            if not isinstance(content, (tuple, list)) or len(content) != 2:
+                raise PromptError(f"message {i}: 'audio-text' content must be a pair (audio, text)")
+            audio = self._check_audio(i, content[0])
+            text = self._check_text(i, content[1])
+            codes = self._codes(i, audio)
+            ids = list(self.text_encode_fn(text))
+            n_pad = AUDIO_DELAY + len(codes) - len(ids)
+            if n_pad < 0:
+                raise PromptError(
+                    f"message {i}: 'audio-text' transcript has {len(ids)} tokens, more than "
+                    f"{AUDIO_DELAY} + {len(codes)} audio tokens (the official builder fails here)"
+                )
+            s.audio_extend([t.kimia_text_blank] * AUDIO_DELAY)
+            s.audio_extend(codes)
+            s.text_extend(ids)
+            s.text_extend([t.kimia_text_blank] * n_pad)
+        if turn_end:
+            s.pair(t.msg_end, t.kimia_text_blank)
+
+    def build(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        output_type: OutputType = "text",
+        *,
+        add_assistant_start: bool = True,
+    ) -> Prompt:
+        """`get_prompt(messages, output_type)`: the prompt that generation continues.
+
+        Args:
+            messages: official-format messages (module docstring).
+            output_type: "text" (ct marker after a user audio turn) or "both" (ctd marker).
+            add_assistant_start: append the `kimia_assistant_msg_start | blank` position that
+                generation starts after (always done by the official inference builder).
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise PromptError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
+            raise PromptError(f"messages must be a list of dicts, got {type(messages).__name__}")
+        if not messages:
+            raise PromptError("messages is empty")
+        for i, m in enumerate(messages):
+            self._check_message(i, m)
+        s = _Stream()
+        for i, m in enumerate(messages):
+            role_marker = i == 0 or m["role"] != messages[i - 1]["role"]
+            turn_end = i == len(messages) - 1 or messages[i + 1]["role"] != m["role"]
+            self._message(
+                i, m, s, role_marker=role_marker, turn_end=turn_end, output_type=output_type
+            )
+        if add_assistant_start:
+            s.pair(self.tokens.kimia_assistant_msg_start, self.tokens.kimia_text_blank)
+        n = len(s.audio)
+        if not n == len(s.text) == len(s.cont):  # guards the reference's is_valid() invariant
+            raise AssertionError(f"stream lengths differ: {n}, {len(s.text)}, {len(s.cont)}")
+        return Prompt(
+            audio_ids=np.asarray(s.audio, np.int32),
+            text_ids=np.asarray(s.text, np.int32),
+            is_continuous=np.asarray(s.cont, bool),
+            features=tuple(s.features),
+            audio_loss_mask=np.asarray(s.audio_loss, bool),
+            text_loss_mask=np.asarray(s.text_loss, bool),
+        )

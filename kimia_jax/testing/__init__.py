@@ -1,0 +1,1 @@
+"""Tiny random checkpoints in the released on-disk layouts (tests, demo, benchmarks)."""
