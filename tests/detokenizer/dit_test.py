@@ -152,3 +152,36 @@ def test_ode_and_mel_after_streamed_chunks(runs, cases):
         assert err <= 1e-4 and rel <= 1e-4, (
             f"case {name} mel_full: max abs {err:.2e}, rel L2 {rel:.2e}"
         )
+
+
+def test_cache_commit_keeps_the_last_max_kv_frames():
+    """Sliding 900-frame window (spec §4.2), not reached by the fixtures: marked frames."""
+    from kimia_jax.detokenizer.detokenizer import _commit
+
+    max_kv, lp = 8, 5
+    cache = np.zeros((1, 1, max_kv, 1, 1), np.float32)
+    cache[0, 0, :6, 0, 0] = np.arange(6)  # 6 valid frames 0..5, then garbage-free padding
+    new = np.zeros((1, 1, lp, 1, 1), np.float32)
+    new[0, 0, :, 0, 0] = 100 + np.arange(lp)  # 4 valid (100..103), one padded frame (104)
+    k, v, n = _commit(
+        jnp.asarray(cache),
+        jnp.asarray(cache),
+        jnp.int32(6),
+        jnp.asarray(new),
+        jnp.asarray(new),
+        jnp.int32(4),
+        max_kv,
+    )
+    assert int(n) == 8
+    np.testing.assert_array_equal(np.asarray(k)[0, 0, :, 0, 0], [2, 3, 4, 5, 100, 101, 102, 103])
+    k, v, n = _commit(
+        jnp.asarray(cache),
+        jnp.asarray(cache),
+        jnp.int32(2),
+        jnp.asarray(new),
+        jnp.asarray(new),
+        jnp.int32(3),
+        max_kv,
+    )
+    assert int(n) == 5
+    np.testing.assert_array_equal(np.asarray(k)[0, 0, :5, 0, 0], [0, 1, 100, 101, 102])
