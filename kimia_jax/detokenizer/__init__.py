@@ -3,7 +3,7 @@
 det = Detokenizer.from_pretrained("Kimi-Audio-7B-Instruct")     # released folder or converted dir
 wav = det.detokenize(codes, key=jax.random.key(0))              # whole utterance
 for piece in det.stream(token_iterator, key=jax.random.key(0)):  # same samples, chunk by chunk
-    ...
+    play(piece)
 """
 
 from kimia_jax.detokenizer.detokenizer import (
