@@ -11,6 +11,9 @@ $(STAMP): requirements.txt requirements-dev.txt
 	@test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	# bigvgan (test-only reference): its declared extras (auraloss, nnaudio, pesq, ...) do not
+	# install cleanly and are unused; it needs only torch, librosa and huggingface_hub.
+	$(PYTHON) -m pip install -q --no-deps bigvgan==2.4.1
 	@touch $(STAMP)
 
 venv: $(STAMP)
