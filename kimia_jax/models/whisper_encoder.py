@@ -1,0 +1,369 @@
+"""Whisper encoders in Flax: the whisper-large-v3 encoder (continuous features) and GLM-4-Voice's
+`WhisperVQEncoder` (discrete tokens). Spec: /work/shared/spec/audio_tokenizer.md sections 4-5.
+
+Both share the pre-LN encoder layer (LayerNorm eps 1e-5, k_proj without bias, q scaled by
+head_dim^-0.5 before the dot, exact erf GELU). They differ in the conv front end (symmetric
+padding 1 vs causal left padding 2), the attention mask (none vs block-causal + key padding), the
+final LayerNorm (whisper only) and the pooling + VQ stage (GLM only).
+
+Parameter paths mirror the Hugging Face names: `conv1/kernel`, `layers_3/self_attn/q_proj/kernel`,
+`embed_positions`, `codebook`, ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WhisperConfig:
+    """Whisper / WhisperVQ encoder config. Field names = keys of the released config.json.
+
+    The VQ fields are None for a plain whisper checkpoint (whisper-large-v3).
+    """
+
+    d_model: int
+    encoder_attention_heads: int
+    encoder_ffn_dim: int
+    encoder_layers: int
+    num_mel_bins: int = 128
+    max_source_positions: int = 1500
+    activation_function: str = "gelu"
+    scale_embedding: bool = False
+    # GLM-4-Voice WhisperVQ keys (spec 4.1)
+    encoder_causal_convolution: bool = False
+    encoder_causal_attention: bool = False
+    quantize_causal_encoder: bool = False
+    quantize_causal_block_size: int | None = None
+    pooling_kernel_size: int | None = None
+    pooling_type: str = "avg"
+    pooling_position: int | None = None
+    quantize_position: int | None = None
+    quantize_vocab_size: int | None = None
+    quantize_encoder_only: bool = False
+    # compute dtype of the encoder layers ("float32" reference, "bfloat16" official whisper runtime)
+    dtype: str = "float32"
+    # query rows per attention chunk (None: one block); a speed knob, results are the same
+    attention_chunk: int | None = 128
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.encoder_attention_heads
+
+    @property
+    def is_vq(self) -> bool:
+        return self.quantize_vocab_size is not None
+
+    @property
+    def num_layers_built(self) -> int:
+        """Layers that exist: only `quantize_position` for the VQ tokenizer (encoder-only)."""
+        return self.quantize_position if self.is_vq else self.encoder_layers
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], **overrides: Any) -> WhisperConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        cfg = cls(**{k: v for k, v in {**d, **overrides}.items() if k in known})
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike[str], **overrides: Any) -> WhisperConfig:
+        with open(path) as f:
+            return cls.from_dict(json.load(f), **overrides)
+
+    def validate(self) -> None:
+        if self.d_model % self.encoder_attention_heads:
+            raise ValueError(
+                f"d_model {self.d_model} not divisible by {self.encoder_attention_heads} heads"
+            )
+        if self.activation_function != "gelu":
+            raise ValueError(
+                f"activation_function {self.activation_function!r} is not supported (gelu)"
+            )
+        if self.scale_embedding:
+            raise ValueError("scale_embedding=true is not supported (the encoder never scales)")
+        if self.is_vq:
+            if self.encoder_causal_attention or self.quantize_causal_encoder:
+                raise ValueError(
+                    "encoder_causal_attention / quantize_causal_encoder are not supported"
+                )
+            if self.quantize_position is None or self.pooling_kernel_size is None:
+                raise ValueError("a VQ config needs quantize_position and pooling_kernel_size")
+            if self.pooling_position is not None and self.quantize_position < self.pooling_position:
+                raise ValueError(
+                    f"quantize_position {self.quantize_position} < "
+                    f"pooling_position {self.pooling_position}"
+                )
+            if self.pooling_type not in ("avg", "max"):
+                raise ValueError(f"pooling_type {self.pooling_type!r} is not avg or max")
+
+
+def _dense(n: int, axes: tuple[str, str], name: str, use_bias: bool, dtype: Any) -> nn.Dense:
+    return nn.Dense(
+        n,
+        use_bias=use_bias,
+        dtype=dtype,
+        precision=_HI,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)),
+        name=name,
+    )
+
+
+def _layer_norm(name: str, dtype: Any) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=1e-5,  # torch default; flax's is 1e-6
+        dtype=dtype,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+        name=name,
+    )
+
+
+class SelfAttention(nn.Module):
+    """Whisper self-attention (twin of `WhisperAttention`): q scaled before the dot, no k bias."""
+
+    cfg: WhisperConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, allowed: jax.Array | None) -> jax.Array:
+        """x [B, T, D]; allowed bool [B, T, T] (query, key) or None (full attention)."""
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        b, t, d = x.shape
+        h, k = cfg.encoder_attention_heads, cfg.head_dim
+        q = _dense(d, ("embed", "heads"), "q_proj", True, dt)(x) * (k**-0.5)
+        kk = _dense(d, ("embed", "heads"), "k_proj", False, dt)(x)
+        v = _dense(d, ("embed", "heads"), "v_proj", True, dt)(x)
+        q, kk, v = (a.reshape(b, t, h, k) for a in (q, kk, v))  # [B, T, N, H]
+        o = attention(q, kk, v, allowed, self.cfg.attention_chunk).reshape(b, t, d)
+        return _dense(d, ("heads", "embed"), "out_proj", True, dt)(o)
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array | None) -> jax.Array:
+    """Softmax attention. q [B, C, N, H], k/v [B, T, N, H], allowed [B, C, T] -> [B, C, N, H]."""
+    s = jnp.einsum("bqnh,bknh->bnqk", q, k, precision=_HI).astype(jnp.float32)
+    if allowed is not None:
+        # the reference adds finfo(f32).min to masked scores; a where gives the same softmax
+        s = jnp.where(allowed[:, None], s, jnp.finfo(jnp.float32).min)
+    p = jax.nn.softmax(s, axis=-1).astype(q.dtype)
+    return jnp.einsum("bnqk,bknh->bqnh", p, v, precision=_HI)
+
+
+def attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array | None, chunk: int | None
+) -> jax.Array:
+    """Exact attention, optionally over query chunks (each row still sees every key).
+
+    Chunking keeps the [B, N, chunk, T] scores cache-sized: on CPU the unchunked 1500 x 1500
+    scores made attention 2-5x slower than torch's fused SDPA. Same math row by row.
+    """
+    b, t, n, h = q.shape
+    if not chunk or t <= chunk:
+        return _attend(q, k, v, allowed)
+    nc = -(-t // chunk)
+    pad = nc * chunk - t
+    qc = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, nc, chunk, n, h)
+    qc = jnp.moveaxis(qc, 1, 0)  # [nc, B, C, N, H]
+    if allowed is None:
+        out = jax.lax.map(lambda qq: _attend(qq, k, v, None), qc)
+    else:
+        ac = jnp.pad(allowed, ((0, 0), (0, pad), (0, 0)), constant_values=True)
+        ac = jnp.moveaxis(ac.reshape(b, nc, chunk, t), 1, 0)  # [nc, B, C, T]
+        out = jax.lax.map(lambda xs: _attend(xs[0], k, v, xs[1]), (qc, ac))
+    return jnp.moveaxis(out, 0, 1).reshape(b, nc * chunk, n, h)[:, :t]
+
+
+class EncoderLayer(nn.Module):
+    """Pre-LN encoder layer (twin of `WhisperEncoderLayer` / `WhisperVQEncoderLayer`)."""
+
+    cfg: WhisperConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, allowed: jax.Array | None) -> jax.Array:  # [B, T, D]
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        x = x + SelfAttention(cfg, name="self_attn")(
+            _layer_norm("self_attn_layer_norm", dt)(x), allowed
+        )
+        h = _layer_norm("final_layer_norm", dt)(x)
+        h = jax.nn.gelu(
+            _dense(cfg.encoder_ffn_dim, ("embed", "mlp"), "fc1", True, dt)(h), approximate=False
+        )
+        return x + _dense(cfg.d_model, ("mlp", "embed"), "fc2", True, dt)(h)
+
+
+class ConvFrontEnd(nn.Module):
+    """gelu(conv1) -> gelu(conv2, stride 2) -> + positions. mel [B, M, T] -> [B, T/2, D]."""
+
+    cfg: WhisperConfig
+    causal: bool
+
+    @nn.compact
+    def __call__(self, mel: jax.Array) -> jax.Array:
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        # CausalConv1d ignores its padding=1 and left-pads dilation*(k-1) = 2 (spec 4.3 step 1)
+        pad = ((2, 0),) if self.causal else ((1, 1),)
+
+        def conv(n: int, stride: int, axes: tuple[str, str, str], name: str) -> nn.Conv:
+            return nn.Conv(
+                n,
+                (3,),
+                strides=(stride,),
+                padding=pad,
+                dtype=dt,
+                precision=_HI,
+                kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[2],)),
+                name=name,
+            )
+
+        x = jnp.swapaxes(mel, 1, 2).astype(dt)  # [B, T, M]
+        x = jax.nn.gelu(
+            conv(cfg.d_model, 1, ("kernel_w", "mel", "embed"), "conv1")(x), approximate=False
+        )
+        x = jax.nn.gelu(
+            conv(cfg.d_model, 2, ("kernel_w", "conv_in", "embed"), "conv2")(x), approximate=False
+        )
+        return x
+
+
+def _positions(module: nn.Module, name: str, rows: int, d: int) -> jax.Array:
+    init = nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed"))
+    return module.param(name, init, (rows, d), jnp.float32)
+
+
+class WhisperEncoder(nn.Module):
+    """whisper-large-v3 encoder (twin of transformers `WhisperEncoder`): full attention, final LN"""
+
+    cfg: WhisperConfig
+
+    @nn.compact
+    def __call__(self, mel: jax.Array) -> jax.Array:
+        """mel [B, 128, 3000] -> last_hidden_state [B, 1500, D] (float32)."""
+        cfg = self.cfg
+        x = ConvFrontEnd(cfg, causal=False, name="front")(mel)
+        pos = _positions(self, "embed_positions", cfg.max_source_positions, cfg.d_model)
+        if x.shape[1] != pos.shape[0]:
+            raise ValueError(
+                f"whisper encoder needs {2 * pos.shape[0]} mel frames, got {mel.shape[2]}"
+            )
+        x = x + pos.astype(x.dtype)
+        for i in range(cfg.encoder_layers):
+            x = EncoderLayer(cfg, name=f"layers_{i}")(x, None)
+        return _layer_norm("layer_norm", jnp.dtype(cfg.dtype))(x).astype(jnp.float32)
+
+
+def block_causal_allowed(valid: jax.Array, block: int) -> jax.Array:
+    """GLM-4 mask (spec 4.4): (j <= i or same block) and key j valid. valid [B, T] -> [B, T, T]."""
+    t = valid.shape[1]
+    i = jnp.arange(t)[:, None]
+    j = jnp.arange(t)[None, :]
+    pattern = (j <= i) | (i // block == j // block)
+    return pattern[None] & valid[:, None, :].astype(bool)
+
+
+class WhisperVQEncoder(nn.Module):
+    """GLM-4-Voice tokenizer (twin of `WhisperVQEncoder`, encoder-only): mel -> ids at 12.5 Hz."""
+
+    cfg: WhisperConfig
+
+    @nn.compact
+    def __call__(self, mel: jax.Array, frame_mask: jax.Array) -> dict[str, jax.Array]:
+        """Runs the tokenizer.
+
+        Args:
+          mel: float32 [B, 128, T] (T a multiple of 8).
+          frame_mask: [B, T] int/bool, 1 for frames with 160 t < L (feature_attention_mask).
+        Returns:
+          dict with prequant [B, T/8, D], distances [B, T/8, V], ids int32 [B, T/8],
+          pooled_valid_mask bool [B, T/8], last_hidden_state [B, T/8, D].
+        """
+        cfg = self.cfg
+        pk = cfg.pooling_kernel_size
+        x = ConvFrontEnd(cfg, causal=cfg.encoder_causal_convolution, name="front")(mel)
+        t50 = x.shape[1]
+        pos = _positions(self, "embed_positions", cfg.max_source_positions, cfg.d_model)
+        x = x + pos[:t50].astype(x.dtype)
+        valid = frame_mask[:, ::2].astype(bool)  # conv1 stride 1 x conv2 stride 2
+        block = cfg.quantize_causal_block_size
+
+        def mask_for(v: jax.Array, blk: int | None) -> jax.Array:
+            if blk is None:
+                return jnp.broadcast_to(v[:, None, :], (v.shape[0], v.shape[1], v.shape[1]))
+            return block_causal_allowed(v, blk)
+
+        allowed = mask_for(valid, block)
+        out: dict[str, jax.Array] = {}
+        for i in range(cfg.quantize_position):
+            x = EncoderLayer(cfg, name=f"layers_{i}")(x, allowed)
+            if i + 1 == cfg.pooling_position:
+                if x.shape[1] % pk:  # reference right-pads with zeros and still divides by pk
+                    x = jnp.pad(x, ((0, 0), (0, pk - x.shape[1] % pk), (0, 0)))
+                grouped = x.reshape(x.shape[0], x.shape[1] // pk, pk, x.shape[2])
+                x = grouped.mean(axis=2) if cfg.pooling_type == "avg" else grouped.max(axis=2)
+                valid = valid[:, ::pk]
+                allowed = mask_for(valid, None if block is None else block // pk)
+        prequant = x.astype(jnp.float32)  # [B, T/8, D]
+        codebook = self.param(
+            "codebook",
+            nn.with_logical_partitioning(nn.initializers.normal(1.0), ("codebook", "embed")),
+            (cfg.quantize_vocab_size, cfg.d_model),
+            jnp.float32,
+        )
+        # Reference distance form (torch.addmm): (|c|^2 + |x|^2) - 2 x.c, in float32 (spec 4.5).
+        c_sq = jnp.sum(codebook**2, axis=1)
+        x_sq = jnp.sum(prequant**2, axis=-1, keepdims=True)
+        dots = jnp.einsum("btd,vd->btv", prequant, codebook, precision=_HI)
+        distances = (c_sq + x_sq) - 2.0 * dots
+        ids = jnp.argmin(distances, axis=-1).astype(
+            jnp.int32
+        )  # first minimum on ties, as torch.min
+        pos2 = _positions(self, "embed_positions2", -(-cfg.max_source_positions // pk), cfg.d_model)
+        out.update(
+            prequant=prequant,
+            distances=distances,
+            ids=ids,
+            pooled_valid_mask=valid,
+            last_hidden_state=codebook[ids] + pos2[: ids.shape[1]],
+        )
+        return out
+
+
+def abstract_params(cfg: WhisperConfig, frames: int = 3000) -> Any:
+    """Boxed abstract param tree (for shardings and conversion targets), without allocating."""
+    mel = jax.ShapeDtypeStruct((1, cfg.num_mel_bins, frames), jnp.float32)
+    if cfg.is_vq:
+        model: nn.Module = WhisperVQEncoder(cfg)
+        mask = jax.ShapeDtypeStruct((1, frames), jnp.int32)
+        return jax.eval_shape(model.init, jax.random.key(0), mel, mask)["params"]
+    return jax.eval_shape(WhisperEncoder(cfg).init, jax.random.key(0), mel)["params"]
+
+
+def init_params(cfg: WhisperConfig, seed: int = 0) -> Any:
+    """Random params (unboxed), for benchmarks and tests."""
+    frames = 16 if cfg.is_vq else 2 * cfg.max_source_positions
+    mel = jnp.zeros((1, cfg.num_mel_bins, frames), jnp.float32)
+    if cfg.is_vq:
+        v = WhisperVQEncoder(cfg).init(jax.random.key(seed), mel, jnp.ones((1, frames), jnp.int32))
+    else:
+        v = WhisperEncoder(cfg).init(jax.random.key(seed), mel)
+    return nn.unbox(v["params"])
+
+
+__all__ = [
+    "WhisperConfig",
+    "WhisperEncoder",
+    "WhisperVQEncoder",
+    "abstract_params",
+    "block_causal_allowed",
+    "init_params",
+]
