@@ -1,0 +1,32 @@
+"""Detokenizer: semantic tokens -> mel (flow-matching DiT, chunked look-ahead) -> 24 kHz wav (BigVGAN).
+
+    det = Detokenizer.from_pretrained("Kimi-Audio-7B-Instruct")     # released folder or converted dir
+    wav = det.detokenize(codes, key=jax.random.key(0))              # whole utterance
+    for piece in det.stream(token_iterator, key=jax.random.key(0)):  # same samples, chunk by chunk
+        ...
+"""
+
+from kimia_jax.detokenizer.detokenizer import (
+    Detokenizer,
+    DetokenizerState,
+    MelNorm,
+    StreamingConfig,
+    euler_schedule,
+    plan_chunks,
+    torch_linspace_f32,
+)
+from kimia_jax.detokenizer.stitch import WaveStitcher, hamming_periodic
+from kimia_jax.detokenizer.wav import write_wav
+
+__all__ = [
+    "Detokenizer",
+    "DetokenizerState",
+    "MelNorm",
+    "StreamingConfig",
+    "WaveStitcher",
+    "euler_schedule",
+    "hamming_periodic",
+    "plan_chunks",
+    "torch_linspace_f32",
+    "write_wav",
+]
