@@ -127,6 +127,19 @@ class LlmConfig:
         return dataclasses.replace(self, **kw)
 
 
+def tiny(**kw: Any) -> LlmConfig:
+    """The tiny fixture LLM shape (tests/fixtures/llm): hidden 40, 3 + 2 layers, vocab 728."""
+    base = dict(
+        vocab_size=728, hidden_size=40, intermediate_size=88, num_hidden_layers=3,
+        num_attention_heads=5, num_key_value_heads=1, rms_norm_eps=1e-6, rope_theta=1e4,
+        kimia_mimo_layers=2, kimia_mimo_transformer_from_layer_index=2, kimia_adaptor_input_dim=96,
+        kimia_media_begin=618, kimia_media_end=620, kimia_token_offset=680,
+        kimia_text_output_vocab=680, pad_token_id=679,
+    )  # fmt: skip
+    base.update(kw)
+    return LlmConfig(**base)
+
+
 def qwen25_05b_shaped(**kw: Any) -> LlmConfig:
     """A Qwen2.5-0.5B-shaped Kimi LLM (random weights; benchmarks). MIMO branch of 2 layers."""
     base = dict(
@@ -172,3 +185,6 @@ def kimia_7b(**kw: Any) -> LlmConfig:
     )
     base.update(kw)
     return LlmConfig(**base)
+
+
+PRESETS = {"tiny": tiny, "0.5b": qwen25_05b_shaped, "7b": kimia_7b}

@@ -24,18 +24,6 @@ _STEPS = flags.DEFINE_integer("steps", 64, "Decode steps.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (best of).")
 
 
-def _configs():
-    from kimia_jax import configs
-
-    tiny = configs.LlmConfig(
-        vocab_size=728, hidden_size=40, intermediate_size=88, num_hidden_layers=3,
-        num_attention_heads=5, num_key_value_heads=1, rms_norm_eps=1e-6, rope_theta=1e4,
-        kimia_mimo_layers=2, kimia_mimo_transformer_from_layer_index=2, kimia_adaptor_input_dim=96,
-        kimia_media_begin=618, kimia_media_end=620, kimia_token_offset=680,
-    )  # fmt: skip
-    return {"tiny": tiny, "0.5b": configs.qwen25_05b_shaped()}
-
-
 def _best(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -132,7 +120,9 @@ def main(argv):
 
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
-    cfgs = _configs()
+    from kimia_jax.configs import PRESETS
+
+    cfgs = {name: PRESETS[name]() for name in _SIZES.value}
     print(
         f"threads={threads}  prompt={_PROMPT.value}  steps={_STEPS.value}  fp32, best of {_REPEATS.value}"
     )
