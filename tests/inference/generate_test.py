@@ -85,18 +85,20 @@ def test_batched_generation_equals_single_runs(loaded):
     )
     kw = dict(model=model, max_new_tokens=10, stream=TINY_STREAM["both"])
     together = gen.generate_fixed(params, batch, jax.random.key(0), **kw)
+    stream = TINY_STREAM["both"]
     for b, n in enumerate(lengths):
-        single = gen.Prompt(
-            audio_ids=batch.audio_ids[b : b + 1, :n], text_ids=batch.text_ids[b : b + 1, :n],
-            lengths=jnp.asarray([n], jnp.int32), features=batch.features[b : b + 1, :n],
-            continuous_mask=batch.continuous_mask[b : b + 1, :n],
-        )  # fmt: skip
-        alone = gen.generate_fixed(params, single, jax.random.key(0), **kw)
-        stream = TINY_STREAM["both"]
-        got, want = gen.returned_tokens(together, stream, b), gen.returned_tokens(alone, stream)
-        for g, w in zip(got, want, strict=True):
-            np.testing.assert_array_equal(g, w, err_msg=f"row {b} (length {n})")
-        np.testing.assert_array_equal(together.state.text_history[b], alone.state.text_history[0])
+        # Each row alone (B = 1); the shortest one also unpadded, to show that padding is inert.
+        for width in (t, n) if n == min(lengths) else (t,):
+            single = gen.Prompt(
+                audio_ids=batch.audio_ids[b : b + 1, :width], text_ids=batch.text_ids[b : b + 1, :width],
+                lengths=jnp.asarray([n], jnp.int32), features=batch.features[b : b + 1, :width],
+                continuous_mask=batch.continuous_mask[b : b + 1, :width],
+            )  # fmt: skip
+            alone = gen.generate_fixed(params, single, jax.random.key(0), **kw)
+            got, want = gen.returned_tokens(together, stream, b), gen.returned_tokens(alone, stream)
+            for g, w in zip(got, want, strict=True):
+                np.testing.assert_array_equal(g, w, err_msg=f"row {b} (length {n}, width {width})")
+            np.testing.assert_array_equal(together.state.text_history[b], alone.state.text_history[0])
 
 
 def test_rows_stop_on_their_own(loaded):

@@ -8,6 +8,7 @@ converter. With the text stream all zero the Kimi forward is exactly Qwen2 on th
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -94,7 +95,8 @@ def test_cached_decode_matches_transformers_qwen2(pair):
     cache = kimia_llm.init_cache(cfg, 1, 16)
     pos = jnp.arange(7, dtype=jnp.int32)[None]
     zeros = jnp.zeros((1, 7), jnp.int32)
-    o = model.apply({"params": params}, jnp.asarray(ids, jnp.int32), zeros, pos, cache=cache)
+    apply = jax.jit(model.apply, static_argnames="attend_cache")
+    o = apply({"params": params}, jnp.asarray(ids, jnp.int32), zeros, pos, cache=cache)
     cache = o.cache
     assert int(np.argmax(o.text_logits[0, -1])) == tok
     for step in range(5):
@@ -102,7 +104,7 @@ def test_cached_decode_matches_transformers_qwen2(pair):
         with torch.no_grad():
             r = ref(torch.tensor([[tok]]), past_key_values=past, use_cache=True)
         past = r.past_key_values
-        o = model.apply(
+        o = apply(
             {"params": params}, jnp.asarray([[tok]], jnp.int32), jnp.zeros((1, 1), jnp.int32),
             jnp.asarray([[p]], jnp.int32), cache=cache, attend_cache=True,
         )  # fmt: skip
