@@ -28,6 +28,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
+from kimia_jax import sharding
 from kimia_jax.conversion import llm as llm_conv
 from kimia_jax.inference import generate as gen
 from kimia_jax.inference import prompt as prompt_lib
@@ -231,12 +232,13 @@ class KimiAudio:
             prompt, budget, max_steps, cache_len = self._batch(group, max_new_tokens, output_type)
             stream = self._stream_cfg(output_type)
             t1 = time.perf_counter()
-            out = gen.generate(
-                self.params, prompt, budget, jax.random.key(seed), model=self.model,
-                max_steps=max_steps, stream=stream, text_sampling=samp.text,
-                audio_sampling=samp.audio, cache_length=cache_len,
-            )  # fmt: skip
-            jax.block_until_ready(out.num_steps)
+            with sharding.use_mesh(self.mesh):
+                out = gen.generate(
+                    self.params, prompt, budget, jax.random.key(seed), model=self.model,
+                    max_steps=max_steps, stream=stream, text_sampling=samp.text,
+                    audio_sampling=samp.audio, cache_length=cache_len,
+                )  # fmt: skip
+                jax.block_until_ready(out.num_steps)
             self.timings.generate_s += time.perf_counter() - t1
             self.timings.steps += int(np.max(out.num_steps[: len(group)]))
             lists = stream_logic.returned_tokens(stream, out.state)[: len(group)]
@@ -302,8 +304,9 @@ class KimiAudio:
         pending_text: list[str] = []
 
         def audio_codes() -> Iterator[np.ndarray]:
-            state = gen.start(self.params, prompt, budget, jax.random.key(seed), max_steps=max_steps,
-                              cache_length=cache_len, cache=None, **kw)  # fmt: skip
+            with sharding.use_mesh(self.mesh):
+                state = gen.start(self.params, prompt, budget, jax.random.key(seed),
+                                  max_steps=max_steps, cache_length=cache_len, cache=None, **kw)  # fmt: skip
             audio_sent, text_so_far = 0, ""
             while True:
                 audio, text = stream_logic.returned_tokens(stream, state.stream)[0]
@@ -318,7 +321,8 @@ class KimiAudio:
                 if bool(state.stream.done[0]):
                     break
                 until = int(state.stream.step) + chunk_steps
-                state = gen.resume(self.params, state, jnp.int32(until), **kw)
+                with sharding.use_mesh(self.mesh):
+                    state = gen.resume(self.params, state, jnp.int32(until), **kw)
 
         def flush() -> str:
             piece = "".join(pending_text)
