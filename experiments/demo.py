@@ -1,12 +1,15 @@
-"""`make demo`: the main job end to end on a tiny random checkpoint the repo makes itself.
+"""`make demo`: Kimi-Audio end to end on a tiny random checkpoint the repo makes itself.
 
     python -m experiments.demo --workdir demo_out
 
-1. writes a tiny Kimi-Audio LLM in the released layout (bf16 safetensors shards + index),
-2. converts it to an Orbax checkpoint (verified, atomic),
-3. loads it and greedy-decodes a few tokens of both streams from a prompt, in one compiled call.
-Tiny random weights produce random tokens; point `experiments.infer` at a real checkpoint for
-real output (README). Takes ~30 s on 2 CPU cores, mostly compilation.
+1. writes a tiny Kimi-Audio folder with all five parts in the released layout
+   (LLM shards + tokenizer, GLM-4-Voice tokenizer, whisper-large-v3, detokenizer, vocoder),
+2. converts it to Orbax checkpoints (verified, atomic; `tools/convert_kimia.py`),
+3. ASR on a bundled English clip (output_type "text"),
+4. a spoken question answered with text and speech (output_type "both"), written to a wav,
+   once in one call and once streaming.
+Tiny random weights produce random words and noise; the same code runs the real checkpoint
+(README "Using the real weights"). About 2 minutes on 2 CPU cores, mostly compilation.
 """
 
 from __future__ import annotations
@@ -17,21 +20,18 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
+ASSETS = Path(__file__).parent / "assets"
+
 _WORKDIR = flags.DEFINE_string("workdir", "demo_out", "Where the tiny checkpoints and outputs go.")
-_STEPS = flags.DEFINE_integer("steps", 12, "Tokens to decode.")
 
 
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from kimia_jax.conversion import llm as conv
-    from kimia_jax.inference import generate as gen
-    from kimia_jax.models.kimia_llm import KimiaLLM
-    from kimia_jax.testing import tiny_llm
+    from kimia_jax.detokenizer.wav import write_wav
+    from kimia_jax.inference.api import KimiAudio
+    from kimia_jax.testing import tiny_kimia
+    from tools.convert_kimia import convert_all
 
     work = Path(_WORKDIR.value)
     hf_dir, orbax_dir = work / "tiny-Kimi-Audio-7B-Instruct", work / "tiny-kimia-orbax"
@@ -39,42 +39,49 @@ def main(argv: list[str]) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
     t0 = time.perf_counter()
-    tiny_llm.write(hf_dir, dtype="bfloat16")
-    print(f"[1/3] wrote tiny released-layout LLM to {hf_dir} ({time.perf_counter() - t0:.1f}s)")
+    tiny_kimia.write(hf_dir)
+    print(f"[1/4] wrote a tiny released-layout Kimi-Audio folder to {hf_dir} ({time.perf_counter() - t0:.1f}s)")
 
-    stats = conv.convert_to_orbax(hf_dir, orbax_dir, dtype="float32", progress=True)
-    print(f"[2/3] converted {stats['tensors']} tensors -> {orbax_dir} ({stats['seconds']:.1f}s, "
-          f"peak RSS {stats['peak_rss_mib']:.0f} MiB)")  # fmt: skip
+    t0 = time.perf_counter()
+    convert_all(hf_dir, orbax_dir, hf_dir / "glm-4-voice-tokenizer", "float32", detokenizer=True)
+    print(f"[2/4] converted all parts to Orbax under {orbax_dir} ({time.perf_counter() - t0:.1f}s)")
 
-    cfg, params = conv.load(orbax_dir)
-    # A prompt shaped like the official ASR one (spec/llm.md §5.4): user marker, 5 text tokens,
-    # media block with 8 audio codes, ct marker, msg_end, assistant marker.
-    blank, user, asst, ct, msg_end = 623, 627, 628, 632, 605
-    codes = list(range(cfg.kimia_token_offset, cfg.kimia_token_offset + 8))
-    audio = [user] + [blank] * 5 + [cfg.kimia_media_begin] + codes + [cfg.kimia_media_end, ct, msg_end, asst]
-    text = [blank] + [101, 202, 303, 404, 505] + [blank] * (len(audio) - 6)
-    prompt = gen.Prompt(
-        audio_ids=jnp.asarray([audio], jnp.int32),
-        text_ids=jnp.asarray([text], jnp.int32),
-        lengths=jnp.asarray([len(audio)], jnp.int32),
-    )
-    stream = gen.StreamConfig(output_type="both", text_blank=blank, text_eos=624,
-                              eod_ids=(msg_end, cfg.kimia_media_end))  # fmt: skip
-    gen.check_prompt(cfg, prompt, _STEPS.value, None)
-    kw = dict(model=KimiaLLM(cfg), max_new_tokens=_STEPS.value, stream=stream)
     t0 = time.perf_counter()
-    out = jax.block_until_ready(gen.generate_fixed(params, prompt, jax.random.key(0), **kw))
-    first = time.perf_counter() - t0
+    model = KimiAudio(orbax_dir, load_detokenizer=True, dtype="float32")
+    print(f"      loaded KimiAudio from the Orbax folder ({time.perf_counter() - t0:.1f}s)")
+
+    asr = [
+        {"role": "user", "message_type": "text", "content": "请将音频内容转换为文字。"},
+        {"role": "user", "message_type": "audio", "content": str(ASSETS / "en_fox_16k.wav")},
+    ]
     t0 = time.perf_counter()
-    out = jax.block_until_ready(gen.generate_fixed(params, prompt, jax.random.key(0), **kw))
-    again = time.perf_counter() - t0
-    text_tokens, audio_tokens = gen.returned_tokens(out, stream)
-    print(f"[3/3] greedy dual-stream decode of {int(out.num_steps[0])} steps "
-          f"(compile+run {first:.1f}s, run {again * 1e3:.1f} ms)")  # fmt: skip
-    print(f"  text tokens : {np.asarray(text_tokens).tolist()}")
-    print(f"  audio tokens: {np.asarray(audio_tokens).tolist()} (after the 6-step audio delay)")
-    print("Tiny random weights give random tokens. For real output convert the released")
-    print("Kimi-Audio-7B-Instruct folder (python -m tools.convert_llm) and see README.md.")
+    _, text = model.generate(asr, output_type="text", max_new_tokens=32)
+    print(f"[3/4] ASR of en_fox_16k.wav ({time.perf_counter() - t0:.1f}s): {text!r}")
+    print(f"      {model.timings.summary()}")
+
+    chat = [{"role": "user", "message_type": "audio", "content": str(ASSETS / "en_question_44k_stereo.wav")}]
+    t0 = time.perf_counter()
+    wav, text = model.generate(chat, output_type="both", audio_temperature=0.8, audio_top_k=10)
+    out_wav = work / "reply.wav"
+    if wav is not None:
+        write_wav(out_wav, wav)
+    print(f"[4/4] spoken question -> text + speech ({time.perf_counter() - t0:.1f}s): {text[:60]!r}...")
+    print(f"      {model.timings.summary()}")
+    if wav is not None:
+        print(f"      wrote {out_wav}: {len(wav) / 24000:.2f} s at 24 kHz")
+    t0 = time.perf_counter()
+    first, n_audio, n_text = None, 0, 0
+    for piece in model.generate_stream(chat, output_type="both", audio_temperature=0.8, audio_top_k=10):
+        if piece["audio"] is not None:
+            first = first or time.perf_counter() - t0
+            n_audio += len(piece["audio"])
+        n_text += len(piece["text"])
+    first_s = f"{first:.2f}s" if first is not None else "n/a"
+    print(f"      streaming: {n_audio / 24000:.2f} s of audio, {n_text} text chars, first audio chunk after {first_s}")
+    print()
+    print("NOTE: these are tiny RANDOM weights, so the words and the audio are random.")
+    print("For real output download moonshotai/Kimi-Audio-7B-Instruct and THUDM/glm-4-voice-tokenizer,")
+    print("then: python -m experiments.infer --model_path <folder> --glm_tokenizer <folder> --task asr --audio <wav>")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,196 @@
+"""End-to-end generation speed vs a PyTorch reference loop, measured in one run.
+
+    python -m tools.bench_generate                       # tiny + 0.5b shapes, batch 1 and 8
+    python -m tools.bench_generate --sizes=tiny --ttfa   # + time to first audio chunk
+
+Decode steps/s: our compiled dual-stream loop (`generate.generate`, output_type "both", greedy,
+no stop token so every row runs the full budget) against the official per-token Python loop
+(`KimiAudio._generate_loop` logic: forward, sample both heads via log_softmax/argmax, 6-token
+audio delay, blank substitution, `.item()` stop checks) on a transformers Qwen2 with the same
+work per token (main + MIMO layers, two heads), fp32, same thread count. The official loop is
+B = 1 only, so its batch-8 figure is 8 requests one after another; ours runs 8 rows in one call.
+
+Time to first audio chunk (--ttfa, tiny checkpoint): prompt processed, 37 decode steps (6
+delayed + 30 tokens of the detokenizer's first chunk + 1 look-ahead proof), first detokenizer
+chunk (DiT ODE + vocoder). Ours: `KimiAudio.generate_stream` (warm); reference: the torch loop
+above for 37 steps + the PyTorch detokenizer reference (`tools/detok_torch_reference.py`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+from absl import app, flags
+
+_SIZES = flags.DEFINE_list("sizes", ["tiny", "0.5b"], "Model sizes: tiny, 0.5b.")
+_BATCH = flags.DEFINE_list("batch", ["1", "8"], "Batch sizes.")
+_PROMPT = flags.DEFINE_integer("prompt_len", 64, "Prompt length.")
+_STEPS = flags.DEFINE_integer("steps", 64, "Decode steps per row.")
+_REPEATS = flags.DEFINE_integer("repeats", 2, "Timed repeats (best of).")
+_TTFA = flags.DEFINE_bool("ttfa", False, "Also measure time to first audio chunk (tiny).")
+
+AUDIO_DELAY = 6
+
+
+def _best(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def ours_steps_per_s(cfg, batch, prompt_len, steps, repeats):
+    import jax
+    import jax.numpy as jnp
+
+    from kimia_jax.inference import generate as gen
+    from kimia_jax.models import kimia_llm
+
+    params = kimia_llm.init_params(cfg, jax.random.key(0))
+    model = kimia_llm.KimiaLLM(cfg)
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(0, cfg.kimia_token_offset, (batch, prompt_len)), jnp.int32)
+    prompt = gen.Prompt(audio_ids=ids, text_ids=ids, lengths=jnp.full((batch,), prompt_len, jnp.int32))
+    stream = gen.StreamConfig(output_type="both", text_blank=0, text_eos=-1, eod_ids=())
+
+    def run(n):
+        out = gen.generate_fixed(params, prompt, jax.random.key(0), model=model, max_new_tokens=n,
+                                 stream=stream, cache_length=prompt_len + steps + 1)  # fmt: skip
+        jax.block_until_ready(out.state.audio_history)
+
+    run(1), run(steps + 1)  # compile both
+    t1, tn = _best(lambda: run(1), repeats), _best(lambda: run(steps + 1), repeats)
+    return batch * steps / (tn - t1)
+
+
+class TorchLoop:
+    """The official per-token generation loop on a transformers Qwen2 of the same work."""
+
+    def __init__(self, cfg):
+        import torch
+        import transformers
+
+        torch.manual_seed(0)
+        qcfg = transformers.Qwen2Config(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_hidden_layers + cfg.kimia_mimo_layers,
+            num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
+            rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=False,
+            attn_implementation="sdpa",
+        )  # fmt: skip
+        self.torch, self.transformers = torch, transformers
+        self.model = transformers.Qwen2ForCausalLM(qcfg).eval()
+        self.head2 = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.cfg = cfg
+
+    def run(self, prompt_len: int, steps: int, blank: int = 0) -> None:
+        torch = self.torch
+        emb = self.model.model.embed_tokens
+        with torch.inference_mode():
+            audio = torch.randint(0, self.cfg.kimia_token_offset, (1, prompt_len))
+            text = torch.randint(0, self.cfg.kimia_token_offset, (1, prompt_len))
+            past = self.transformers.DynamicCache()
+            text_prev = torch.zeros(4096, dtype=torch.long)
+            audio_prev = torch.zeros(4096, dtype=torch.long)
+            pos = torch.arange(prompt_len)[None]
+            last = prompt_len - 1
+            for i in range(steps):
+                x = emb(audio) + emb(text)  # the two streams' embeddings are summed (spec §3.1)
+                out = self.model.model(inputs_embeds=x, position_ids=pos, past_key_values=past,
+                                       use_cache=True)  # fmt: skip
+                past = out.past_key_values
+                h = out.last_hidden_state[:, -1:]
+                text_logits, audio_logits = self.model.lm_head(h), self.head2(h)
+                nt = torch.log_softmax(text_logits[:, -1].float(), -1).argmax(-1)
+                na = torch.log_softmax(audio_logits[:, -1].float(), -1).argmax(-1)
+                if i < AUDIO_DELAY:
+                    na = torch.full_like(na, blank)
+                text_prev[i], audio_prev[i] = nt.item(), na.item()
+                if na.item() in (-1, -2):  # the official eod check (never fires here)
+                    break
+                audio, text = na[:, None], nt[:, None]
+                last += 1
+                pos = torch.tensor([[last]])
+
+
+def ttfa(repeats: int) -> tuple[float, float]:
+    """Time to first audio chunk, tiny checkpoint: (ours, reference) seconds."""
+    import tempfile
+
+    from kimia_jax.configs import LlmConfig
+    from kimia_jax.inference.api import KimiAudio
+    from kimia_jax.testing import tiny_kimia, tiny_llm
+    from tools.detok_torch_reference import TorchDetokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = tiny_kimia.write(f"{tmp}/m", dtype="float32")
+        model = KimiAudio(root, load_detokenizer=True, dtype="float32")
+        chat = [{"role": "user", "message_type": "audio",
+                 "content": "experiments/assets/kimi_qa_example.wav"}]  # fmt: skip
+        plen = len(model.prompt_builder.build(chat, "both"))
+
+        def first_chunk():
+            t0 = time.perf_counter()
+            for piece in model.generate_stream(chat, output_type="both", chunk_steps=8):
+                if piece["audio"] is not None:
+                    return time.perf_counter() - t0
+            return float("nan")
+
+        first_chunk()  # compile
+        ours = min(first_chunk() for _ in range(repeats))
+        loop = TorchLoop(LlmConfig.from_json(tiny_llm.TINY_CONFIG))  # the folder's LLM shape
+        ref_det = TorchDetokenizer.from_released(root)
+        from kimia_jax.detokenizer import plan_chunks
+
+        rng = np.random.default_rng(0)
+        tokens = rng.integers(0, 48, 60)  # two chunks: the first is not final, as when streaming
+        noise, carry = [], 0
+        for s, e, fin in plan_chunks(len(tokens)):
+            noise.append(rng.standard_normal(((e - s) * 4 + carry, 80)).astype(np.float32))
+            carry = 0 if fin else 12 * 4
+
+        def reference():
+            t0 = time.perf_counter()
+            loop.run(plen, AUDIO_DELAY + 30 + 1)
+            first = []
+            ref_det.detokenize_audio(tokens, noise, on_chunk=lambda i: first.append(time.perf_counter() - t0))
+            return first[0]
+
+        reference()
+        ref = min(reference() for _ in range(repeats))
+    return ours, ref
+
+
+def main(argv):
+    del argv
+    import torch
+
+    from kimia_jax.configs import PRESETS
+
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    cfgs = {name: PRESETS[name]() for name in _SIZES.value}
+    print(f"threads={threads} prompt={_PROMPT.value} steps={_STEPS.value} fp32 greedy, best of {_REPEATS.value}")
+    print("| size | batch | ours steps/s (all rows) | reference steps/s (sequential) | ratio |")
+    print("|---|---|---|---|---|")
+    for size in _SIZES.value:
+        loop = TorchLoop(cfgs[size])
+        loop.run(_PROMPT.value, 4)
+        t_ref = _best(lambda loop=loop: loop.run(_PROMPT.value, _STEPS.value), _REPEATS.value)
+        t_pre = _best(lambda loop=loop: loop.run(_PROMPT.value, 1), _REPEATS.value)
+        ref_rate = (_STEPS.value - 1) / (t_ref - t_pre)
+        for b in (int(x) for x in _BATCH.value):
+            ours = ours_steps_per_s(cfgs[size], b, _PROMPT.value, _STEPS.value, _REPEATS.value)
+            print(f"| {size} | {b} | {ours:.1f} | {ref_rate:.1f} | {ours / ref_rate:.2f}x |", flush=True)
+    if _TTFA.value:
+        o, r = ttfa(_REPEATS.value)
+        print(f"time to first audio chunk (tiny): ours {o:.3f}s, reference {r:.3f}s, ratio {r / o:.2f}x")
+
+
+if __name__ == "__main__":
+    app.run(main)
