@@ -38,8 +38,12 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format kimia_jax tools experiments tests
 	$(VENV)/bin/ruff check --fix kimia_jax tools experiments tests
 
+# Benchmarks print ratios against the PyTorch references measured in the same run (README).
 bench: $(STAMP)
 	$(PYTHON) -m tools.bench_llm
+	$(PYTHON) -m tools.bench_generate --ttfa
+	$(PYTHON) -m tools.bench_tokenizer --size=tiny
+	$(PYTHON) -m tools.bench_detokenizer --preset=tiny
 
 clean:
 	rm -rf demo_out .pytest_cache
