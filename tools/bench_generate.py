@@ -25,6 +25,8 @@ import time
 import numpy as np
 from absl import app, flags
 
+from tools.timing import best_of
+
 _SIZES = flags.DEFINE_list("sizes", ["tiny", "0.5b"], "Model sizes: tiny, 0.5b.")
 _BATCH = flags.DEFINE_list("batch", ["1", "8"], "Batch sizes.")
 _PROMPT = flags.DEFINE_integer("prompt_len", 64, "Prompt length.")
@@ -34,14 +36,6 @@ _TTFA = flags.DEFINE_bool("ttfa", False, "Also measure time to first audio chunk
 
 AUDIO_DELAY = 6
 
-
-def _best(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def ours_steps_per_s(cfg, batch, prompt_len, steps, repeats):
@@ -64,7 +58,7 @@ def ours_steps_per_s(cfg, batch, prompt_len, steps, repeats):
         jax.block_until_ready(out.state.audio_history)
 
     run(1), run(steps + 1)  # compile both
-    t1, tn = _best(lambda: run(1), repeats), _best(lambda: run(steps + 1), repeats)
+    t1, tn = best_of(lambda: run(1), repeats), best_of(lambda: run(steps + 1), repeats)
     return batch * steps / (tn - t1)
 
 
@@ -190,8 +184,8 @@ def main(argv):
     for size in _SIZES.value:
         loop = TorchLoop(cfgs[size])
         loop.run(_PROMPT.value, 4)
-        t_ref = _best(lambda loop=loop: loop.run(_PROMPT.value, _STEPS.value), _REPEATS.value)
-        t_pre = _best(lambda loop=loop: loop.run(_PROMPT.value, 1), _REPEATS.value)
+        t_ref = best_of(lambda loop=loop: loop.run(_PROMPT.value, _STEPS.value), _REPEATS.value)
+        t_pre = best_of(lambda loop=loop: loop.run(_PROMPT.value, 1), _REPEATS.value)
         ref_rate = (_STEPS.value - 1) / (t_ref - t_pre)
         for b in (int(x) for x in _BATCH.value):
             ours = ours_steps_per_s(cfgs[size], b, _PROMPT.value, _STEPS.value, _REPEATS.value)

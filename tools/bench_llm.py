@@ -17,20 +17,14 @@ import time
 
 from absl import app, flags
 
+from tools.timing import best_of
+
 _SIZES = flags.DEFINE_list("sizes", ["tiny", "0.5b"], "Model sizes: tiny, 0.5b.")
 _BATCH = flags.DEFINE_list("batch", ["1"], "Batch sizes.")
 _PROMPT = flags.DEFINE_integer("prompt_len", 128, "Prompt length (tokens).")
 _STEPS = flags.DEFINE_integer("steps", 64, "Decode steps.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (best of).")
 
-
-def _best(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def bench_jax(cfg, batch: int, prompt_len: int, steps: int, repeats: int) -> dict[str, float]:
@@ -61,8 +55,8 @@ def bench_jax(cfg, batch: int, prompt_len: int, steps: int, repeats: int) -> dic
     t0 = time.perf_counter()
     run(steps + 1)
     compile_full = time.perf_counter() - t0
-    t_prefill = _best(lambda: run(1), repeats)
-    t_full = _best(lambda: run(steps + 1), repeats)
+    t_prefill = best_of(lambda: run(1), repeats)
+    t_full = best_of(lambda: run(steps + 1), repeats)
     return dict(
         prefill_tok_s=batch * prompt_len / t_prefill,
         decode_tok_s=batch * steps / (t_full - t_prefill),
@@ -106,8 +100,8 @@ def bench_torch(cfg, batch: int, prompt_len: int, steps: int, repeats: int) -> d
         return tok
 
     run(1)
-    t_prefill = _best(lambda: run(0), repeats)
-    t_full = _best(lambda: run(steps), repeats)
+    t_prefill = best_of(lambda: run(0), repeats)
+    t_full = best_of(lambda: run(steps), repeats)
     return dict(
         prefill_tok_s=batch * prompt_len / t_prefill,
         decode_tok_s=batch * steps / (t_full - t_prefill),
