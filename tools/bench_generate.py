@@ -59,7 +59,7 @@ def ours_steps_per_s(cfg, batch, prompt_len, steps, repeats):
 
     run(1), run(steps + 1)  # compile both
     t1, tn = best_of(lambda: run(1), repeats), best_of(lambda: run(steps + 1), repeats)
-    return batch * steps / (tn - t1)
+    return batch * steps / (tn - t1) if tn > t1 else float("nan")  # noise > decode time
 
 
 class TorchLoop:
@@ -186,7 +186,7 @@ def main(argv):
         loop.run(_PROMPT.value, 4)
         t_ref = best_of(lambda loop=loop: loop.run(_PROMPT.value, _STEPS.value), _REPEATS.value)
         t_pre = best_of(lambda loop=loop: loop.run(_PROMPT.value, 1), _REPEATS.value)
-        ref_rate = (_STEPS.value - 1) / (t_ref - t_pre)
+        ref_rate = (_STEPS.value - 1) / (t_ref - t_pre) if t_ref > t_pre else float("nan")
         for b in (int(x) for x in _BATCH.value):
             ours = ours_steps_per_s(cfgs[size], b, _PROMPT.value, _STEPS.value, _REPEATS.value)
             print(f"| {size} | {b} | {ours:.1f} | {ref_rate:.1f} | {ours / ref_rate:.2f}x |", flush=True)

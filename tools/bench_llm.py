@@ -27,6 +27,11 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (best of).")
 
 
 
+def _rate(count: float, seconds: float) -> float:
+    """count / seconds; NaN when timing noise exceeds the decode time (use more --steps)."""
+    return count / seconds if seconds > 0 else float("nan")
+
+
 def bench_jax(cfg, batch: int, prompt_len: int, steps: int, repeats: int) -> dict[str, float]:
     import jax
     import jax.numpy as jnp
@@ -59,7 +64,7 @@ def bench_jax(cfg, batch: int, prompt_len: int, steps: int, repeats: int) -> dic
     t_full = best_of(lambda: run(steps + 1), repeats)
     return dict(
         prefill_tok_s=batch * prompt_len / t_prefill,
-        decode_tok_s=batch * steps / (t_full - t_prefill),
+        decode_tok_s=_rate(batch * steps, t_full - t_prefill),
         compile_s=compile_prefill + compile_full,
     )
 
@@ -104,7 +109,7 @@ def bench_torch(cfg, batch: int, prompt_len: int, steps: int, repeats: int) -> d
     t_full = best_of(lambda: run(steps), repeats)
     return dict(
         prefill_tok_s=batch * prompt_len / t_prefill,
-        decode_tok_s=batch * steps / (t_full - t_prefill),
+        decode_tok_s=_rate(batch * steps, t_full - t_prefill),
     )
 
 
