@@ -40,7 +40,9 @@ def main(argv: list[str]) -> None:
 
     t0 = time.perf_counter()
     tiny_kimia.write(hf_dir)
-    print(f"[1/4] wrote a tiny released-layout Kimi-Audio folder to {hf_dir} ({time.perf_counter() - t0:.1f}s)")
+    print(
+        f"[1/4] wrote a tiny released-layout Kimi-Audio folder to {hf_dir} ({time.perf_counter() - t0:.1f}s)"
+    )
 
     t0 = time.perf_counter()
     convert_all(hf_dir, orbax_dir, hf_dir / "glm-4-voice-tokenizer", "float32", detokenizer=True)
@@ -59,29 +61,45 @@ def main(argv: list[str]) -> None:
     print(f"[3/4] ASR of en_fox_16k.wav ({time.perf_counter() - t0:.1f}s): {text!r}")
     print(f"      {model.timings.summary()}")
 
-    chat = [{"role": "user", "message_type": "audio", "content": str(ASSETS / "en_question_44k_stereo.wav")}]
+    chat = [
+        {
+            "role": "user",
+            "message_type": "audio",
+            "content": str(ASSETS / "en_question_44k_stereo.wav"),
+        }
+    ]
     t0 = time.perf_counter()
     wav, text = model.generate(chat, output_type="both", audio_temperature=0.8, audio_top_k=10)
     out_wav = work / "reply.wav"
     if wav is not None:
         write_wav(out_wav, wav)
-    print(f"[4/4] spoken question -> text + speech ({time.perf_counter() - t0:.1f}s): {text[:60]!r}...")
+    print(
+        f"[4/4] spoken question -> text + speech ({time.perf_counter() - t0:.1f}s): {text[:60]!r}..."
+    )
     print(f"      {model.timings.summary()}")
     if wav is not None:
         print(f"      wrote {out_wav}: {len(wav) / 24000:.2f} s at 24 kHz")
     t0 = time.perf_counter()
     first, n_audio, n_text = None, 0, 0
-    for piece in model.generate_stream(chat, output_type="both", audio_temperature=0.8, audio_top_k=10):
+    for piece in model.generate_stream(
+        chat, output_type="both", audio_temperature=0.8, audio_top_k=10
+    ):
         if piece["audio"] is not None:
             first = first or time.perf_counter() - t0
             n_audio += len(piece["audio"])
         n_text += len(piece["text"])
     first_s = f"{first:.2f}s" if first is not None else "n/a"
-    print(f"      streaming: {n_audio / 24000:.2f} s of audio, {n_text} text chars, first audio chunk after {first_s}")
+    print(
+        f"      streaming: {n_audio / 24000:.2f} s of audio, {n_text} text chars, first audio chunk after {first_s}"
+    )
     print()
     print("NOTE: these are tiny RANDOM weights, so the words and the audio are random.")
-    print("For real output download moonshotai/Kimi-Audio-7B-Instruct and THUDM/glm-4-voice-tokenizer,")
-    print("then: python -m experiments.infer --model_path <folder> --glm_tokenizer <folder> --task asr --audio <wav>")
+    print(
+        "For real output download moonshotai/Kimi-Audio-7B-Instruct and THUDM/glm-4-voice-tokenizer,"
+    )
+    print(
+        "then: python -m experiments.infer --model_path <folder> --glm_tokenizer <folder> --task asr --audio <wav>"
+    )
 
 
 if __name__ == "__main__":

@@ -28,12 +28,16 @@ TASK_PROMPTS = {
     "chat": None,
 }
 
-_MODEL = flags.DEFINE_string("model_path", None, "Released or converted model folder.", required=True)
+_MODEL = flags.DEFINE_string(
+    "model_path", None, "Released or converted model folder.", required=True
+)
 _AUDIO = flags.DEFINE_multi_string("audio", [], "Input audio file(s); several = a batch.")
 _TASK = flags.DEFINE_enum("task", "asr", list(TASK_PROMPTS), "Which task prompt to build.")
 _PROMPT = flags.DEFINE_string("prompt", None, "Text instruction (overrides the task's).")
 _OUTPUT = flags.DEFINE_enum("output_type", "text", ["text", "both"], "Text only, or text + speech.")
-_OUT_WAV = flags.DEFINE_string("out_wav", None, "Where to write the 24 kHz reply (output_type both).")
+_OUT_WAV = flags.DEFINE_string(
+    "out_wav", None, "Where to write the 24 kHz reply (output_type both)."
+)
 _GLM = flags.DEFINE_string("glm_tokenizer", None, "GLM-4-Voice tokenizer folder.")
 _MESH = flags.DEFINE_string("mesh", None, "Device mesh, e.g. data=1,fsdp=1,tensor=8.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.")

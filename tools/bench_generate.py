@@ -37,7 +37,6 @@ _TTFA = flags.DEFINE_bool("ttfa", False, "Also measure time to first audio chunk
 AUDIO_DELAY = 6
 
 
-
 def ours_steps_per_s(cfg, batch, prompt_len, steps, repeats):
     import jax
     import jax.numpy as jnp
@@ -49,7 +48,9 @@ def ours_steps_per_s(cfg, batch, prompt_len, steps, repeats):
     model = kimia_llm.KimiaLLM(cfg)
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(0, cfg.kimia_token_offset, (batch, prompt_len)), jnp.int32)
-    prompt = gen.Prompt(audio_ids=ids, text_ids=ids, lengths=jnp.full((batch,), prompt_len, jnp.int32))
+    prompt = gen.Prompt(
+        audio_ids=ids, text_ids=ids, lengths=jnp.full((batch,), prompt_len, jnp.int32)
+    )
     stream = gen.StreamConfig(output_type="both", text_blank=0, text_eos=-1, eod_ids=())
 
     def run(n):
@@ -161,7 +162,9 @@ def ttfa(repeats: int) -> tuple[float, float]:
             t0 = time.perf_counter()
             loop.run(plen, AUDIO_DELAY + 30 + 1)
             first = []
-            ref_det.detokenize_audio(tokens, noise, on_chunk=lambda i: first.append(time.perf_counter() - t0))
+            ref_det.detokenize_audio(
+                tokens, noise, on_chunk=lambda i: first.append(time.perf_counter() - t0)
+            )
             return first[0]
 
         reference()
@@ -178,7 +181,9 @@ def main(argv):
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
     cfgs = {name: PRESETS[name]() for name in _SIZES.value}
-    print(f"threads={threads} prompt={_PROMPT.value} steps={_STEPS.value} fp32 greedy, best of {_REPEATS.value}")
+    print(
+        f"threads={threads} prompt={_PROMPT.value} steps={_STEPS.value} fp32 greedy, best of {_REPEATS.value}"
+    )
     print("| size | batch | ours steps/s (all rows) | reference steps/s (sequential) | ratio |")
     print("|---|---|---|---|---|")
     for size in _SIZES.value:
@@ -189,10 +194,15 @@ def main(argv):
         ref_rate = (_STEPS.value - 1) / (t_ref - t_pre) if t_ref > t_pre else float("nan")
         for b in (int(x) for x in _BATCH.value):
             ours = ours_steps_per_s(cfgs[size], b, _PROMPT.value, _STEPS.value, _REPEATS.value)
-            print(f"| {size} | {b} | {ours:.1f} | {ref_rate:.1f} | {ours / ref_rate:.2f}x |", flush=True)
+            print(
+                f"| {size} | {b} | {ours:.1f} | {ref_rate:.1f} | {ours / ref_rate:.2f}x |",
+                flush=True,
+            )
     if _TTFA.value:
         o, r = ttfa(_REPEATS.value)
-        print(f"time to first audio chunk (tiny): ours {o:.3f}s, reference {r:.3f}s, ratio {r / o:.2f}x")
+        print(
+            f"time to first audio chunk (tiny): ours {o:.3f}s, reference {r:.3f}s, ratio {r / o:.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ _STEPS = flags.DEFINE_integer("steps", 64, "Decode steps.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (best of).")
 
 
-
 def _rate(count: float, seconds: float) -> float:
     """count / seconds; NaN when timing noise exceeds the decode time (use more --steps)."""
     return count / seconds if seconds > 0 else float("nan")

@@ -21,7 +21,9 @@ from pathlib import Path
 from absl import app, flags
 
 _SRC = flags.DEFINE_string("src", None, "Released Kimi-Audio folder.", required=True)
-_GLM = flags.DEFINE_string("glm_tokenizer", None, "glm-4-voice-tokenizer folder (default <src>/glm-4-voice-tokenizer).")
+_GLM = flags.DEFINE_string(
+    "glm_tokenizer", None, "glm-4-voice-tokenizer folder (default <src>/glm-4-voice-tokenizer)."
+)
 _OUT = flags.DEFINE_string("out", None, "Output folder (must not exist).", required=True)
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "LLM parameter dtype.")
 _DETOK = flags.DEFINE_bool("detokenizer", True, "Also convert audio_detokenizer/ + vocoder/.")

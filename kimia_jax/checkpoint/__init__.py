@@ -48,7 +48,9 @@ def save(
         # Bounded host staging: without the limits Orbax copies every array to host buffers at
         # once (measured +3 GiB peak RSS for a 1.5 GiB model); 1 GB batches keep the extra near
         # the largest tensor.
-        handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=1, save_device_host_concurrent_gb=1)
+        handler = ocp.PyTreeCheckpointHandler(
+            save_concurrent_gb=1, save_device_host_concurrent_gb=1
+        )
         with ocp.Checkpointer(handler) as ckptr:
             ckptr.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(params))
         for name, content in (files or {}).items():

@@ -107,7 +107,9 @@ class SafetensorsSource:
                 with safe_open(str(f), framework="np") as h:
                     for k in h.keys():  # noqa: SIM118 - safe_open is not a Mapping
                         if k in files:
-                            raise CheckpointError(f"tensor {k!r} appears in both {files[k]} and {f}")
+                            raise CheckpointError(
+                                f"tensor {k!r} appears in both {files[k]} and {f}"
+                            )
                         files[k] = f
                         self._shapes[k] = tuple(h.get_slice(k).get_shape())
             except CheckpointError:

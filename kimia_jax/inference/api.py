@@ -297,7 +297,9 @@ class KimiAudio:
         """
         samp = Sampling(**sampling)
         (prompt_one,) = self._prompts([chats], output_type)
-        prompt, budget, max_steps, cache_len = self._batch([prompt_one], max_new_tokens, output_type)
+        prompt, budget, max_steps, cache_len = self._batch(
+            [prompt_one], max_new_tokens, output_type
+        )
         stream = self._stream_cfg(output_type)
         kw = dict(model=self.model, stream=stream, text_sampling=samp.text,
                   audio_sampling=samp.audio, trace=False)  # fmt: skip

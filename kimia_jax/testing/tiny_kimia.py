@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parents[2]
 AUDIO_PARTS = {
     "glm-4-voice-tokenizer": REPO / "tests/fixtures/audio/glm-4-voice-tokenizer",
     "whisper-large-v3": REPO / "tests/fixtures/audio/whisper-large-v3",
-    "audio_detokenizer": REPO / "tests/fixtures/detokenizer/Kimi-Audio-7B-Instruct/audio_detokenizer",
+    "audio_detokenizer": REPO
+    / "tests/fixtures/detokenizer/Kimi-Audio-7B-Instruct/audio_detokenizer",
     "vocoder": REPO / "tests/fixtures/detokenizer/Kimi-Audio-7B-Instruct/vocoder",
 }
 

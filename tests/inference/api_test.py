@@ -103,7 +103,9 @@ def test_sampling_is_reproducible_with_a_seed(model):
 
 def test_text_stream_equals_generate(model):
     _, text = model.generate(_asr(), output_type="text", max_new_tokens=8)
-    pieces = list(model.generate_stream(_asr(), output_type="text", max_new_tokens=8, chunk_steps=3))
+    pieces = list(
+        model.generate_stream(_asr(), output_type="text", max_new_tokens=8, chunk_steps=3)
+    )
     assert "".join(p["text"] for p in pieces) == text
     assert all(p["audio"] is None for p in pieces)
 

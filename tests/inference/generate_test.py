@@ -98,7 +98,9 @@ def test_batched_generation_equals_single_runs(loaded):
             got, want = gen.returned_tokens(together, stream, b), gen.returned_tokens(alone, stream)
             for g, w in zip(got, want, strict=True):
                 np.testing.assert_array_equal(g, w, err_msg=f"row {b} (length {n}, width {width})")
-            np.testing.assert_array_equal(together.state.text_history[b], alone.state.text_history[0])
+            np.testing.assert_array_equal(
+                together.state.text_history[b], alone.state.text_history[0]
+            )
 
 
 def test_rows_stop_on_their_own(loaded):
