@@ -25,7 +25,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from tools.timing import best_of
+from tools.timing import best_of, torch_kimia_twin
 
 _SIZES = flags.DEFINE_list("sizes", ["tiny", "0.5b"], "Model sizes: tiny, 0.5b.")
 _BATCH = flags.DEFINE_list("batch", ["1", "8"], "Batch sizes.")
@@ -70,18 +70,8 @@ class TorchLoop:
         import torch
         import transformers
 
-        torch.manual_seed(0)
-        qcfg = transformers.Qwen2Config(
-            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-            intermediate_size=cfg.intermediate_size,
-            num_hidden_layers=cfg.num_hidden_layers + cfg.kimia_mimo_layers,
-            num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
-            rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=False,
-            attn_implementation="sdpa",
-        )  # fmt: skip
         self.torch, self.transformers = torch, transformers
-        self.model = transformers.Qwen2ForCausalLM(qcfg).eval()
-        self.head2 = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.model, self.head2 = torch_kimia_twin(cfg)
         self.cfg = cfg
 
     def run(self, prompt_len: int, steps: int, blank: int = 0) -> None:

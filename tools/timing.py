@@ -12,3 +12,25 @@ def best_of(fn: Callable[[], object], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return min(times)
+
+
+def torch_kimia_twin(cfg, *, dtype=None):
+    """A transformers Qwen2 doing the same work per token as KimiaLLM `cfg`: main + MIMO layers as
+    one stack, plus a second vocabulary head (`head2`) for the audio logits. Random weights.
+
+    Returns (Qwen2ForCausalLM, head2). Imports torch/transformers lazily (benchmarks only).
+    """
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    qcfg = transformers.Qwen2Config(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers + cfg.kimia_mimo_layers,
+        num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
+        rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=False,
+        attn_implementation="sdpa", torch_dtype=dtype or torch.float32,
+    )  # fmt: skip
+    model = transformers.Qwen2ForCausalLM(qcfg).eval()
+    return model, torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)

@@ -315,6 +315,17 @@ def targets_from_abstract(
     }
 
 
+def targets_for(boxed_abstract: Any, mesh: Any = None, dtype: Any = None) -> dict[str, Target]:
+    """Flat targets from a boxed tree (`jax.eval_shape(model.init, ...)`), placed by logical names
+    on `mesh` (None: default device), optionally all in one dtype."""
+    import flax.linen as nn
+
+    from kimia_jax import sharding
+
+    shardings = sharding.shardings_for(boxed_abstract, mesh) if mesh is not None else None
+    return targets_from_abstract(nn.unbox(boxed_abstract), shardings, dtype)
+
+
 def peak_rss_mib() -> float:
     """Peak resident set size of this process so far, in MiB (Linux ru_maxrss is KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -319,8 +319,7 @@ def convert_dit(
 ) -> dict[str, Any]:
     """DiT state dict (prefix already stripped) -> nested Flax params."""
     boxed = dit_abstract(cfg)
-    sh = _shardings(boxed, mesh)
-    targets = common.targets_from_abstract(_unbox(boxed), sh, dtype)
+    targets = common.targets_for(boxed, mesh, dtype)
     flat = common.convert(
         source, DIT_RULES, targets, ignore=DIT_IGNORE, progress=progress, desc="DiT"
     )
@@ -337,8 +336,7 @@ def convert_vocoder(
 ) -> dict[str, Any]:
     """BigVGAN generator state dict (weight-norm g/v form) -> nested Flax params, norm folded."""
     boxed = vocoder_abstract(cfg)
-    sh = _shardings(boxed, mesh)
-    targets = common.targets_from_abstract(_unbox(boxed), sh, dtype)
+    targets = common.targets_for(boxed, mesh, dtype)
     flat = common.convert(
         CheckedFilters(WeightNormFolded(source)),
         VOCODER_RULES,

@@ -13,14 +13,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from kimia_jax import checkpoint, sharding
+from kimia_jax import checkpoint
 from kimia_jax.configs import LlmConfig
 from kimia_jax.conversion import common
 from kimia_jax.conversion.common import CheckpointError, Rule
@@ -58,9 +57,7 @@ IGNORE = (r".*\.rotary_emb\.inv_freq",)
 
 
 def _targets(cfg: LlmConfig, mesh: Mesh | None, dtype: Any) -> dict[str, common.Target]:
-    boxed = kimia_llm.abstract_params(cfg)
-    shardings = sharding.shardings_for(boxed, mesh) if mesh is not None else None
-    return common.targets_from_abstract(nn.unbox(boxed), shardings, dtype)
+    return common.targets_for(kimia_llm.abstract_params(cfg), mesh, dtype)
 
 
 def load_hf(

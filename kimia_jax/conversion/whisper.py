@@ -31,7 +31,7 @@ from kimia_jax.conversion.common import (
     linear,
     read_json,
     same,
-    targets_from_abstract,
+    targets_for,
     unflatten,
 )
 from kimia_jax.models.whisper_encoder import WhisperConfig, abstract_params
@@ -122,7 +122,7 @@ def convert_params(
 ) -> Any:
     """Verified conversion of a (HF-named) tensor source into our nested param tree."""
     boxed = abstract_params(cfg)
-    targets = targets_from_abstract(_unbox(boxed), _shardings(boxed, mesh) if mesh else None)
+    targets = targets_for(boxed, mesh)
     source = _Without(source, ignore_patterns(cfg))
     flat = convert(source, RULES, targets, progress=progress, desc="whisper")
     return unflatten(flat)
