@@ -7,6 +7,7 @@ these CPUs XLA reads `W @ x` with W [out, in] at ~61 GB/s against ~51 GB/s for `
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -14,6 +15,26 @@ import jax
 import jax.numpy as jnp
 
 Initializer = Callable[..., jax.Array]
+
+# Up to this many rows, XLA:CPU computes `x @ W.T` much faster as `(W @ x.T).T`. Measured on the 2-core
+# Zen 4 hosts (ms, fp32, W [out, in]; batch-8 decode rows): [8, 896] x [4864, 896] 17.8 -> 8.4,
+# [8, 4864] x [896, 4864] 11.7 -> 6.9, vocab head [8, 896] x [151936, 896] 97 -> 42; never slower up to
+# 256 rows, mixed beyond ~1000 (prefill keeps the plain form). The barrier stops XLA from folding the
+# transpose back into the dot, which would undo the choice.
+CPU_SMALL_ROWS = 256
+
+
+def matmul_t(
+    x: jax.Array, w: jax.Array, preferred_element_type: jnp.dtype | None = None
+) -> jax.Array:
+    """`x @ w.T` for x [..., in] and w [out, in] -> [..., out], oriented for the backend."""
+    rows = math.prod(x.shape[:-1])
+    if 0 < rows <= CPU_SMALL_ROWS and jax.default_backend() == "cpu":
+        y = jnp.einsum(
+            "oi,mi->om", w, x.reshape(rows, x.shape[-1]), preferred_element_type=preferred_element_type
+        )
+        return jax.lax.optimization_barrier(y).T.reshape(*x.shape[:-1], w.shape[0])
+    return jnp.einsum("...i,oi->...o", x, w, preferred_element_type=preferred_element_type)
 
 
 class Linear(nn.Module):
@@ -34,7 +55,7 @@ class Linear(nn.Module):
             self.axes,
         )
         w = self.param("weight", w_init, (self.features, fan_in), self.param_dtype)
-        y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), w.astype(self.dtype))
+        y = matmul_t(x.astype(self.dtype), w.astype(self.dtype))
         if self.use_bias:
             b_init = nn.with_logical_partitioning(
                 nn.initializers.zeros, (self.bias_axis or self.axes[0],)

@@ -25,7 +25,7 @@ import numpy as np
 from kimia_jax import sharding
 from kimia_jax.configs import LlmConfig
 from kimia_jax.layers.attention import Attention, LayerKV
-from kimia_jax.layers.linear import Linear
+from kimia_jax.layers.linear import Linear, matmul_t
 from kimia_jax.layers.norm import LayerNorm, RMSNorm
 
 
@@ -146,9 +146,7 @@ class VocabParam(nn.Module):
         return jnp.take(self.weight, ids, axis=0).astype(dtype)
 
     def logits(self, h: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, V] fp32
-        return jnp.einsum(
-            "btd,vd->btv", h, self.weight.astype(h.dtype), preferred_element_type=jnp.float32
-        )
+        return matmul_t(h, self.weight.astype(h.dtype), preferred_element_type=jnp.float32)
 
 
 @flax.struct.dataclass
