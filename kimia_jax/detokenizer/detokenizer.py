@@ -11,12 +11,12 @@ Static shapes: a chunk's frames are padded to a small set of bucket lengths, and
 committed frames lives in a [depth, 1, C, N, H] buffer with a valid length, where the capacity C
 is the smallest rung of a short ladder (`StreamingConfig.kv_cache_buckets`, default 0, 128, 256,
 512, then max_kv_cache_tokens = 900) that holds the committed frames. Padded chunk frames and
-cache slots past the valid length are masked out as keys, so they change nothing. Like the
-official cache, which grows by concatenation, a chunk therefore attends over about as many keys
-as there are committed frames (none for the first chunk) instead of always 900: the buffer grows
-to the next rung inside the chunk's commit, and at 900 the sliding-window trim takes over. One
-compiled function per (chunk bucket, capacity in, capacity out) serves every chunk kind and is
-reused by every later utterance.
+cache slots past the valid length are masked out as keys, so they change nothing (the key count
+only regroups float32 sums, ~1e-7 relative). Like the official cache, which grows by
+concatenation, a chunk therefore attends over about as many keys as there are committed frames
+(none for the first chunk) instead of always 900: the buffer grows to the next rung inside the
+chunk's commit, and at 900 the sliding-window trim takes over. One compiled function per (chunk
+bucket, capacity in, capacity out) serves every chunk kind and is reused by later utterances.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class StreamingConfig:
     # 0 (first chunk: no cache keys at all), 128 (72), 256 (192), 512 (312, 432), then 900 from
     # 552 on; each rung at most doubles the previous one, so no chunk attends over more than ~2x
     # its real keys, and a stream compiles at most 5 capacities. () keeps one fixed buffer of
-    # max_kv_cache_tokens (the older layout; same results).
+    # max_kv_cache_tokens (the older layout: same results up to float32 rounding, ~1e-7 rel.).
     kv_cache_buckets: tuple[int, ...] = (0, 128, 256, 512)
 
     def __post_init__(self) -> None:

@@ -11,9 +11,7 @@ from tests.detokenizer.conftest import chunk_noise
 def test_stitched_waveform_matches_official(runs, cases, name):
     """Measured: max abs 4.5e-7 (a), 6.6e-7 (b), 4.3e-7 (c) vs the official fp32 wav_full.
 
-    Bound 1e-5.
-
-    (With the fixed 900-frame cache buffer before capacity buckets: 5.4e-7, 6.0e-7, 4.2e-7.)
+    Bound 1e-5. (Fixed 900-frame cache buffer before capacity buckets: 5.4e-7, 6.0e-7, 4.2e-7.)
     """
     c = cases[name]
     pieces = runs[name]["pieces"]
