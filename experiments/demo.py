@@ -41,7 +41,8 @@ def main(argv: list[str]) -> None:
     t0 = time.perf_counter()
     tiny_kimia.write(hf_dir)
     print(
-        f"[1/4] wrote a tiny released-layout Kimi-Audio folder to {hf_dir} ({time.perf_counter() - t0:.1f}s)"
+        f"[1/4] wrote a tiny released-layout Kimi-Audio folder to {hf_dir} "
+        f"({time.perf_counter() - t0:.1f}s)"
     )
 
     t0 = time.perf_counter()
@@ -74,7 +75,8 @@ def main(argv: list[str]) -> None:
     if wav is not None:
         write_wav(out_wav, wav)
     print(
-        f"[4/4] spoken question -> text + speech ({time.perf_counter() - t0:.1f}s): {text[:60]!r}..."
+        f"[4/4] spoken question -> text + speech ({time.perf_counter() - t0:.1f}s): "
+        f"{text[:60]!r}..."
     )
     print(f"      {model.timings.summary()}")
     if wav is not None:
@@ -90,15 +92,18 @@ def main(argv: list[str]) -> None:
         n_text += len(piece["text"])
     first_s = f"{first:.2f}s" if first is not None else "n/a"
     print(
-        f"      streaming: {n_audio / 24000:.2f} s of audio, {n_text} text chars, first audio chunk after {first_s}"
+        f"      streaming: {n_audio / 24000:.2f} s of audio, {n_text} text chars, "
+        f"first audio chunk after {first_s}"
     )
     print()
     print("NOTE: these are tiny RANDOM weights, so the words and the audio are random.")
     print(
-        "For real output download moonshotai/Kimi-Audio-7B-Instruct and THUDM/glm-4-voice-tokenizer,"
+        "For real output download moonshotai/Kimi-Audio-7B-Instruct and "
+        "THUDM/glm-4-voice-tokenizer,"
     )
     print(
-        "then: python -m experiments.infer --model_path <folder> --glm_tokenizer <folder> --task asr --audio <wav>"
+        "then: python -m experiments.infer --model_path <folder> --glm_tokenizer <folder> "
+        "--task asr --audio <wav>"
     )
 
 

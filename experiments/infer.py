@@ -75,8 +75,9 @@ def main(argv: list[str]) -> None:
     t0 = time.perf_counter()
     mesh = sharding.parse_mesh(_MESH.value) if _MESH.value else None
     with tqdm(total=1, desc="loading model") as bar:
-        model = KimiAudio(_MODEL.value, load_detokenizer=_OUTPUT.value == "both", dtype=_DTYPE.value,
-                          mesh=mesh, glm_tokenizer_path=_GLM.value)  # fmt: skip
+        model = KimiAudio(_MODEL.value, load_detokenizer=_OUTPUT.value == "both",
+                          dtype=_DTYPE.value, mesh=mesh,
+                          glm_tokenizer_path=_GLM.value)  # fmt: skip
         bar.update(1)
     load_s = time.perf_counter() - t0
     chats = [build_messages(_TASK.value, a, _PROMPT.value) for a in _AUDIO.value]

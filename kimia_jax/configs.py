@@ -87,7 +87,8 @@ class LlmConfig:
             )
         if not 0 <= self.kimia_mimo_transformer_from_layer_index < self.num_hidden_layers:
             raise CheckpointError(
-                f"kimia_mimo_transformer_from_layer_index {self.kimia_mimo_transformer_from_layer_index} "
+                "kimia_mimo_transformer_from_layer_index "
+                f"{self.kimia_mimo_transformer_from_layer_index} "
                 f"is outside the {self.num_hidden_layers} main layers"
             )
         if self.hidden_act != "silu":

@@ -58,7 +58,9 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 def make_mesh(
     data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
 ) -> Mesh:
-    """Builds a (data, fsdp, tensor) mesh; one axis may be -1 ("fill with the remaining devices")."""
+    """Builds a (data, fsdp, tensor) mesh; one axis may be -1 ("fill with the remaining
+    devices").
+    """
     devices = list(jax.devices() if devices is None else devices)
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
@@ -75,7 +77,8 @@ def make_mesh(
     n = math.prod(sizes)
     if n > len(devices):
         raise ValueError(
-            f"mesh {dict(zip(MESH_AXES, sizes))} needs {n} devices, have {len(devices)}"
+            f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs {n} devices, "
+            f"have {len(devices)}"
         )
     grid = np.asarray(devices[:n], dtype=object).reshape(sizes)
     return Mesh(grid, MESH_AXES)
@@ -143,7 +146,9 @@ def logical_axes_of(boxed_tree: Any) -> Any:
 
 
 def shardings_for(boxed_abstract: Any, mesh: Mesh) -> Any:
-    """NamedShardings for a boxed tree from `jax.eval_shape(model.init, ...)` (unboxed structure)."""
+    """NamedShardings for a boxed tree from `jax.eval_shape(model.init, ...)` (unboxed
+    structure).
+    """
 
     def one(x: Any) -> NamedSharding:
         if isinstance(x, nn.Partitioned):
@@ -154,7 +159,9 @@ def shardings_for(boxed_abstract: Any, mesh: Mesh) -> Any:
 
 
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
-    """`with_sharding_constraint` by logical names inside a jit traced under a mesh; no-op otherwise."""
+    """`with_sharding_constraint` by logical names inside a jit traced under a mesh; no-op
+    otherwise.
+    """
     mesh = _current_mesh()
     if mesh is None:
         return x

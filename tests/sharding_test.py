@@ -49,7 +49,9 @@ def test_every_param_carries_logical_names():
 
 @pytest.fixture(scope="module")
 def runs(mesh):
-    """The same prefill + 16-step greedy decode, unsharded and sharded (params loaded onto shards)."""
+    """The same prefill + 16-step greedy decode, unsharded and sharded (params loaded onto
+    shards).
+    """
     cfg, params = conv.load(LLM_DIR)
     _, sharded_params = conv.load(LLM_DIR, mesh=mesh)
     p = fixture_prompt(cfg.kimia_adaptor_input_dim)

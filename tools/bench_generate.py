@@ -172,7 +172,8 @@ def main(argv):
     torch.set_num_threads(threads)
     cfgs = {name: PRESETS[name]() for name in _SIZES.value}
     print(
-        f"threads={threads} prompt={_PROMPT.value} steps={_STEPS.value} fp32 greedy, best of {_REPEATS.value}"
+        f"threads={threads} prompt={_PROMPT.value} steps={_STEPS.value} fp32 greedy, "
+        f"best of {_REPEATS.value}"
     )
     print("| size | batch | ours steps/s (all rows) | reference steps/s (sequential) | ratio |")
     print("|---|---|---|---|---|")
@@ -191,7 +192,8 @@ def main(argv):
     if _TTFA.value:
         o, r = ttfa(_REPEATS.value)
         print(
-            f"time to first audio chunk (tiny): ours {o:.3f}s, reference {r:.3f}s, ratio {r / o:.2f}x"
+            f"time to first audio chunk (tiny): ours {o:.3f}s, reference {r:.3f}s, "
+            f"ratio {r / o:.2f}x"
         )
 
 

@@ -113,7 +113,8 @@ def main(argv):
 
     cfgs = {name: PRESETS[name]() for name in _SIZES.value}
     print(
-        f"threads={threads}  prompt={_PROMPT.value}  steps={_STEPS.value}  fp32, best of {_REPEATS.value}"
+        f"threads={threads}  prompt={_PROMPT.value}  steps={_STEPS.value}  fp32, "
+        f"best of {_REPEATS.value}"
     )
     print(
         "| size | batch | ours prefill tok/s | torch prefill tok/s | prefill ratio | "
@@ -126,7 +127,8 @@ def main(argv):
             ref = bench_torch(cfgs[size], b, _PROMPT.value, _STEPS.value, _REPEATS.value)
             print(
                 f"| {size} | {b} | {ours['prefill_tok_s']:.1f} | {ref['prefill_tok_s']:.1f} | "
-                f"{ours['prefill_tok_s'] / ref['prefill_tok_s']:.2f}x | {ours['decode_tok_s']:.1f} | "
+                f"{ours['prefill_tok_s'] / ref['prefill_tok_s']:.2f}x | "
+                f"{ours['decode_tok_s']:.1f} | "
                 f"{ref['decode_tok_s']:.1f} | {ours['decode_tok_s'] / ref['decode_tok_s']:.2f}x | "
                 f"{ours['compile_s']:.1f} |",
                 flush=True,

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 from absl import app, flags
+
+from tools.timing import best_of
 
 _SIZE = flags.DEFINE_list("size", ["tiny", "medium"], "tiny, medium, large")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "timed runs per measurement (best is kept)")
@@ -143,16 +144,6 @@ def _clips(batch: int) -> list[np.ndarray]:
     return out
 
 
-def _best(fn, repeats: int) -> float:
-    """Best wall time of `repeats` runs; the caller has already run fn once (compile, warm-up)."""
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
-
-
 def bench_glm(size: str, batches: list[int], repeats: int, work: Path) -> list[str]:
     import torch
     import transformers
@@ -201,8 +192,8 @@ def bench_glm(size: str, batches: list[int], repeats: int, work: Path) -> list[s
         audio_s = sum(len(c) for c in clips) / 16000
         got, want = ours.tokenize(clips), reference(clips)
         agree = np.mean(np.concatenate(got) == np.concatenate(want))
-        t_ours = _best(lambda clips=clips: ours.tokenize(clips), repeats)
-        t_ref = _best(lambda clips=clips: reference(clips), repeats)
+        t_ours = best_of(lambda clips=clips: ours.tokenize(clips), repeats)
+        t_ref = best_of(lambda clips=clips: reference(clips), repeats)
         rows.append(
             f"| glm tokens | {size} | {b} | {audio_s:.0f} | {audio_s / t_ref:.1f} | "
             f"{audio_s / t_ours:.1f} | {t_ref / t_ours:.2f}x | {agree:.4f} |"
@@ -270,8 +261,8 @@ def bench_whisper(size: str, batches: list[int], repeats: int, work: Path) -> li
         err = max(
             float(np.abs(g - w).max() / np.abs(w).max()) for g, w in zip(got, want, strict=True)
         )
-        t_ours = _best(lambda clips=clips: ours.features(clips), repeats)
-        t_ref = _best(lambda clips=clips: reference(clips), repeats)
+        t_ours = best_of(lambda clips=clips: ours.features(clips), repeats)
+        t_ref = best_of(lambda clips=clips: reference(clips), repeats)
         rows.append(
             f"| whisper features | {size} | {b} | {audio_s:.0f} | {audio_s / t_ref:.1f} | "
             f"{audio_s / t_ours:.1f} | {t_ref / t_ours:.2f}x | rel err {err:.1e} |"

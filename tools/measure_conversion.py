@@ -57,7 +57,8 @@ def main(argv):
     print(f"size={_SIZE.value} shards on disk {disk:.0f} MiB -> {_DTYPE.value}")
     print(f"{stats['tensors']} tensors in {stats['seconds']:.1f}s")
     print(f"RSS before {stats['rss_before_mib']:.0f} MiB, params {stats['params_mib']:.0f} MiB, "
-          f"largest tensor {stats['largest_tensor']} {stats['largest_tensor_mib']:.0f} MiB")  # fmt: skip
+          f"largest tensor {stats['largest_tensor']} "
+          f"{stats['largest_tensor_mib']:.0f} MiB")  # fmt: skip
     print(f"peak RSS {stats['peak_rss_mib']:.0f} MiB -> overhead beyond params {extra:.0f} MiB "
           f"({extra / stats['largest_tensor_mib']:.2f} x largest tensor)")  # fmt: skip
 

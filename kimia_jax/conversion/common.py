@@ -231,12 +231,14 @@ def plan(
         mapping[tgt] = (name, rule)
     if unused:
         raise CheckpointError(
-            f"{len(unused)} checkpoint tensor(s) are not used by the model: {', '.join(unused[:20])}"
+            f"{len(unused)} checkpoint tensor(s) are not used by the model: "
+            f"{', '.join(unused[:20])}"
         )
     missing = [t for t in targets if t not in mapping]
     if missing:
         raise CheckpointError(
-            f"{len(missing)} model parameter(s) have no tensor in the checkpoint: {', '.join(missing[:20])}"
+            f"{len(missing)} model parameter(s) have no tensor in the checkpoint: "
+            f"{', '.join(missing[:20])}"
         )
     for tgt, (name, rule) in mapping.items():
         got = _transformed_shape(source.shape(name), rule.transform)

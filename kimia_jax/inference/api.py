@@ -70,7 +70,8 @@ class Sampling:
     @property
     def audio(self) -> SamplingParams:
         return SamplingParams(self.audio_temperature, self.audio_top_k,
-                              self.audio_repetition_penalty, self.audio_repetition_window_size)  # fmt: skip
+                              self.audio_repetition_penalty,
+                              self.audio_repetition_window_size)  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -85,7 +86,8 @@ class Timings:
     def summary(self) -> str:
         rate = self.steps / self.generate_s if self.generate_s else 0.0
         return (f"prompt {self.prompt_s:.2f}s, generate {self.generate_s:.2f}s "
-                f"({self.steps} steps, {rate:.1f} steps/s), detokenize {self.detokenize_s:.2f}s")  # fmt: skip
+                f"({self.steps} steps, {rate:.1f} steps/s), "
+                f"detokenize {self.detokenize_s:.2f}s")  # fmt: skip
 
 
 class KimiAudio:
@@ -96,7 +98,8 @@ class KimiAudio:
       load_detokenizer: load the detokenizer and vocoder (needed for output_type "both" audio).
       dtype: LLM / encoder compute dtype ("bfloat16" as the official runtime, "float32" exact).
       mesh: device mesh for the LLM (None: default device).
-      glm_tokenizer_path: GLM-4-Voice tokenizer folder (default `<model_path>/glm-4-voice-tokenizer`).
+      glm_tokenizer_path: GLM-4-Voice tokenizer folder (default
+        `<model_path>/glm-4-voice-tokenizer`).
       prompt_version: prompt builder version ("349251e" default; see inference/prompt.py).
       max_batch: rows per compiled generation call in `generate_batch`.
     """
@@ -130,8 +133,8 @@ class KimiAudio:
         glm_path = Path(glm_tokenizer_path) if glm_tokenizer_path else root / GLM_DIR
         if not glm_path.is_dir():
             raise FileNotFoundError(
-                f"GLM-4-Voice tokenizer not found at {glm_path}: download THUDM/glm-4-voice-tokenizer "
-                f"there or pass glm_tokenizer_path"
+                f"GLM-4-Voice tokenizer not found at {glm_path}: download "
+                f"THUDM/glm-4-voice-tokenizer there or pass glm_tokenizer_path"
             )
         self.audio_tokenizer = GlmTokenizer.from_pretrained(glm_path)
         self.whisper = (
@@ -171,7 +174,8 @@ class KimiAudio:
         if (budget < 1).any():
             raise ValueError(
                 f"prompt of {max(lengths)} positions leaves no generation budget "
-                f"({'1500' if output_type == 'both' else '7500'} - T for output_type {output_type!r})"
+                f"({'1500' if output_type == 'both' else '7500'} - T "
+                f"for output_type {output_type!r})"
             )
         pad_to = _bucket(max(lengths), 64)
         max_steps = _bucket(int(budget.max()), 64)
@@ -308,7 +312,8 @@ class KimiAudio:
         def audio_codes() -> Iterator[np.ndarray]:
             with sharding.use_mesh(self.mesh):
                 state = gen.start(self.params, prompt, budget, jax.random.key(seed),
-                                  max_steps=max_steps, cache_length=cache_len, cache=None, **kw)  # fmt: skip
+                                  max_steps=max_steps, cache_length=cache_len,
+                                  cache=None, **kw)  # fmt: skip
             audio_sent, text_so_far = 0, ""
             while True:
                 audio, text = stream_logic.returned_tokens(stream, state.stream)[0]

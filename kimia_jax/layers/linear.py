@@ -16,11 +16,11 @@ import jax.numpy as jnp
 
 Initializer = Callable[..., jax.Array]
 
-# Up to this many rows, XLA:CPU computes `x @ W.T` much faster as `(W @ x.T).T`. Measured on the 2-core
-# Zen 4 hosts (ms, fp32, W [out, in]; batch-8 decode rows): [8, 896] x [4864, 896] 17.8 -> 8.4,
-# [8, 4864] x [896, 4864] 11.7 -> 6.9, vocab head [8, 896] x [151936, 896] 97 -> 42; never slower up to
-# 256 rows, mixed beyond ~1000 (prefill keeps the plain form). The barrier stops XLA from folding the
-# transpose back into the dot, which would undo the choice.
+# Up to this many rows, XLA:CPU computes `x @ W.T` much faster as `(W @ x.T).T`. Measured on the
+# 2-core Zen 4 hosts (ms, fp32, W [out, in]; batch-8 decode rows): [8, 896] x [4864, 896]
+# 17.8 -> 8.4, [8, 4864] x [896, 4864] 11.7 -> 6.9, vocab head [8, 896] x [151936, 896] 97 -> 42;
+# never slower up to 256 rows, mixed beyond ~1000 (prefill keeps the plain form). The barrier stops
+# XLA from folding the transpose back into the dot, which would undo the choice.
 CPU_SMALL_ROWS = 256
 
 
@@ -31,7 +31,10 @@ def matmul_t(
     rows = math.prod(x.shape[:-1])
     if 0 < rows <= CPU_SMALL_ROWS and jax.default_backend() == "cpu":
         y = jnp.einsum(
-            "oi,mi->om", w, x.reshape(rows, x.shape[-1]), preferred_element_type=preferred_element_type
+            "oi,mi->om",
+            w,
+            x.reshape(rows, x.shape[-1]),
+            preferred_element_type=preferred_element_type,
         )
         return jax.lax.optimization_barrier(y).T.reshape(*x.shape[:-1], w.shape[0])
     return jnp.einsum("...i,oi->...o", x, w, preferred_element_type=preferred_element_type)

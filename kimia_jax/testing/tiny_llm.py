@@ -99,5 +99,6 @@ def write(
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     if with_tokenizer:
         write_tiny_tokenizer(out_dir, num_base_tokens=config["num_base_tokens"],
-                             num_special_tokens=config["kimia_text_output_vocab"] - config["num_base_tokens"])  # fmt: skip
+                             num_special_tokens=config["kimia_text_output_vocab"]
+                             - config["num_base_tokens"])  # fmt: skip
     return out_dir

@@ -118,7 +118,8 @@ def test_misshaped_tensor_names_both_shapes(tmp_path):
     d = _copy_with(tmp_path, mutate=cut)
     with pytest.raises(
         CheckpointError,
-        match=r"tensor 'model\.layers\.1\.self_attn\.k_proj\.weight' has shape \(8, 39\).*expects \(8, 40\)",
+        match=r"tensor 'model\.layers\.1\.self_attn\.k_proj\.weight' has shape \(8, 39\)"
+        r".*expects \(8, 40\)",
     ):
         conv.load(d)
 

@@ -93,6 +93,24 @@ def test_batch_of_four_equals_single_runs(model):
         assert model.generate(chat, "text", max_new_tokens=8) == got
 
 
+def test_sharded_model_gives_the_single_device_results(model):
+    """The same folder on a data=2, fsdp=2, tensor=2 mesh of 8 (simulated) devices: greedy text
+    and "both"-mode audio tokens of a batch equal the single-device results."""
+    from kimia_jax import sharding
+
+    mesh = sharding.parse_mesh("data=2,fsdp=2,tensor=2")
+    sharded = KimiAudio(model.model_path, load_detokenizer=False, dtype="float32",
+                        prompt_version="2607d51", mesh=mesh)  # fmt: skip
+    sharded.prompt_builder.text_encode_fn = model.prompt_builder.text_encode_fn
+    leaf = sharded.params["lm_head"]["weight"]
+    assert len(leaf.sharding.device_set) == 8
+    chats = [_asr(), _asr(AUDIO), [{"role": "user", "message_type": "text", "content": "hi"}]]
+    for output_type in ("text", "both"):
+        want = model.generate_batch(chats, output_type, max_new_tokens=8)
+        got = sharded.generate_batch(chats, output_type, max_new_tokens=8)
+        assert [g[1] for g in got] == [w[1] for w in want]
+
+
 def test_sampling_is_reproducible_with_a_seed(model):
     kw = dict(output_type="text", max_new_tokens=8, text_temperature=0.9, text_top_k=50)
     a = model.generate(_asr(), seed=3, **kw)

@@ -90,7 +90,8 @@ def test_batched_generation_equals_single_runs(loaded):
         # Each row alone (B = 1); the shortest one also unpadded, to show that padding is inert.
         for width in (t, n) if n == min(lengths) else (t,):
             single = gen.Prompt(
-                audio_ids=batch.audio_ids[b : b + 1, :width], text_ids=batch.text_ids[b : b + 1, :width],
+                audio_ids=batch.audio_ids[b : b + 1, :width],
+                text_ids=batch.text_ids[b : b + 1, :width],
                 lengths=jnp.asarray([n], jnp.int32), features=batch.features[b : b + 1, :width],
                 continuous_mask=batch.continuous_mask[b : b + 1, :width],
             )  # fmt: skip
@@ -146,7 +147,8 @@ def test_resumable_decode_in_chunks_equals_one_call(loaded, traced):
               audio_sampling=gen.GREEDY, trace=False)  # fmt: skip
     n = STEPS[mode]
     state = gen.start(params, fixture_prompt(cfg.kimia_adaptor_input_dim), jnp.asarray([n]),
-                      jax.random.key(0), max_steps=n, cache_length=None, cache=None, **kw)  # fmt: skip
+                      jax.random.key(0), max_steps=n, cache_length=None, cache=None,
+                      **kw)  # fmt: skip
     seen = [int(state.stream.step)]
     for until in (3, 7, n):
         state = gen.resume(params, state, jnp.int32(until), **kw)

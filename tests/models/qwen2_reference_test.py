@@ -28,7 +28,8 @@ def pair(tmp_path_factory):
     kimi_cfg = json.loads((LLM_DIR / "config.json").read_text())
     torch.manual_seed(0)
     qcfg = transformers.Qwen2Config(
-        vocab_size=kimi_cfg["vocab_size"], hidden_size=40, intermediate_size=88, num_hidden_layers=3,
+        vocab_size=kimi_cfg["vocab_size"], hidden_size=40, intermediate_size=88,
+        num_hidden_layers=3,
         num_attention_heads=5, num_key_value_heads=1, rms_norm_eps=1e-6, rope_theta=1e4,
         max_position_embeddings=8192, tie_word_embeddings=False, attn_implementation="eager",
     )  # fmt: skip
