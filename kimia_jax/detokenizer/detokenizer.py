@@ -414,6 +414,62 @@ class Detokenizer:
             self._clear_cache(state)
         return state.stitcher.push(mel, is_final)
 
+    def chunk_shapes(self) -> list[tuple[int, int, int]]:
+        """Every (padded chunk frames, cache capacity in, capacity out) a stream can compile.
+
+        Follows the chunk plan of `stream`/`detokenize` (any final-chunk length, position resets
+        included) on the host; nothing runs on the device.
+        """
+        sc = self.streaming
+        uf, la_frames, max_kv = sc.upsample_factor, sc.look_ahead_frames, sc.max_kv_cache_tokens
+        cap0 = sc.cache_capacities()[0]
+        shapes: set[tuple[int, int, int]] = set()
+        cache_len, pos, cap, carry, first, resets = 0, 0, cap0, 0, True, 0
+        while resets < 2:  # after the second reset the states repeat those after the first
+            size = sc.first_chunk_size if first else sc.chunk_size
+            for t in range(1, size + 1):  # a final chunk of t tokens commits nothing
+                shapes.add((self._bucket(carry + t * uf), cap, cap))
+            n = carry + size * uf
+            if n <= la_frames:
+                break  # no non-final chunk fits (detokenize_chunk would refuse one)
+            n_keep = n - la_frames
+            n_commit = n_keep if la_frames else n
+            cache_len = min(cache_len + n_commit, max_kv)
+            cap_out = max(cap, sc.cache_capacity(cache_len))
+            shapes.add((self._bucket(n), cap, cap_out))
+            cap, carry, first, pos = cap_out, la_frames, False, pos + n_keep
+            if pos + 2 * n_keep > sc.max_pos_size:
+                cache_len, pos, cap, resets = 0, 0, cap0, resets + 1
+        return sorted(shapes)
+
+    def warmup(self) -> int:
+        """Compiles the DiT chunk function for every shape of `chunk_shapes` (zeros in).
+
+        A stream otherwise compiles each new (chunk bucket, capacity) the first time it reaches
+        it, i.e. mid-utterance; servers call this once after loading. Returns the shape count.
+        """
+        c, sc = self.dit_cfg, self.streaming
+        shapes = self.chunk_shapes()
+        for lp, cap_in, cap_out in shapes:
+            cache = [jnp.zeros((c.depth, 1, cap_in, c.num_heads, c.head_dim), self.dtype)] * 2
+            fn = self._chunk_fn if cap_out == cap_in else self._chunk_fn_grow
+            out = fn(
+                self.params["dit"],
+                np.zeros((1, lp, c.input_size), np.float32),
+                np.zeros((1, lp), np.int32),
+                np.int32(lp),
+                np.int32(max(lp - sc.look_ahead_frames, 1)),
+                np.int32(0),
+                cache[0],
+                jnp.array(cache[1]),  # a distinct buffer: both may be donated
+                np.int32(0),
+                np.bool_(sc.look_ahead_frames > 0),
+                np.bool_(False),
+                cap_out=cap_out,
+            )
+            jax.block_until_ready(out)
+        return len(shapes)
+
     def vocode(self, mel: np.ndarray) -> np.ndarray:
         """BigVGAN alone: log-mel [T, num_mels] -> float32 wav [T * hop] (compiled once per T)."""
         mel = np.asarray(mel, np.float32)

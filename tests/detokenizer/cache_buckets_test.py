@@ -18,7 +18,8 @@ def _run(det: Detokenizer, tokens: np.ndarray, noise: list[np.ndarray]):
     # Mel is what the cache changes; the vocoder and stitching are covered by streaming_test.
     state.stitcher = WaveStitcher(lambda m: np.zeros(len(m) * 480, np.float32), 480)
     traces, caches = [], []
-    for s, e, fin in plan_chunks(len(tokens)):
+    sc = det.streaming
+    for s, e, fin in plan_chunks(len(tokens), sc.first_chunk_size, sc.chunk_size):
         tr = {}
         det.detokenize_chunk(state, tokens[s:e], is_final=fin, noise=noise, trace=tr)
         traces.append(tr)
@@ -100,3 +101,34 @@ def test_compiled_functions_are_reused_by_the_next_utterance(detok, long_runs):
     assert (detok._chunk_fn._cache_size(), detok._chunk_fn_grow._cache_size()) == sizes
     for a, b in zip(traces, tr_b, strict=True):
         np.testing.assert_array_equal(a["mel"], b["mel"])
+
+
+def test_warmup_compiles_every_shape_a_stream_reaches(detok):
+    """chunk_shapes/warmup cover every stream: all final lengths, growth, trim, position resets.
+
+    A small chunking config (same model) keeps it quick: 3-token first chunk, 2-token chunks,
+    1 token of look-ahead, a 20-frame cache with rungs 0, 8, 16, and a position reset every ~6
+    chunks.
+    """
+    sc = StreamingConfig(
+        first_chunk_size=3,
+        chunk_size=2,
+        look_ahead_tokens=1,
+        max_kv_cache_tokens=20,
+        kv_cache_buckets=(0, 8, 16),
+        max_pos_size=60,
+    )
+    det = Detokenizer(detok.dit_cfg, detok.vocoder_cfg, detok.params, detok.mel_norm, sc)
+    n_shapes = det.warmup()
+    assert n_shapes == len(det.chunk_shapes())
+    fns = (det._chunk_fn, det._chunk_fn_grow)
+    assert sum(f._cache_size() for f in fns) == n_shapes
+    rng = np.random.default_rng(0)
+    caps, resets = set(), 0
+    for n in range(1, 33):  # every final length at every state up to past two resets
+        tokens = rng.integers(0, det.dit_cfg.semantic_vocab_size, n)
+        traces, _ = _run(det, tokens, lambda i, n: rng.standard_normal((n, 80)))
+        caps |= {(t["cache_capacity"], t["cache_capacity_after"]) for t in traces}
+        resets = max(resets, sum(t["start_position_id"] == 0 for t in traces) - 1)
+    assert sum(f._cache_size() for f in fns) == n_shapes  # nothing compiled mid-stream
+    assert {(0, 8), (8, 16), (16, 20), (20, 20), (0, 0)} <= caps and resets >= 2
