@@ -1,7 +1,7 @@
 """Detokenizer: semantic tokens -> mel (flow-matching DiT, chunked look-ahead) -> wav (BigVGAN).
 
 det = Detokenizer.from_pretrained("Kimi-Audio-7B-Instruct")     # released folder or converted dir
-det.warmup()                                  # optional: compile every chunk shape now, not mid-stream
+det.warmup()                                    # optional: compile all chunk shapes now
 wav = det.detokenize(codes, key=jax.random.key(0))              # whole utterance
 for piece in det.stream(token_iterator, key=jax.random.key(0)):  # same samples, chunk by chunk
     play(piece)
