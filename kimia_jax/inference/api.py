@@ -293,7 +293,8 @@ class KimiAudio:
         chunk_steps: int = 16,
         **sampling: Any,
     ) -> Iterator[dict[str, Any]]:
-        """Yields {"text": new text piece, "audio": new 24 kHz samples or None} as they come.
+        """Yields {"text": new text piece, "audio": new 24 kHz samples or None, "steps": decode
+        steps run so far} as they come.
 
         The decode loop runs `chunk_steps` compiled steps at a time (`generate.resume`); audio
         codes go to the detokenizer's streaming API, which emits a waveform chunk whenever a
@@ -308,6 +309,7 @@ class KimiAudio:
         kw = dict(model=self.model, stream=stream, text_sampling=samp.text,
                   audio_sampling=samp.audio, trace=False)  # fmt: skip
         pending_text: list[str] = []
+        steps = [0]  # decode steps run so far (read by the consumer loops below)
 
         def audio_codes() -> Iterator[np.ndarray]:
             with sharding.use_mesh(self.mesh):
@@ -324,6 +326,7 @@ class KimiAudio:
                 codes = [a - self.kimia_token_offset for a in audio[audio_sent:]
                          if a >= self.kimia_token_offset]  # fmt: skip
                 audio_sent = len(audio)
+                steps[0] = int(state.stream.step)
                 yield np.asarray(codes, np.int64)  # may be empty: lets text pieces flow
                 if bool(state.stream.done[0]):
                     break
@@ -339,13 +342,13 @@ class KimiAudio:
         if output_type == "both" and self.detokenizer is not None:
             try:
                 for wav in self.detokenizer.stream(audio_codes(), key=seed):
-                    yield {"text": flush(), "audio": wav}
+                    yield {"text": flush(), "audio": wav, "steps": steps[0]}
             except ValueError as e:  # no audio codes at all (e.g. immediate stop)
                 if "empty" not in str(e):
                     raise
         else:
             for codes in audio_codes():
                 if pending_text or codes.size:
-                    yield {"text": flush(), "audio": None}
+                    yield {"text": flush(), "audio": None, "steps": steps[0]}
         if pending_text:
-            yield {"text": flush(), "audio": None}
+            yield {"text": flush(), "audio": None, "steps": steps[0]}
