@@ -46,7 +46,9 @@ def bench_jax(cfg, batch: int, prompt_len: int, steps: int, repeats: int) -> dic
     prompt = gen.Prompt(
         audio_ids=ids, text_ids=ids, lengths=jnp.full((batch,), prompt_len, jnp.int32)
     )
-    never = gen.StreamConfig(output_type="text", text_blank=0, text_eos=-1, eod_ids=())  # no stop
+    # "both": every step runs the MIMO layers and both heads, the work the torch side does ("text"
+    # would let XLA drop them, as their samples are unused in that mode). No stop token.
+    never = gen.StreamConfig(output_type="both", text_blank=0, text_eos=-1, eod_ids=())
 
     def run(n):
         out = gen.generate_fixed(params, prompt, jax.random.key(0), model=model, max_new_tokens=n,
