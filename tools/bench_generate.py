@@ -28,7 +28,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from tools.timing import best_of, torch_kimia_twin
+from tools.timing import best_of, jax_generate_runner, torch_kimia_twin
 
 _SIZES = flags.DEFINE_list("sizes", ["tiny", "0.5b"], "Model sizes: tiny, 0.5b.")
 _BATCH = flags.DEFINE_list("batch", ["1", "8"], "Batch sizes.")
@@ -48,26 +48,7 @@ AUDIO_DELAY = 6
 
 
 def ours_steps_per_s(cfg, batch, prompt_len, steps, repeats, output_type="both"):
-    import jax
-    import jax.numpy as jnp
-
-    from kimia_jax.inference import generate as gen
-    from kimia_jax.models import kimia_llm
-
-    params = kimia_llm.init_params(cfg, jax.random.key(0))
-    model = kimia_llm.KimiaLLM(cfg)
-    rng = np.random.default_rng(0)
-    ids = jnp.asarray(rng.integers(0, cfg.kimia_token_offset, (batch, prompt_len)), jnp.int32)
-    prompt = gen.Prompt(
-        audio_ids=ids, text_ids=ids, lengths=jnp.full((batch,), prompt_len, jnp.int32)
-    )
-    stream = gen.StreamConfig(output_type=output_type, text_blank=0, text_eos=-1, eod_ids=())
-
-    def run(n):
-        out = gen.generate_fixed(params, prompt, jax.random.key(0), model=model, max_new_tokens=n,
-                                 stream=stream, cache_length=prompt_len + steps + 1)  # fmt: skip
-        jax.block_until_ready(out.state.audio_history)
-
+    run = jax_generate_runner(cfg, batch, prompt_len, steps, output_type)
     run(1), run(steps + 1)  # compile both
     t1, tn = best_of(lambda: run(1), repeats), best_of(lambda: run(steps + 1), repeats)
     return batch * steps / (tn - t1) if tn > t1 else float("nan")  # noise > decode time

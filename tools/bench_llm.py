@@ -17,7 +17,7 @@ import time
 
 from absl import app, flags
 
-from tools.timing import best_of, torch_kimia_twin
+from tools.timing import best_of, jax_generate_runner, torch_kimia_twin
 
 _SIZES = flags.DEFINE_list("sizes", ["tiny", "0.5b"], "Model sizes: tiny, 0.5b.")
 _BATCH = flags.DEFINE_list("batch", ["1"], "Batch sizes.")
@@ -32,28 +32,7 @@ def _rate(count: float, seconds: float) -> float:
 
 
 def bench_jax(cfg, batch: int, prompt_len: int, steps: int, repeats: int) -> dict[str, float]:
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from kimia_jax.inference import generate as gen
-    from kimia_jax.models import kimia_llm
-
-    params = kimia_llm.init_params(cfg, jax.random.key(0))
-    model = kimia_llm.KimiaLLM(cfg)
-    rng = np.random.default_rng(0)
-    ids = jnp.asarray(rng.integers(0, cfg.kimia_token_offset, (batch, prompt_len)), jnp.int32)
-    prompt = gen.Prompt(
-        audio_ids=ids, text_ids=ids, lengths=jnp.full((batch,), prompt_len, jnp.int32)
-    )
-    # "both": every step runs the MIMO layers and both heads, the work the torch side does ("text"
-    # would let XLA drop them, as their samples are unused in that mode). No stop token.
-    never = gen.StreamConfig(output_type="both", text_blank=0, text_eos=-1, eod_ids=())
-
-    def run(n):
-        out = gen.generate_fixed(params, prompt, jax.random.key(0), model=model, max_new_tokens=n,
-                                 stream=never, cache_length=prompt_len + steps + 1)  # fmt: skip
-        return jax.block_until_ready(out.state.text_history)
+    run = jax_generate_runner(cfg, batch, prompt_len, steps, "both")  # the torch side's work
 
     t0 = time.perf_counter()
     run(1)

@@ -34,3 +34,31 @@ def torch_kimia_twin(cfg, *, dtype=None):
     )  # fmt: skip
     model = transformers.Qwen2ForCausalLM(qcfg).eval()
     return model, torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+
+def jax_generate_runner(cfg, batch: int, prompt_len: int, steps: int, output_type: str = "both"):
+    """`run(n)`: our compiled `generate_fixed` on random weights and random prompt ids, n steps
+    (prefill included), no stop token, blocking until done. "both" runs the MIMO layers and both
+    heads every step (the torch references' work); "text" lets XLA drop them (samples unused)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from kimia_jax.inference import generate as gen
+    from kimia_jax.models import kimia_llm
+
+    params = kimia_llm.init_params(cfg, jax.random.key(0))
+    model = kimia_llm.KimiaLLM(cfg)
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(0, cfg.kimia_token_offset, (batch, prompt_len)), jnp.int32)
+    prompt = gen.Prompt(
+        audio_ids=ids, text_ids=ids, lengths=jnp.full((batch,), prompt_len, jnp.int32)
+    )
+    never = gen.StreamConfig(output_type=output_type, text_blank=0, text_eos=-1, eod_ids=())
+
+    def run(n: int) -> None:
+        out = gen.generate_fixed(params, prompt, jax.random.key(0), model=model, max_new_tokens=n,
+                                 stream=never, cache_length=prompt_len + steps + 1)  # fmt: skip
+        jax.block_until_ready(out.state)
+
+    return run

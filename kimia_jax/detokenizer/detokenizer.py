@@ -369,21 +369,10 @@ class Detokenizer:
         cap_out = max(
             cap_in, sc.cache_capacity(min(state.cache_len + n_commit, sc.max_kv_cache_tokens))
         )
-        fn = self._chunk_fn if cap_out == cap_in else self._chunk_fn_grow
-        x, state.cache_k, state.cache_v, cache_len = fn(
-            self.params["dit"],
-            z_pad,
-            s_pad,
-            np.int32(n),
-            np.int32(n_keep),
-            np.int32(state.start_position),
-            state.cache_k,
-            state.cache_v,
-            np.int32(state.cache_len),
-            np.bool_(la > 0),
-            np.bool_(commit_ode),
-            cap_out=cap_out,
-        )
+        x, state.cache_k, state.cache_v, cache_len = self._run_chunk(
+            z_pad, s_pad, n, n_keep, state.start_position, state.cache_k, state.cache_v,
+            state.cache_len, la > 0, commit_ode, cap_out,
+        )  # fmt: skip
         m = np.asarray(x[0, :n_keep], np.float32)
         mel = self.mel_norm.denormalize(m)
         if trace is not None:
@@ -448,25 +437,15 @@ class Detokenizer:
         A stream otherwise compiles each new (chunk bucket, capacity) the first time it reaches
         it, i.e. mid-utterance; servers call this once after loading. Returns the shape count.
         """
-        c, sc = self.dit_cfg, self.streaming
+        c, la = self.dit_cfg, self.streaming.look_ahead_frames
         shapes = self.chunk_shapes()
         for lp, cap_in, cap_out in shapes:
-            cache = [jnp.zeros((c.depth, 1, cap_in, c.num_heads, c.head_dim), self.dtype)] * 2
-            fn = self._chunk_fn if cap_out == cap_in else self._chunk_fn_grow
-            out = fn(
-                self.params["dit"],
-                np.zeros((1, lp, c.input_size), np.float32),
-                np.zeros((1, lp), np.int32),
-                np.int32(lp),
-                np.int32(max(lp - sc.look_ahead_frames, 1)),
-                np.int32(0),
-                cache[0],
-                jnp.array(cache[1]),  # a distinct buffer: both may be donated
-                np.int32(0),
-                np.bool_(sc.look_ahead_frames > 0),
-                np.bool_(False),
-                cap_out=cap_out,
-            )
+            shape = (c.depth, 1, cap_in, c.num_heads, c.head_dim)
+            out = self._run_chunk(
+                np.zeros((1, lp, c.input_size), np.float32), np.zeros((1, lp), np.int32), lp,
+                max(lp - la, 1), 0, jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype),
+                0, la > 0, False, cap_out,
+            )  # fmt: skip
             jax.block_until_ready(out)
         return len(shapes)
 
@@ -493,6 +472,18 @@ class Detokenizer:
         c = self.dit_cfg
         shape = (c.depth, 1, self.streaming.cache_capacities()[0], c.num_heads, c.head_dim)
         return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)
+
+    def _run_chunk(
+        self, noise, tokens, n_valid, n_keep, start_pos, cache_k, cache_v, cache_len, refill,
+        commit_ode, cap_out,
+    ):  # fmt: skip
+        """`_chunk_fn` on the DiT params; donates the cache unless it grows to `cap_out`."""
+        fn = self._chunk_fn if cap_out == cache_k.shape[2] else self._chunk_fn_grow
+        return fn(
+            self.params["dit"], noise, tokens, np.int32(n_valid), np.int32(n_keep),
+            np.int32(start_pos), cache_k, cache_v, np.int32(cache_len), np.bool_(refill),
+            np.bool_(commit_ode), cap_out=cap_out,
+        )  # fmt: skip
 
     def _clear_cache(self, state: DetokenizerState) -> None:
         """Back to the smallest capacity once nothing is committed (reset or end of utterance)."""
