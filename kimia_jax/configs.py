@@ -7,13 +7,33 @@ needs but the file lacks is a clear error naming the file and the key.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from kimia_jax.conversion.common import CheckpointError
+from kimia_jax.errors import CheckpointError
+
+
+class OutputType(str, enum.Enum):
+    """What generation returns: "text" (audio stream forced blank) or "both" (text + audio codes).
+
+    A `str` enum, so `OutputType.BOTH == "both"`; `OutputType.parse` is the one validation point.
+    """
+
+    TEXT = "text"
+    BOTH = "both"
+
+    @classmethod
+    def parse(cls, value: str | OutputType, name: str = "output_type") -> OutputType:
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(
+                f"{name} must be one of {[m.value for m in cls]}, got {value!r}"
+            ) from None
 
 
 def _from_dict(cls: type, d: Mapping[str, Any], source: str, **overrides: Any) -> Any:

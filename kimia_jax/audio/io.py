@@ -15,14 +15,11 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
+from kimia_jax.errors import AudioError  # noqa: F401 (re-export)
 
 SAMPLE_RATE = 16000
 
 AudioLike = Union[str, os.PathLike, np.ndarray]  # noqa: UP007 - used at runtime in isinstance
-
-
-class AudioError(ValueError):
-    """An audio input that cannot be used: unreadable, empty, or with non-finite samples."""
 
 
 def _check_samples(wav: np.ndarray, what: str) -> np.ndarray:

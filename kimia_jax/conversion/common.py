@@ -25,12 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.sharding import Sharding
+from kimia_jax.errors import CheckpointError  # noqa: F401 (re-export)
 
 Transform = Callable[[np.ndarray], np.ndarray]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint does not match the model: missing, unused or mis-shaped tensors, bad config."""
 
 
 # ----------------------------------------------------------------------------------------------

@@ -31,10 +31,10 @@ from jax.sharding import Mesh
 from kimia_jax import sharding
 from kimia_jax.conversion import llm as llm_conv
 from kimia_jax.inference import generate as gen
-from kimia_jax.inference import prompt as prompt_lib
+from kimia_jax.text import conversation as prompt_lib
 from kimia_jax.inference import stream_logic
 from kimia_jax.inference.sampler import SamplingParams
-from kimia_jax.inference.text_tokenizer import TextTokenizer
+from kimia_jax.text.tokenizer import TextTokenizer
 from kimia_jax.models.kimia_llm import KimiaLLM
 
 Messages = Sequence[Mapping[str, Any]]
@@ -100,7 +100,7 @@ class KimiAudio:
       mesh: device mesh for the LLM (None: default device).
       glm_tokenizer_path: GLM-4-Voice tokenizer folder (default
         `<model_path>/glm-4-voice-tokenizer`).
-      prompt_version: prompt builder version ("349251e" default; see inference/prompt.py).
+      prompt_version: prompt builder version ("349251e" default; see text/conversation.py).
       max_batch: rows per compiled generation call in `generate_batch`.
     """
 

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kimia_jax.inference.sampler import SamplingParams, sample
-from kimia_jax.inference.text_tokenizer import ExtraTokens
+from kimia_jax.text.tokenizer import ExtraTokens
 
 AUDIO_DELAY = 6  # `kimia_text_audiodelaytokens`, hard-coded in kimia.py (config key unused)
 BOTH_MAX_TOKENS = int(12.5 * 120)  # "both": max_new_tokens = 1500 - T, caller's value ignored

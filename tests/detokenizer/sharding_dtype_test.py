@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.detokenizer.conftest import MODEL_DIR, chunk_noise
+from tests.detokenizer_helpers import MODEL_DIR, chunk_noise
 
 pytestmark = [pytest.mark.slow, pytest.mark.torch]
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from kimia_jax.detokenizer import WaveStitcher, hamming_periodic, plan_chunks
-from tests.detokenizer.conftest import chunk_noise
+from tests.detokenizer_helpers import chunk_noise
 
 
 @pytest.mark.parametrize("name", ["a", "b", "c"])

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tests.detokenizer.conftest import chunk_noise
+from tests.detokenizer_helpers import chunk_noise
 
 pytestmark = pytest.mark.torch
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kimia_jax.inference.prompt import PromptBuilder, PromptError, batch
-from kimia_jax.inference.text_tokenizer import ExtraTokens
+from kimia_jax.text.conversation import PromptBuilder, PromptError, batch
+from kimia_jax.text.tokenizer import ExtraTokens
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "prompt"
 OFFSET = 680
@@ -352,7 +352,7 @@ def test_batch_padding(audio_dir):
 
 def test_with_the_tiny_text_tokenizer(tmp_path, audio_dir):
     """The official wiring: text via TextTokenizer.encode, ids via its ExtraTokens (349251e)."""
-    from kimia_jax.inference.text_tokenizer import TextTokenizer, write_tiny_tokenizer
+    from kimia_jax.text.tokenizer import TextTokenizer, write_tiny_tokenizer
 
     tok = TextTokenizer.from_pretrained(write_tiny_tokenizer(tmp_path / "tok"))
     assert tok.extra_tokens == EXTRA  # the tiny tokenizer's ids are the fixture's

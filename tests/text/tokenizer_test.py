@@ -18,7 +18,7 @@ import pytest
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
-from kimia_jax.inference import text_tokenizer as tt
+from kimia_jax.text import tokenizer as tt
 
 FIXTURE_CONFIG = Path(__file__).parents[1] / "fixtures" / "prompt" / "llm_config.json"
 

@@ -33,7 +33,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from kimia_jax.inference.text_tokenizer import ExtraTokens, TextTokenizer
+from kimia_jax.text.tokenizer import ExtraTokens, TextTokenizer
+from kimia_jax.errors import PromptError  # noqa: F401 (re-export)
 
 AudioInput = str | os.PathLike[str] | np.ndarray
 OutputType = Literal["text", "both"]
@@ -44,10 +45,6 @@ OUTPUT_TYPES = ("text", "both")
 VERSIONS = ("349251e", "2607d51")
 MESSAGE_TYPES = {"349251e": ("text", "audio", "audio-text"), "2607d51": ("text", "audio")}
 AUDIO_DELAY = 6  # kimia_text_audiodelaytokens (hard-coded 6 in kimia.py; config key unused)
-
-
-class PromptError(ValueError):
-    """A malformed message list; the message names the message index and the problem."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import regex
 import tiktoken
+from kimia_jax.errors import TokenizerFileError  # noqa: F401 (re-export)
 
 VOCAB_FILE = "tiktoken.model"
 CONFIG_FILE = "tokenizer_config.json"
@@ -102,10 +103,6 @@ EXTRA_TOKEN_NAMES = {
     "kimia_speech_ct_id": "<|im_kimia_speech_ct_id|>",
     "kimia_speech_ctd_id": "<|im_kimia_speech_ctd_id|>",
 }
-
-
-class TokenizerFileError(ValueError):
-    """A tokenizer file is missing or malformed; the message names the file and the problem."""
 
 
 def reference_special_names(num_special: int = NUM_SPECIAL_TOKENS) -> list[str]:
