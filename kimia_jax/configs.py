@@ -17,7 +17,7 @@ from typing import Any
 from kimia_jax.errors import CheckpointError
 
 
-class OutputType(str, enum.Enum):
+class OutputType(enum.StrEnum):
     """What generation returns: "text" (audio stream forced blank) or "both" (text + audio codes).
 
     A `str` enum, so `OutputType.BOTH == "both"`; `OutputType.parse` is the one validation point.

@@ -1,4 +1,4 @@
-"""Detokenizer test helpers: the tiny released-layout checkpoint and the official reference cases."""
+"""Detokenizer test helpers: the tiny released-layout checkpoint and the official cases."""
 
 from pathlib import Path
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
+
 from kimia_jax.errors import AudioError  # noqa: F401 (re-export)
 
 SAMPLE_RATE = 16000

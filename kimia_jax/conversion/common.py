@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.sharding import Sharding
+
 from kimia_jax.errors import CheckpointError  # noqa: F401 (re-export)
 
 Transform = Callable[[np.ndarray], np.ndarray]

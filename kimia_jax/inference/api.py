@@ -31,11 +31,11 @@ from jax.sharding import Mesh
 from kimia_jax import sharding
 from kimia_jax.conversion import llm as llm_conv
 from kimia_jax.inference import generate as gen
-from kimia_jax.text import conversation as prompt_lib
 from kimia_jax.inference import stream_logic
 from kimia_jax.inference.sampler import SamplingParams
-from kimia_jax.text.tokenizer import TextTokenizer
 from kimia_jax.models.kimia_llm import KimiaLLM
+from kimia_jax.text import conversation as prompt_lib
+from kimia_jax.text.tokenizer import TextTokenizer
 
 Messages = Sequence[Mapping[str, Any]]
 

@@ -33,8 +33,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from kimia_jax.text.tokenizer import ExtraTokens, TextTokenizer
 from kimia_jax.errors import PromptError  # noqa: F401 (re-export)
+from kimia_jax.text.tokenizer import ExtraTokens, TextTokenizer
 
 AudioInput = str | os.PathLike[str] | np.ndarray
 OutputType = Literal["text", "both"]

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import regex
 import tiktoken
+
 from kimia_jax.errors import TokenizerFileError  # noqa: F401 (re-export)
 
 VOCAB_FILE = "tiktoken.model"
