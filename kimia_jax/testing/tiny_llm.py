@@ -20,7 +20,7 @@ from kimia_jax.configs import LlmConfig
 from kimia_jax.conversion import common
 from kimia_jax.conversion.llm import hf_name
 from kimia_jax.models import kimia_llm
-from kimia_jax.text.tokenizer import write_tiny_tokenizer
+from kimia_jax.testing.tokenizer import write_tiny_tokenizer
 
 # The tiny fixture model's config.json (tests/fixtures/llm): hidden 40, 3 + 2 layers, vocab 728.
 TINY_CONFIG: dict[str, Any] = {
