@@ -60,9 +60,11 @@ def test_atomic_dir_refuses_or_replaces_an_existing_folder(tmp_path):
     out = tmp_path / "ckpt"
     with fileio.atomic_dir(out) as stage:
         (stage / "v1").write_text("1")
-    with pytest.raises(FileExistsError, match=r"ckpt already exists; pass overwrite=True"):
-        with fileio.atomic_dir(out):
-            pass
+    with (
+        pytest.raises(FileExistsError, match=r"ckpt already exists; pass overwrite=True"),
+        fileio.atomic_dir(out),
+    ):
+        pass
     with fileio.atomic_dir(out, overwrite=True) as stage:
         (stage / "v2").write_text("2")
     assert [p.name for p in out.iterdir()] == ["v2"]

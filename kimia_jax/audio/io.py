@@ -21,7 +21,7 @@ from kimia_jax.errors import AudioError  # noqa: F401 (re-export)
 SAMPLE_RATE = 16000
 
 AudioLike = Union[str, os.PathLike, np.ndarray, tuple]  # noqa: UP007 - used at runtime in isinstance
-"""A path, a waveform array (16 kHz unless `sr=` says otherwise) or an `(array, sample_rate)` tuple."""
+"""A path, a waveform array (16 kHz unless `sr=` says so) or an `(array, sample_rate)` tuple."""
 
 MAX_CHANNELS = 16  # a 2-D array with more rows and columns than this is not a multi-channel clip
 
