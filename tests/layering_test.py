@@ -26,7 +26,7 @@ FLOORS = [
     "kimia_jax.models",
     "kimia_jax.layers",
     "kimia_jax.sharding",
-    "kimia_jax.configs : kimia_jax.errors",
+    "kimia_jax.configs : kimia_jax.errors : kimia_jax.fileio",
 ]
 
 

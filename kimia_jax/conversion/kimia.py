@@ -5,17 +5,18 @@ Output (loadable by `KimiAudio(model_path=out)`; names in `kimia_jax.configs.lay
     <out>/whisper-large-v3/      whisper encoder (Orbax)
     <out>/glm-4-voice-tokenizer/ GLM-4-Voice VQ tokenizer (Orbax)
     <out>/detokenizer/           DiT + vocoder (Orbax; converting the torch files needs torch)
-Everything is built in a temporary folder next to `out` and renamed into place at the end.
+Everything is built in a staging folder next to `out` and renamed into place at the end
+(`kimia_jax.fileio.atomic_dir`).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from kimia_jax import fileio
 from kimia_jax.configs import DType, layout
 
 
@@ -43,12 +44,8 @@ def convert_all(
     src, out = Path(src), Path(out)
     glm = Path(glm) if glm is not None else src / layout.GLM_TOKENIZER_DIR
     dtype = DType.parse(dtype).value
-    if out.exists():
-        raise FileExistsError(f"{out} exists")
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.absolute().parent))
-    try:
-        root = stage / "m"
-        stats = llm.convert_to_orbax(src, root, dtype=dtype)
+    with fileio.atomic_dir(out) as root:
+        stats = llm.convert_to_orbax(src, root, dtype=dtype, overwrite=True)
         log(f"LLM: {stats['tensors']} tensors, {stats['seconds']:.1f}s")
         for name in layout.TEXT_TOKENIZER_FILES:
             if (src / name).is_file():
@@ -60,7 +57,4 @@ def convert_all(
         if detokenizer:
             detok_conv.convert_released(src, root / layout.DETOKENIZER_DIR)
             log("detokenizer + vocoder: done")
-        os.rename(root, out)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
     return out

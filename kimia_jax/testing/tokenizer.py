@@ -11,12 +11,12 @@ import base64
 import collections
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import regex
 
+from kimia_jax import fileio
 from kimia_jax.text.tokenizer import (
     CONFIG_FILE,
     PAT_STR,
@@ -79,18 +79,6 @@ def _train_byte_bpe(corpus: str, num_tokens: int) -> dict[bytes, int]:
     return ranks
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_tiny_tokenizer(
     out_dir: str | os.PathLike[str],
     num_base_tokens: int = 600,
@@ -133,7 +121,7 @@ def write_tiny_tokenizer(
         base64.b64encode(tok).decode("ascii") + f" {rank}"
         for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])
     ]
-    _write_atomic(out_dir / VOCAB_FILE, ("\n".join(lines) + "\n").encode("ascii"))
+    fileio.write_bytes(out_dir / VOCAB_FILE, ("\n".join(lines) + "\n").encode("ascii"))
 
     def added(content: str) -> dict[str, object]:
         return {
@@ -156,14 +144,14 @@ def write_tiny_tokenizer(
         "model_max_length": 1000000000000000019884624838656,
         "tokenizer_class": "TikTokenTokenizer",
     }
-    _write_atomic(out_dir / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode("utf-8"))
+    fileio.write_bytes(out_dir / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode("utf-8"))
     special_map = {
         "bos_token": "[BOS]",
         "eos_token": "[EOS]",
         "pad_token": names[-1],
         "unk_token": names[-2],
     }
-    _write_atomic(
+    fileio.write_bytes(
         out_dir / SPECIAL_TOKENS_MAP_FILE, (json.dumps(special_map, indent=2) + "\n").encode()
     )
     return out_dir

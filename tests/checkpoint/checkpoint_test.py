@@ -72,12 +72,25 @@ def test_failed_save_leaves_nothing(tmp_path):
     _leaves_equal(checkpoint.restore(tmp_path / "ck", abstract), good)
 
 
-def test_restore_mismatch_names_the_directory(tmp_path):
-    checkpoint.save(tmp_path / "ck", {"a": jnp.arange(3.0)})
+def test_restore_mismatch_names_the_directory_and_parameters(tmp_path):
+    checkpoint.save(tmp_path / "ck", {"a": jnp.arange(3.0), "b": {"c": jnp.ones((2, 2))}})
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'ck' / 'params'}: cannot")):
-        checkpoint.restore(tmp_path / "ck", {"b": jax.ShapeDtypeStruct((3,), jnp.float32,
-                                                                       sharding=dev)})  # fmt: skip
+
+    def sds(*shape):
+        return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=dev)
+
+    params = re.escape(f"{tmp_path / 'ck' / 'params'}: the saved parameters do not fit the config")
+    with pytest.raises(CheckpointError, match=params + ": missing: x; not in the model: a$"):
+        checkpoint.restore(tmp_path / "ck", {"x": sds(3), "b": {"c": sds(2, 2)}})
+    with pytest.raises(
+        CheckpointError, match=params + re.escape(": shapes: b/c (2, 2) (the config gives (2, 3))")
+    ):
+        checkpoint.restore(tmp_path / "ck", {"a": sds(3), "b": {"c": sds(2, 3)}})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(
+        CheckpointError, match=re.escape(f"{tmp_path / 'empty' / 'params'} is missing")
+    ):
+        checkpoint.restore(tmp_path / "empty", {"a": sds(3)})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +193,12 @@ def test_same_errors_for_both_layouts(name, converted, tmp_path):
     # a config that does not fit the weights: a CheckpointError naming the file or directory
     for root, cfg_file, named in (
         (released, cfg_released, r"tensor '.*' has shape"),
-        (conv_dir, cfg_converted, re.escape(f"{conv_dir / 'params'}: cannot restore")),
+        (
+            conv_dir,
+            cfg_converted,
+            re.escape(f"{conv_dir / 'params'}: the saved parameters do not")
+            + r" fit the config: shapes: \S+ \(",
+        ),
     ):
         original = (root / cfg_file).read_text()
         edit(root / cfg_file)
