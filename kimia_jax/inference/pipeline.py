@@ -234,15 +234,22 @@ def run_generate(
     key: jax.Array,
     mesh: Mesh | None,
 ) -> Generated:
-    """The compiled prefill + decode loop on one batch, under the model's mesh."""
+    """The compiled prefill + decode loop on one batch, under the model's mesh.
+
+    Runs `generate.start` then one `generate.resume` to the end: the same two compiled functions
+    that `StreamingGeneration` calls chunk by chunk, so a model that serves both whole and
+    streamed requests compiles the loop once (one program per batch shape, not two).
+    """
+    kw = dict(model=model, stream=stream, text_sampling=sampling.text,
+              audio_sampling=sampling.audio, trace=False)  # fmt: skip
     with sharding.mesh_context(mesh):
-        out = gen.generate(
-            params, batch_.prompt, batch_.budget, key, model=model, max_steps=batch_.max_steps,
-            stream=stream, text_sampling=sampling.text, audio_sampling=sampling.audio,
-            cache_length=batch_.cache_length,
+        state = gen.start(
+            params, batch_.prompt, batch_.budget, key, max_steps=batch_.max_steps,
+            cache_length=batch_.cache_length, cache=None, **kw,
         )  # fmt: skip
-        steps = int(np.max(np.asarray(out.num_steps)[: batch_.rows]))
-    return Generated(stream_logic.returned_tokens(stream, out.state)[: batch_.rows], steps)
+        state = gen.resume(params, state, jnp.int32(batch_.max_steps), **kw)
+        steps = int(np.max(np.asarray(state.num_steps)[: batch_.rows]))
+    return Generated(stream_logic.returned_tokens(stream, state.stream)[: batch_.rows], steps)
 
 
 # ----------------------------------------------------------------------------------------------
