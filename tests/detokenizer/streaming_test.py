@@ -143,15 +143,17 @@ def test_odd_first_chunk_keeps_ceil_half_mel():
 
 
 def test_chunk_state_is_a_returned_value(detok):
-    """detokenize_chunk returns the next state and leaves its input alone; a state whose cache
-    was donated cannot be used twice (clear error instead of a deleted-buffer crash)."""
-    toks = np.arange(70) % detok.dit_cfg.semantic_vocab_size
+    """detokenize_chunk returns the next state and leaves its input's fields alone; a state whose
+    cache was donated cannot be used again (clear error instead of a deleted-buffer crash)."""
+    toks = np.arange(60) % detok.dit_cfg.semantic_vocab_size  # plan: 30 | 30 (final)
     s0 = detok.new_state()
     wav0, s1 = detok.detokenize_chunk(s0, toks[:30], is_final=False, key=0)
     assert (s0.chunk_index, s0.start_position, s0.carry_tokens) == (0, 0, None)
     assert s1.chunk_index == 1 and s1.carry_tokens is not None and s1.cache_len > 0
+    used = detok.new_state()
+    used.cache_k.delete()  # what donating it to a chunk whose cache capacity stays does
     with pytest.raises(ValueError, match="already passed to detokenize_chunk"):
-        detok.detokenize_chunk(s0, toks[:30], is_final=False, key=0)
+        detok.detokenize_chunk(used, toks[:30], is_final=False, key=0)
     wav1, s2 = detok.detokenize_chunk(s1, toks[30:], is_final=True, key=0)
     assert s2.cache_len == 0 and s2.carry_tokens is None and s2.stitch.pre_mel is None
     np.testing.assert_array_equal(np.concatenate([wav0, wav1]), detok.detokenize(toks, key=0))
