@@ -163,8 +163,8 @@ class DetokenizerState:
     """Everything carried between chunks of one utterance: a value, returned by
     `Detokenizer.detokenize_chunk` (never changed in place).
 
-    The K/V buffers are donated to the next chunk's compiled call: a state can be passed to
-    `detokenize_chunk` once (a second use raises), like any donated JAX buffer.
+    The K/V buffers may be donated to the next chunk's compiled call (when its cache capacity
+    stays): pass each state to `detokenize_chunk` once; a state whose buffers were donated raises.
     """
 
     cache_k: jax.Array  # [depth, 1, C, N, H], post-RoPE keys of committed frames (C: capacity)
@@ -315,31 +315,55 @@ class Detokenizer:
         last one; when the iterator ends the remainder is decoded as the final chunk. The chunks and
         their noise are exactly those of `detokenize` on the concatenated tokens.
         """
-        sc = self.streaming
         state = self.new_state()
-        buf: list[int] = []
+        buf = np.zeros((0,), np.int64)
         n_seen = 0
         for item in tokens:
-            arr = np.atleast_1d(np.asarray(item))
-            self._check_tokens(arr, offset=n_seen, allow_empty=True)
+            arr = np.atleast_1d(np.asarray(item)).reshape(-1)
+            arr = self._check_tokens(arr, offset=n_seen, allow_empty=True)
             n_seen += arr.size
-            buf.extend(int(x) for x in arr.reshape(-1))
-            while True:
-                need = sc.first_chunk_size if state.chunk_index == 0 else sc.chunk_size
-                if len(buf) <= need:
-                    break
-                chunk, buf = np.asarray(buf[:need], np.int64), buf[need:]
-                wav, state = self.detokenize_chunk(
-                    state, chunk, is_final=False, key=key, noise=noise
-                )
-                yield wav
+            pieces, state, buf = self.detokenize_ready(
+                state, np.concatenate([buf, arr]), final=False, key=key, noise=noise
+            )
+            yield from pieces
         if n_seen == 0:
             raise ValueError("no semantic tokens: the token stream was empty")
-        if buf or state.chunk_index == 0:
-            wav, _ = self.detokenize_chunk(
-                state, np.asarray(buf, np.int64), is_final=True, key=key, noise=noise
+        pieces, _, _ = self.detokenize_ready(state, buf, final=True, key=key, noise=noise)
+        yield from pieces
+
+    def detokenize_ready(
+        self,
+        state: DetokenizerState,
+        pending: np.ndarray,
+        *,
+        final: bool,
+        key: Any = None,
+        noise: NoiseSpec = None,
+    ) -> tuple[list[np.ndarray], DetokenizerState, np.ndarray]:
+        """Decodes the chunks of `pending` (the tokens not yet detokenized, in order) that are
+        complete: a chunk is decoded once its tokens are in and one more token proves it is not
+        the last one; with `final`, the rest is decoded as the final chunk.
+
+        Returns (one waveform piece per decoded chunk, the next state, the tokens still pending).
+        The streaming users (`stream`, the API's streaming generation) are built on this.
+        """
+        sc = self.streaming
+        pending = np.asarray(pending, np.int64).reshape(-1)
+        pieces = []
+        while True:
+            need = sc.first_chunk_size if state.chunk_index == 0 else sc.chunk_size
+            if pending.size <= need:
+                break
+            wav, state = self.detokenize_chunk(
+                state, pending[:need], is_final=False, key=key, noise=noise
             )
-            yield wav
+            pieces.append(wav)
+            pending = pending[need:]
+        if final and pending.size:
+            wav, state = self.detokenize_chunk(state, pending, is_final=True, key=key, noise=noise)
+            pieces.append(wav)
+            pending = pending[:0]
+        return pieces, state, pending
 
     def detokenize_chunk(
         self,

@@ -329,7 +329,6 @@ class StreamingGeneration:
         self.audio_sent = 0  # audio tokens of the history already turned into codes
         self.text_sent = ""  # text already emitted
         self.codes = np.zeros((0,), np.int64)  # codes waiting for a complete detokenizer chunk
-        self.codes_total = 0
         self.detok_state = None if self.detokenizer is None else self.detokenizer.new_state()
         self.finished = False
         self._started = False
@@ -354,26 +353,9 @@ class StreamingGeneration:
         return piece, codes
 
     def _detokenize(self, codes: np.ndarray, final: bool) -> np.ndarray | None:
-        det = self.detokenizer
-        self.codes = np.concatenate([self.codes, codes])
-        self.codes_total += codes.size
-        pieces = []
-        sc = det.streaming
-        while True:
-            need = sc.first_chunk_size if self.detok_state.chunk_index == 0 else sc.chunk_size
-            if self.codes.size <= need:  # one more code proves the chunk is not the last one
-                break
-            chunk, self.codes = self.codes[:need], self.codes[need:]
-            wav, self.detok_state = det.detokenize_chunk(
-                self.detok_state, chunk, is_final=False, key=self.seed
-            )
-            pieces.append(wav)
-        if final and self.codes.size:
-            wav, self.detok_state = det.detokenize_chunk(
-                self.detok_state, self.codes, is_final=True, key=self.seed
-            )
-            self.codes = self.codes[:0]
-            pieces.append(wav)
+        pieces, self.detok_state, self.codes = self.detokenizer.detokenize_ready(
+            self.detok_state, np.concatenate([self.codes, codes]), final=final, key=self.seed
+        )
         return np.concatenate(pieces) if pieces else None
 
     def step(self) -> dict[str, Any] | None:
