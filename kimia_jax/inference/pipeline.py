@@ -291,7 +291,8 @@ class StreamingGeneration:
     Holds the compiled loop's `DecodeState`, how many audio tokens and how much text were already
     emitted, the semantic codes waiting for a complete detokenizer chunk and the
     `DetokenizerState` (the value `detokenize_chunk` returns). `step()` runs `chunk_steps` decode
-    steps and returns the event they produced; iterating yields events until the row stopped.
+    steps and returns the event they produced; it is an iterator of the non-empty events until
+    the row stopped (prefill ran when it was made).
     Events: {"text": new text piece, "audio": new 24 kHz samples or None, "steps": decode steps
     run so far}. The chunks (and their noise, from `seed`) are those of
     `Detokenizer.detokenize` on the whole utterance, so the streamed audio equals it.
@@ -377,7 +378,12 @@ class StreamingGeneration:
         return {"text": piece, "audio": audio, "steps": self.steps}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        """The next non-empty event; StopIteration once the row has stopped."""
         while not self.finished:
             event = self.step()
             if event is not None:
-                yield event
+                return event
+        raise StopIteration
