@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -192,6 +193,10 @@ def test_sampling_is_the_one_set_of_defaults():
         Sampling(audio_top_k=2.5)
     with pytest.raises(TypeError, match="unexpected keyword argument 'temperature'"):
         Sampling(temperature=1.0)
+    from kimia_jax.inference.api import KimiAudio
+
+    sig = inspect.signature(KimiAudio.generate).parameters  # the official keyword arguments
+    assert {n: sig[n].default for n in Sampling.names()} == dataclasses.asdict(s)
 
 
 def test_bad_params():
