@@ -33,3 +33,20 @@ class PromptError(KimiaError):
 
 class ShardingError(KimiaError):
     """A tensor dimension that its mesh axes do not divide, under strict sharding."""
+
+
+class SamplingError(KimiaError):
+    """A sampling argument out of range or not finite; the message names the argument."""
+
+
+class SamplingTypeError(SamplingError, TypeError):
+    """A sampling argument of the wrong type (a `TypeError` too, as before)."""
+
+
+class OutputError(KimiaError):
+    """An output request that cannot be honoured (audio asked for but nothing can produce or
+    keep it, an output path that cannot be written)."""
+
+
+class ManifestError(KimiaError):
+    """A malformed batch manifest row; the message names the line and the field."""

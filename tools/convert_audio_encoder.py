@@ -22,6 +22,9 @@ def main(argv: list[str]) -> None:
     del argv
     from kimia_jax.conversion import whisper as conv
     from kimia_jax.conversion.common import peak_rss_mib
+    from kimia_jax.conversion.kimia import prepare_output
+
+    prepare_output(_DST.value, overwrite=_OVERWRITE.value)
 
     out = conv.convert_folder(_SRC.value, _DST.value, overwrite=_OVERWRITE.value)
     print(f"wrote {out} (peak RSS {peak_rss_mib():.0f} MiB)")

@@ -4,7 +4,8 @@
         --glm_tokenizer /data/glm-4-voice-tokenizer --out /data/kimia-orbax
 
 The output layout is described in `kimia_jax.conversion.kimia` (loadable by
-`KimiAudio(model_path=out)`).
+`KimiAudio(model_path=out)`). `--overwrite` replaces an existing --out; staging folders left by an
+interrupted run are removed (and reported with their size) first.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ _GLM = flags.DEFINE_string(
     None,
     f"{layout.GLM_TOKENIZER_DIR} folder (default <src>/{layout.GLM_TOKENIZER_DIR}).",
 )
-_OUT = flags.DEFINE_string("out", None, "Output folder (must not exist).", required=True)
+_OUT = flags.DEFINE_string(
+    "out", None, "Output folder (must not exist unless --overwrite).", required=True
+)
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "LLM parameter dtype.")
 _DETOK = flags.DEFINE_bool(
     "detokenizer", True, f"Also convert {layout.DIT_DIR}/ + {layout.VOCODER_DIR}/."
@@ -30,7 +34,9 @@ def main(argv: list[str]) -> None:
     del argv
     from kimia_jax.conversion.kimia import convert_all
 
-    out = convert_all(_SRC.value, _OUT.value, _GLM.value, _DTYPE.value, _DETOK.value)
+    out = convert_all(
+        _SRC.value, _OUT.value, _GLM.value, _DTYPE.value, _DETOK.value, overwrite=_OVERWRITE.value
+    )
     print(f"wrote {out}")
 
 

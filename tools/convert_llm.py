@@ -23,6 +23,9 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing output d
 
 def main(argv: list[str]) -> None:
     del argv
+    from kimia_jax.conversion.kimia import prepare_output
+
+    prepare_output(_OUT.value, overwrite=_OVERWRITE.value)
     stats = llm.convert_to_orbax(
         _HF_DIR.value, _OUT.value, dtype=_DTYPE.value, overwrite=_OVERWRITE.value
     )

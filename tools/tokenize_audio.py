@@ -14,13 +14,13 @@ Bad files stop the run with the file named (or are listed and skipped with --ski
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from absl import app, flags, logging
 from tqdm import tqdm
+
+from kimia_jax import fileio
 
 _INPUT = flags.DEFINE_string(
     "input_dir", None, "folder searched recursively for audio files", required=True
@@ -40,15 +40,9 @@ _DTYPE = flags.DEFINE_enum(
 
 
 def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Atomic, with the umask's permissions (`kimia_jax.fileio`; mkstemp alone gives 0600)."""
+    with fileio.atomic_file(path, "wb") as f:
+        write(f)
 
 
 def main(argv: list[str]) -> None:

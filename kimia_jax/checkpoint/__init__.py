@@ -16,12 +16,14 @@ from __future__ import annotations
 import enum
 import json
 import os
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 from kimia_jax import fileio
 from kimia_jax.configs import layout
@@ -90,10 +92,101 @@ def save(
             mode = "wb" if isinstance(content, bytes) else "w"
             with open(tmp / name, mode) as f:
                 f.write(content)
-        (tmp / META_FILE).write_text(
-            json.dumps({"format_version": FORMAT_VERSION, **(meta or {})}, indent=2, default=str)
-        )
+        # Every file of the tree with its size and CRC-32: `verify` names a missing, truncated or
+        # corrupted file instead of TensorStore's errors.
+        record = {"format_version": FORMAT_VERSION, **(meta or {}), "files": file_table(tmp)}
+        (tmp / META_FILE).write_text(json.dumps(record, indent=2, default=str))
     return path
+
+
+def _crc32(path: Path) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def file_table(root: Path) -> dict[str, list[Any]]:
+    """{relative path: [bytes, crc32 hex]} of every file under `root`/params and the small files
+    next to it (the meta file itself excluded)."""
+    table = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != META_FILE:
+            table[p.relative_to(root).as_posix()] = [p.stat().st_size, _crc32(p)]
+    return table
+
+
+def converter_command(path: str | os.PathLike[str]) -> str:
+    """The command that re-creates the converted folder `path` (from what its meta file says)."""
+    path = Path(path).absolute()
+    for d in (path.parent, path):  # a part of a whole converted model: convert it whole again
+        try:
+            m = read_meta(d)
+        except (OSError, ValueError):
+            continue
+        if m.get("converted_by") == "tools.convert_kimia":
+            glm = f" --glm_tokenizer {m['glm_tokenizer']}" if m.get("glm_tokenizer") else ""
+            return (f"python -m tools.convert_kimia --src {m.get('source', '<released folder>')}"
+                    f"{glm} --out {d} --overwrite")  # fmt: skip
+    try:
+        m = read_meta(path)
+    except (OSError, ValueError):
+        m = {}
+    src = m.get("source", "<released folder>")
+    model = m.get("model")
+    if model == "kimia_llm":
+        return f"python -m tools.convert_llm --hf_dir {src} --out {path} --overwrite"
+    if model == "detokenizer":
+        return f"python -m tools.convert_detokenizer --src {src} --dst {path} --overwrite"
+    if model:
+        return f"python -m tools.convert_audio_encoder --src {src} --dst {path} --overwrite"
+    return f"python -m tools.convert_kimia --src <released folder> --out {path} --overwrite"
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A converted folder with a missing, truncated or corrupted file."""
+
+
+def _damaged(path: Path, problem: str) -> DamagedCheckpointError:
+    return DamagedCheckpointError(
+        f"damaged converted checkpoint {path}: {problem}. Re-run the converter to write it "
+        f"again: {converter_command(path)}"
+    )
+
+
+def verify(path: str | os.PathLike[str], *, checksums: bool = False) -> None:
+    """Checks a converted folder against the file table its meta file records: every file
+    present with its size (and, with `checksums`, its CRC-32). Folders written before the table
+    existed get the checks Orbax needs (its metadata and manifest files).
+
+    Raises:
+      DamagedCheckpointError: names the first missing / truncated / corrupted file and the
+        command that re-creates the folder.
+    """
+    path = Path(path).absolute()
+    if not (path / META_FILE).is_file():
+        raise _damaged(path, f"{META_FILE} is missing")
+    try:
+        meta = read_meta(path)
+    except ValueError as e:
+        raise _damaged(path, f"{META_FILE} is not valid JSON ({e})") from None
+    table = meta.get("files")
+    if table is None:  # written before file tables: the files Orbax cannot restore without
+        table = {f"{PARAMS_DIR}/{n}": None for n in ("_METADATA", "manifest.ocdbt")}
+    for rel, want in table.items():
+        f = path / rel
+        if not f.is_file():
+            raise _damaged(path, f"{rel} is missing")
+        if want is None:
+            continue
+        size, crc = want
+        got = f.stat().st_size
+        if got != size:
+            what = "truncated" if got < size else "longer than written"
+            raise _damaged(path, f"{rel} is {what} ({got} bytes, written with {size})")
+        if checksums and _crc32(f) != crc:
+            raise _damaged(path, f"{rel} is corrupted (its CRC-32 differs from the one written)")
 
 
 def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
@@ -113,7 +206,8 @@ def restore(path: str | os.PathLike[str], abstract: Any) -> Any:
     path = Path(path).absolute()
     params = path / PARAMS_DIR
     if not params.is_dir():
-        raise CheckpointError(f"{params} is missing")
+        raise _damaged(path, f"{PARAMS_DIR}/ is missing")
+    verify(path)
     try:
         with ocp.StandardCheckpointer() as ckptr:
             meta = ckptr.metadata(params)
@@ -139,8 +233,15 @@ def restore(path: str | os.PathLike[str], abstract: Any) -> Any:
             return ckptr.restore(params, abstract)
     except CheckpointError:
         raise
-    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
-        raise CheckpointError(f"{params}: cannot restore ({e})") from e
+    except Exception as e:  # noqa: BLE001 - TensorStore / Orbax errors of every kind
+        # Name the damaged file if there is one (the checksums are read only on this path).
+        verify(path, checksums=True)
+        logging.debug("restore of %s failed", params, exc_info=True)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"cannot restore {params}: {first[:300]}. If the folder was damaged, re-run the "
+            f"converter: {converter_command(path)}"
+        ) from None
 
 
 def restore_model(

@@ -30,8 +30,11 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
+from kimia_jax.audio.io import load_audio
 from kimia_jax.configs import OutputType, layout
 from kimia_jax.conversion import llm as llm_conv
+from kimia_jax.conversion.kimia import check_model_folder
+from kimia_jax.errors import CheckpointNotFoundError, OutputError, PromptError
 from kimia_jax.inference import pipeline
 from kimia_jax.inference.sampler import Sampling
 from kimia_jax.inference.stream_logic import StreamConfig
@@ -41,6 +44,11 @@ from kimia_jax.text.conversation import AUDIO_DELAY
 from kimia_jax.text.tokenizer import TextTokenizer
 
 Messages = pipeline.Messages
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 @dataclasses.dataclass
@@ -87,6 +95,12 @@ class KimiAudio:
         `<model_path>/glm-4-voice-tokenizer`).
       prompt_version: prompt builder version ("349251e" default; see text/conversation.py).
       max_batch: rows per compiled generation call in `generate_batch`.
+      progress: optional `progress(stage, done, total)` callback (loading, encoding, decoding
+        steps, detokenizing; see `pipeline.Progress`); settable later as `.progress`.
+
+    Every argument and the model folder are checked before any weight is read
+    (`conversion.kimia.check_model_folder`): a missing part or a damaged converted checkpoint
+    is named with the command that re-creates it.
     """
 
     kimia_text_audiodelaytokens = AUDIO_DELAY
@@ -101,15 +115,29 @@ class KimiAudio:
         glm_tokenizer_path: str | os.PathLike[str] | None = None,
         prompt_version: str = "349251e",
         max_batch: int = 8,
+        progress: pipeline.Progress | None = None,
     ):
         from kimia_jax.audio.tokenizer import GlmTokenizer, WhisperFeatureExtractor
 
         root = Path(model_path)
         if not root.is_dir():
-            raise FileNotFoundError(f"model_path {root} is not a directory")
+            raise CheckpointNotFoundError(
+                f"model_path {root} "
+                + ("is a file, not a model folder" if root.exists() else "does not exist")
+            )
+        _check_int("max_batch", max_batch, 1)
+        glm_path = Path(glm_tokenizer_path or root / layout.GLM_TOKENIZER_DIR)
+        check_model_folder(
+            root, glm_path, load_detokenizer=load_detokenizer,
+            glm_arg="glm_tokenizer_path" if glm_tokenizer_path else None,
+        )  # fmt: skip
         self.model_path, self.mesh, self.max_batch = root, mesh, max_batch
+        self.progress = progress
+        parts = 4 + bool(load_detokenizer)
+        self._report("load", 0, parts)
         t0 = time.perf_counter()
         self.cfg, self.params = llm_conv.load(root, dtype=dtype, mesh=mesh)
+        self._report("load", 1, parts)
         self.model = KimiaLLM(self.cfg)
         self.tokenizer = TextTokenizer.from_pretrained(root)
         self.extra_tokens = self.tokenizer.extra_tokens
@@ -118,13 +146,9 @@ class KimiAudio:
         self.text_decoder = pipeline.TextDecoder(
             self.kimia_token_offset, self.extra_tokens.kimia_text_eos, self.tokenizer.decode
         )
-        glm_path = Path(glm_tokenizer_path or root / layout.GLM_TOKENIZER_DIR)
-        if not glm_path.is_dir():
-            raise FileNotFoundError(
-                f"GLM-4-Voice tokenizer not found at {glm_path}: download "
-                f"THUDM/glm-4-voice-tokenizer there or pass glm_tokenizer_path"
-            )
+        self._report("load", 2, parts)
         self.audio_tokenizer = GlmTokenizer.from_pretrained(glm_path)
+        self._report("load", 3, parts)
         self.whisper = (
             WhisperFeatureExtractor.from_pretrained(root / layout.WHISPER_DIR, dtype=dtype)
             if self.cfg.use_whisper_feature
@@ -134,8 +158,8 @@ class KimiAudio:
         # encode all clips of a request in one batched call (`pipeline.encode_audio`).
         self.prompt_builder = prompt_lib.PromptBuilder.from_tokenizer(
             self.tokenizer,
-            lambda a: self.audio_tokenizer.tokenize([a])[0],
-            (lambda a: self.whisper.features([a])[0]) if self.whisper else None,
+            lambda a: self.audio_tokenizer.tokenize([load_audio(a)])[0],
+            (lambda a: self.whisper.features([load_audio(a)])[0]) if self.whisper else None,
             kimia_token_offset=self.kimia_token_offset,
             num_audio_codes=self.cfg.vocab_size - self.kimia_token_offset,
             version=prompt_version,
@@ -146,8 +170,13 @@ class KimiAudio:
 
             # the released audio_detokenizer/ + vocoder/, or the converted detokenizer/
             self.detokenizer = Detokenizer.from_pretrained(root)
+        self._report("load", parts, parts)
         self.timings = Timings()
         logging.info("KimiAudio loaded from %s in %.1fs", root, time.perf_counter() - t0)
+
+    def _report(self, stage: str, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(stage, done, total)
 
     # ------------------------------------------------------------------------------------------
     # Stages (inference/pipeline.py) bound to this model
@@ -159,8 +188,20 @@ class KimiAudio:
         one prompt per chat."""
         clips = pipeline.collect_audio(chats)
         wavs = pipeline.load_clips(clips)
+        self._report("encode", 0, len(clips))
         audio = pipeline.encode_audio(wavs, clips, self.audio_tokenizer, self.whisper)
+        self._report("encode", len(clips), len(clips))
         return pipeline.build_prompts(self.prompt_builder, chats, output_type, audio)
+
+    def _check_output(self, output_type: OutputType | str) -> OutputType:
+        output_type = OutputType.parse(output_type)
+        if output_type == OutputType.BOTH and self.detokenizer is None:
+            raise OutputError(
+                'output_type="both" needs the detokenizer, which this model was loaded without '
+                "(load_detokenizer=False): load it with load_detokenizer=True, or ask for "
+                'output_type="text"'
+            )
+        return output_type
 
     def _stream_cfg(self, output_type: OutputType) -> StreamConfig:
         return StreamConfig.from_extra_tokens(self.extra_tokens, output_type)
@@ -188,8 +229,11 @@ class KimiAudio:
         """Several chats at once: one compiled call per `max_batch` rows; per-chat results as
         `generate` would return them (the rows stop independently). All audio of the call is
         loaded once and encoded in one batched tokenizer call and one feature call."""
-        output_type = OutputType.parse(output_type)
+        output_type = self._check_output(output_type)
         samp = Sampling(**sampling)
+        _check_int("seed", seed, 0)
+        if isinstance(chats, (str, bytes)) or not isinstance(chats, Sequence):
+            raise PromptError(f"chats must be a list of message lists, got {type(chats).__name__}")
         t0 = time.perf_counter()
         prompts = self.prompts(chats, output_type)
         self.timings = Timings(prompt_s=time.perf_counter() - t0)
@@ -200,16 +244,20 @@ class KimiAudio:
             batch = pipeline.plan_batch(group, output_type, samp.max_new_tokens, self.cfg)
             t1 = time.perf_counter()
             out = pipeline.run_generate(self.params, self.model, batch, stream, samp,
-                                        jax.random.key(seed), self.mesh)  # fmt: skip
+                                        jax.random.key(seed), self.mesh,
+                                        self.progress)  # fmt: skip
             self.timings.generate_s += time.perf_counter() - t1
             self.timings.steps += out.steps
-            for audio, text in out.tokens:
+            both = output_type == OutputType.BOTH
+            for r, (audio, text) in enumerate(out.tokens):
                 codes, text_str = self.text_decoder.postprocess(audio, text)
                 wav = None
-                if output_type == OutputType.BOTH and self.detokenizer is not None and codes.size:
+                if both and codes.size:
                     t2 = time.perf_counter()
                     wav = self.detokenize_audio(codes, seed)
                     self.timings.detokenize_s += time.perf_counter() - t2
+                if both:
+                    self._report("detokenize", r + 1, len(out.tokens))
                 results.append((wav, text_str))
         return results
 
@@ -239,8 +287,10 @@ class KimiAudio:
         codes go to the detokenizer chunk by chunk. Tokens equal those of `generate` for the same
         settings, and the audio pieces concatenate to `generate`'s waveform.
         """
-        output_type = OutputType.parse(output_type)
+        output_type = self._check_output(output_type)
         samp = Sampling(**sampling)
+        _check_int("seed", seed, 0)
+        _check_int("chunk_steps", chunk_steps, 1)
         (prompt,) = self.prompts([chats], output_type)
         batch = pipeline.plan_batch([prompt], output_type, samp.max_new_tokens, self.cfg)
         return pipeline.StreamingGeneration(

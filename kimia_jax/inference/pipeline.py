@@ -21,8 +21,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +46,15 @@ from kimia_jax.text.conversation import (
 )
 
 Messages = Sequence[Mapping[str, Any]]
+
+
+class Progress(Protocol):
+    """`progress(stage, done, total)`: called as a stage ("load", "encode", "decode",
+    "detokenize") advances; launchers turn it into progress bars."""
+
+    def __call__(self, stage: str, done: int, total: int) -> None: ...
+
+
 ClipKey = tuple[str, Any]
 
 # Compiled shapes repeat across requests: prompt lengths and step budgets are rounded up to these.
@@ -65,9 +73,9 @@ def _bucket(n: int, quantum: int) -> int:
 
 def clip_key(audio: AudioInput) -> ClipKey:
     """Identity of one clip in a call: a file by its path, an array by the object."""
-    if isinstance(audio, np.ndarray):
-        return ("array", id(audio))
-    return ("path", os.path.abspath(os.fspath(audio)))
+    if isinstance(audio, (str, os.PathLike)):
+        return ("path", os.path.abspath(os.fspath(audio)))
+    return ("array", id(audio))  # an array or an (array, sample_rate) tuple: the object itself
 
 
 def _message_audio(m: Any) -> AudioInput | None:
@@ -80,6 +88,8 @@ def _message_audio(m: Any) -> AudioInput | None:
         content = content[0] if len(content) == 2 else None
     elif m.get("message_type") != "audio":
         return None
+    if isinstance(content, tuple) and len(content) == 2 and isinstance(content[0], np.ndarray):
+        return content  # (array, sample_rate)
     return content if isinstance(content, (str, os.PathLike, np.ndarray)) else None
 
 
@@ -94,10 +104,10 @@ def collect_audio(chats: Sequence[Messages]) -> list[AudioInput]:
             audio = _message_audio(m)
             if audio is None:
                 continue
-            if not isinstance(audio, np.ndarray) and not Path(audio).is_file():
-                raise FileNotFoundError(
-                    f"chat {c}, message {i}: audio file not found: {os.fspath(audio)}"
-                )
+            try:
+                PromptBuilder.check_audio(i, audio)
+            except (PromptError, OSError) as e:  # the same error, naming the chat too
+                raise type(e)(f"chat {c}, {e}") from None
             seen.setdefault(clip_key(audio), audio)
     return list(seen.values())
 
@@ -233,12 +243,16 @@ def run_generate(
     sampling: Sampling,
     key: jax.Array,
     mesh: Mesh | None,
+    progress: Progress | None = None,
+    progress_every: int = 64,
 ) -> Generated:
     """The compiled prefill + decode loop on one batch, under the model's mesh.
 
     Runs `generate.start` then one `generate.resume` to the end: the same two compiled functions
     that `StreamingGeneration` calls chunk by chunk, so a model that serves both whole and
-    streamed requests compiles the loop once (one program per batch shape, not two).
+    streamed requests compiles the loop once (one program per batch shape, not two). With
+    `progress`, `resume` runs `progress_every` steps at a time (same program, same tokens) and
+    `progress("decode", steps, budget)` is called between the chunks.
     """
     kw = dict(model=model, stream=stream, text_sampling=sampling.text,
               audio_sampling=sampling.audio, trace=False)  # fmt: skip
@@ -247,7 +261,15 @@ def run_generate(
             params, batch_.prompt, batch_.budget, key, max_steps=batch_.max_steps,
             cache_length=batch_.cache_length, cache=None, **kw,
         )  # fmt: skip
-        state = gen.resume(params, state, jnp.int32(batch_.max_steps), **kw)
+        if progress is None:
+            state = gen.resume(params, state, jnp.int32(batch_.max_steps), **kw)
+        else:  # the same compiled `resume`, `progress_every` steps at a time
+            total = int(np.max(np.asarray(batch_.budget)[: batch_.rows]))
+            while not bool(state.stream.all_done) and int(state.stream.step) < batch_.max_steps:
+                until = min(int(state.stream.step) + progress_every, batch_.max_steps)
+                state = gen.resume(params, state, jnp.int32(until), **kw)
+                progress("decode", min(int(state.stream.step), total), total)
+            progress("decode", total, total)
         steps = int(np.max(np.asarray(state.num_steps)[: batch_.rows]))
     return Generated(stream_logic.returned_tokens(stream, state.stream)[: batch_.rows], steps)
 
@@ -283,6 +305,18 @@ class TextDecoder:
 
 # ----------------------------------------------------------------------------------------------
 # Streaming
+
+
+def new_text_piece(decoded: str, sent: str, *, final: bool) -> str:
+    """The text to emit now, given the whole text decoded so far and what was already emitted.
+
+    A multi-byte character split across steps decodes to U+FFFD at the end: the piece waits for
+    its last byte, unless the generation has ended (`final`), when whatever `generate` returns
+    (U+FFFD included) is emitted, so that the pieces always join to `generate`'s text.
+    """
+    if len(decoded) <= len(sent) or (decoded.endswith("\ufffd") and not final):
+        return ""
+    return decoded[len(sent) :]
 
 
 class StreamingGeneration:
@@ -346,9 +380,8 @@ class StreamingGeneration:
         audio, text = stream_logic.returned_tokens(self.stream, self.decode.stream)[0]
         piece = ""
         decoded = self.text.text(text)
-        # A multi-byte character split across steps decodes to U+FFFD: wait for its last byte.
-        if len(decoded) > len(self.text_sent) and not decoded.endswith("\ufffd"):
-            piece, self.text_sent = decoded[len(self.text_sent) :], decoded
+        piece = new_text_piece(decoded, self.text_sent, final=self.finished)
+        self.text_sent += piece
         codes = self.text.codes(audio[self.audio_sent :])
         self.audio_sent = len(audio)
         return piece, codes

@@ -23,10 +23,13 @@ picks them with probability < 1e-38; torch raises when all k underflow, JAX then
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from kimia_jax.errors import SamplingError, SamplingTypeError
 
 GREEDY_TEMPERATURE = 1e-6  # reference: `temperature > 1e-6` samples, anything else is greedy
 
@@ -51,7 +54,7 @@ class SamplingParams:
     repetition_window: int
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
+        if not math.isfinite(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
@@ -92,16 +95,26 @@ class Sampling:
             v = getattr(self, f.name)
             kind = float if f.type in ("float", float) else int
             if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int):
-                raise TypeError(f"{f.name} must be {kind.__name__}, got {v!r}")
+                raise SamplingTypeError(f"{f.name} must be {kind.__name__}, got {v!r}")
+            if kind is float and not math.isfinite(v):
+                raise SamplingError(f"{f.name} must be a finite number, got {v!r}")
         for stream in ("audio", "text"):
-            if getattr(self, f"{stream}_temperature") < 0:
-                raise ValueError(f"{stream}_temperature must be >= 0")
-            if getattr(self, f"{stream}_repetition_penalty") <= 0:
-                raise ValueError(f"{stream}_repetition_penalty must be > 0")
-            if getattr(self, f"{stream}_repetition_window_size") < 1:
-                raise ValueError(f"{stream}_repetition_window_size must be >= 1")
+            name = f"{stream}_temperature"
+            if getattr(self, name) < 0:
+                raise SamplingError(
+                    f"{name} must be >= 0 (<= 1e-6: greedy), got {getattr(self, name)!r}"
+                )
+            name = f"{stream}_repetition_penalty"
+            if getattr(self, name) <= 0:
+                raise SamplingError(f"{name} must be > 0 (1: off), got {getattr(self, name)!r}")
+            name = f"{stream}_repetition_window_size"
+            if getattr(self, name) < 1:
+                raise SamplingError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.max_new_tokens < 1 and self.max_new_tokens != -1:
-            raise ValueError(f"max_new_tokens must be -1 or >= 1, got {self.max_new_tokens}")
+            raise SamplingError(
+                f"max_new_tokens must be -1 (the official budget) or >= 1, "
+                f"got {self.max_new_tokens}"
+            )
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

@@ -2,7 +2,8 @@
 
 Messages use the official format: a list of dicts
 `{"role": "user"|"assistant", "message_type": "text"|"audio"|"audio-text", "content": ...}`;
-text content is a str, audio content a file path or a 1-D float waveform (16 kHz), and
+text content is a str, audio content a file path, a waveform array (16 kHz; `[L]`, `[C, L]` or
+`[L, C]`, float or integer PCM) or an `(array, sample_rate)` tuple, and
 "audio-text" content a pair `(audio, text)` (an assistant speech turn given with its transcript).
 
 Two builder versions (argument `version`):
@@ -41,7 +42,7 @@ from kimia_jax.configs import OutputType
 from kimia_jax.errors import PromptError  # noqa: F401 (re-export)
 from kimia_jax.text.tokenizer import ExtraTokens, TextTokenizer
 
-AudioInput = str | os.PathLike[str] | np.ndarray
+AudioInput = str | os.PathLike[str] | np.ndarray | tuple
 BuilderVersion = Literal["349251e", "2607d51"]
 
 ROLES = ("user", "assistant")
@@ -343,23 +344,49 @@ class PromptBuilder:
         return content
 
     @staticmethod
-    def _check_audio(i: int, content: Any) -> AudioInput:
+    def check_audio(i: int, content: Any) -> AudioInput:
+        """Structural check of an audio content (decoding is the audio loader's): a file path, a
+        waveform array or an `(array, sample_rate)` tuple, in any layout the loader takes."""
         if isinstance(content, (str, os.PathLike)):
-            if not Path(content).is_file():
+            path = Path(content)
+            if path.is_dir():
+                raise IsADirectoryError(
+                    f"message {i}: audio path {os.fspath(content)} is a folder, not an audio file"
+                )
+            if not path.is_file():
                 raise FileNotFoundError(f"message {i}: audio file not found: {os.fspath(content)}")
             return content
-        if isinstance(content, np.ndarray):
-            if content.ndim != 1 or content.size == 0:
+        wav, rate = content, None
+        if isinstance(content, tuple):
+            if len(content) != 2:
                 raise PromptError(
-                    f"message {i}: audio waveform must be a non-empty 1-D array, got shape "
-                    f"{content.shape}"
+                    f"message {i}: an audio tuple must be (array, sample_rate), got "
+                    f"{len(content)} items"
                 )
-            if not np.issubdtype(content.dtype, np.floating):
-                raise PromptError(f"message {i}: audio waveform must be float, got {content.dtype}")
+            wav, rate = content
+            if (isinstance(rate, bool) or not isinstance(rate, (int, np.integer, float))
+                    or not rate > 0 or rate != int(rate)):  # fmt: skip
+                raise PromptError(
+                    f"message {i}: the sample rate of an (array, sample_rate) tuple must be a "
+                    f"positive integer in Hz, got {rate!r}"
+                )
+        if isinstance(wav, np.ndarray):
+            if wav.ndim not in (1, 2) or wav.size == 0:
+                raise PromptError(
+                    f"message {i}: audio waveform must be a non-empty [samples], [channels, "
+                    f"samples] or [samples, channels] array, got shape {wav.shape}"
+                )
+            kind = wav.dtype
+            if kind == np.bool_ or not (
+                np.issubdtype(kind, np.floating) or np.issubdtype(kind, np.integer)
+            ):
+                raise PromptError(
+                    f"message {i}: audio waveform must be float or integer PCM, got {kind}"
+                )
             return content
         raise PromptError(
-            f"message {i}: audio content must be a file path or a 1-D float array, got "
-            f"{type(content).__name__}"
+            f"message {i}: audio content must be a file path, a waveform array or an "
+            f"(array, sample_rate) tuple, got {type(content).__name__}"
         )
 
     def _codes(self, i: int, audio: AudioInput) -> list[int]:
@@ -418,7 +445,7 @@ class PromptBuilder:
                 s.text_extend([t.kimia_text_eos], loss=has_loss)
                 s.audio_extend([t.kimia_text_blank])
         elif kind == "audio":
-            audio = self._check_audio(i, m["content"])
+            audio = self.check_audio(i, m["content"])
             codes = self._codes(i, audio)
             s.audio_extend([t.media_begin])
             s.audio_extend(codes, cont=True, loss=has_loss)
@@ -437,7 +464,7 @@ class PromptBuilder:
             content = m["content"]
             if not isinstance(content, (tuple, list)) or len(content) != 2:
                 raise PromptError(f"message {i}: 'audio-text' content must be a pair (audio, text)")
-            audio = self._check_audio(i, content[0])
+            audio = self.check_audio(i, content[0])
             text = self._check_text(i, content[1])
             codes = self._codes(i, audio)
             ids = list(self.text_encode_fn(text))
