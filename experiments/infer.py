@@ -159,6 +159,14 @@ class Bars:
             bar.close()
             del self.bars[stage]
 
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+        self.bars.clear()
+
+
+_BARS = Bars(False)
+
 
 def _load_model(progress: Bars):
     from kimia_jax import sharding
@@ -236,7 +244,8 @@ def main(argv: list[str]) -> None:
         requests = batch.read_manifest(_MANIFEST.value, _TASK.value)
         log = batch.ResultLog(_RESULTS.value)
     t0 = time.perf_counter()
-    model = _load_model(Bars(not _QUIET.value))
+    _BARS.enabled = not _QUIET.value
+    model = _load_model(_BARS)
     load_s = time.perf_counter() - t0
     if requests is not None:
         _run_manifest(model, sampling, requests, log, _QUIET.value)
@@ -255,10 +264,14 @@ def run() -> None:
             main(argv)
         except (KimiaError, OSError) as e:
             logging.debug("failed", exc_info=True)
+            _BARS.close()
             sys.stdout.flush()
             print(f"error: {e}", file=sys.stderr)
             sys.stderr.flush()
-            os._exit(1)  # no interpreter teardown: nothing can print after the error line
+            # No interpreter teardown: a failed TensorStore read leaves sibling reads in flight
+            # whose callbacks, once Orbax has closed its event loop, print "Event loop is
+            # closed" / "sys.meta_path is None" tracebacks at shutdown, after our line.
+            os._exit(1)
 
     app.run(guarded)
 

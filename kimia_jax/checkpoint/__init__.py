@@ -234,14 +234,15 @@ def restore(path: str | os.PathLike[str], abstract: Any) -> Any:
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - TensorStore / Orbax errors of every kind
-        # Name the damaged file if there is one (the checksums are read only on this path).
-        verify(path, checksums=True)
         logging.debug("restore of %s failed", params, exc_info=True)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"cannot restore {params}: {first[:300]}. If the folder was damaged, re-run the "
-            f"converter: {converter_command(path)}"
-        ) from None
+        failure = f"cannot restore {params}: {first[:300]}"
+    # Outside the handler, so that TensorStore's error does not chain onto ours. Name the
+    # damaged file if there is one (the checksums are read only on this path).
+    verify(path, checksums=True)
+    raise CheckpointError(
+        f"{failure}. If the folder was damaged, re-run the converter: {converter_command(path)}"
+    )
 
 
 def restore_model(

@@ -244,7 +244,7 @@ def run_generate(
     key: jax.Array,
     mesh: Mesh | None,
     progress: Progress | None = None,
-    progress_every: int = 64,
+    progress_every: int = 32,
 ) -> Generated:
     """The compiled prefill + decode loop on one batch, under the model's mesh.
 
@@ -265,10 +265,12 @@ def run_generate(
             state = gen.resume(params, state, jnp.int32(batch_.max_steps), **kw)
         else:  # the same compiled `resume`, `progress_every` steps at a time
             total = int(np.max(np.asarray(batch_.budget)[: batch_.rows]))
+            progress("decode", 0, total)
             while not bool(state.stream.all_done) and int(state.stream.step) < batch_.max_steps:
                 until = min(int(state.stream.step) + progress_every, batch_.max_steps)
                 state = gen.resume(params, state, jnp.int32(until), **kw)
-                progress("decode", min(int(state.stream.step), total), total)
+                if not bool(state.stream.all_done):
+                    progress("decode", min(int(state.stream.step), total - 1), total)
             progress("decode", total, total)
         steps = int(np.max(np.asarray(state.num_steps)[: batch_.rows]))
     return Generated(stream_logic.returned_tokens(stream, state.stream)[: batch_.rows], steps)
