@@ -48,7 +48,12 @@ def test_save_restore_round_trip_and_overwrite(tmp_path):
     params = {"a": jnp.arange(4.0), "b": {"c": jnp.ones((2, 3), jnp.bfloat16)}}
     out = checkpoint.save(tmp_path / "ck", params, files={"config.json": "{}"}, meta={"x": 1})
     assert checkpoint.is_orbax_dir(out) and (out / "config.json").read_text() == "{}"
-    assert checkpoint.read_meta(out) == {"format_version": checkpoint.FORMAT_VERSION, "x": 1}
+    meta = checkpoint.read_meta(out)
+    assert {k: meta[k] for k in ("format_version", "x")} == {
+        "format_version": checkpoint.FORMAT_VERSION, "x": 1
+    }
+    # the file table `verify` checks: every file with its size
+    assert meta["files"]["config.json"][0] == 2 and "params/_METADATA" in meta["files"]
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                             params)  # fmt: skip
     _leaves_equal(checkpoint.restore(out, abstract), params)
