@@ -63,8 +63,10 @@ def check_model_folder(
     root, glm = Path(root), Path(glm)
     glm_arg = glm_arg or "glm_tokenizer_path"
     converted = checkpoint.is_orbax_dir(root)
-    if not converted and (root / checkpoint.META_FILE).is_file():
-        checkpoint.verify(root)  # kimia_jax.json without params/: names what is missing
+    if not converted and (
+        (root / checkpoint.META_FILE).is_file() or (root / checkpoint.PARAMS_DIR).is_dir()
+    ):
+        checkpoint.verify(root)  # half of a converted folder: names what is missing
     if not glm.is_dir():
         raise CheckpointNotFoundError(
             f"GLM-4-Voice tokenizer not found at {glm}: download THUDM/glm-4-voice-tokenizer "
@@ -88,7 +90,7 @@ def check_model_folder(
                 f"load_detokenizer=False for text output only"
             )
     for part in parts:
-        if (part / checkpoint.META_FILE).is_file() or checkpoint.is_orbax_dir(part):
+        if (part / checkpoint.META_FILE).is_file() or (part / checkpoint.PARAMS_DIR).is_dir():
             checkpoint.verify(part)
 
 

@@ -93,7 +93,8 @@ def test_restore_mismatch_names_the_directory_and_parameters(tmp_path):
         checkpoint.restore(tmp_path / "ck", {"a": sds(3), "b": {"c": sds(2, 3)}})
     (tmp_path / "empty").mkdir()
     with pytest.raises(
-        CheckpointError, match=re.escape(f"{tmp_path / 'empty' / 'params'} is missing")
+        checkpoint.DamagedCheckpointError,
+        match=re.escape(f"{tmp_path / 'empty'}: params/ is missing") + ".*--overwrite",
     ):
         checkpoint.restore(tmp_path / "empty", {"a": sds(3)})
 

@@ -132,6 +132,7 @@ def test_bad_audio(model, files, case):
     assert "message 0" in str(e.value) or err is AudioError
 
 
+@pytest.mark.slow  # ~25-50 s on 2 loaded cores (one batched tokenizer compile)
 def test_audio_layouts_and_rates_give_the_16k_mono_codes(model, files):
     """(array, rate) tuples, channels-first / -last and int16 PCM encode like the 16 kHz file."""
     from kimia_jax.inference import pipeline
@@ -350,6 +351,7 @@ def test_unknown_output_type(model):
         model.generate(_text(), "speech")
 
 
+@pytest.mark.slow  # ~25-30 s on 2 loaded cores (streamed chunks of six budgets)
 def test_stream_pieces_join_to_generate_text_when_the_budget_splits_a_character(model):
     """The final text piece used to be dropped when the budget ended inside a multi-byte
     character (`generate` 43 characters, the stream 28). With the tiny byte-level tokenizer,
