@@ -100,12 +100,12 @@ def check_flags() -> None:
     """Every flag and path checked before the model loads (minutes for the 7B)."""
     if not _MODEL.value:
         raise app.UsageError("--model_path is required")
+    if _RESULTS.value and not _MANIFEST.value:
+        raise app.UsageError("--output is the batch results file: it needs --manifest")
     if bool(_AUDIO.value) == bool(_MANIFEST.value):
         raise app.UsageError("give either --audio (one or more clips) or --manifest (a batch job)")
     if _MANIFEST.value and not _RESULTS.value:
         raise app.UsageError("--manifest needs --output (the results jsonl)")
-    if _RESULTS.value and not _MANIFEST.value:
-        raise app.UsageError("--output is the batch results file: it needs --manifest")
     both = _OUTPUT.value == OutputType.BOTH.value
     if _AUDIO.value:
         if both and not _OUT_WAV.value:

@@ -1,8 +1,18 @@
-"""The launcher's sampling flags are generated from `Sampling` (names, types, defaults, help)."""
+"""The launcher: sampling flags generated from `Sampling`; flags and paths checked before loading;
+batch manifests (kill + resume); the damaged-checkpoint run ends with the error line."""
 
 import dataclasses
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
-from absl import flags
+import pytest
+from absl import app, flags
 
 from experiments import infer
 from kimia_jax.inference.sampler import Sampling
@@ -32,16 +42,6 @@ def test_sampling_flags_are_the_sampling_fields():
 # ----------------------------------------------------------------------------------------------
 # Flags and paths are checked before the model loads (issue 11)
 
-import json  # noqa: E402
-import os  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-from absl import app  # noqa: E402
 
 ROOT = Path(__file__).parents[2]
 
@@ -149,9 +149,11 @@ def test_damaged_checkpoint_last_line_is_the_error(tiny_converted, tmp_path, wav
     b = bytearray(blob.read_bytes())
     b[100::97] = bytes(x ^ 0xFF for x in b[100::97])
     blob.write_bytes(bytes(b))
-    p = _launcher(f"--model_path={d}", f"--audio={wav}", "--dtype=float32", "--quiet")
+    p = _launcher(f"--model_path={d}", f"--audio={wav}", "--dtype=float32")
     out, err = p.communicate(timeout=600)
     assert p.returncode == 1
+    # no Orbax INFO lines, no TPU-backend note (the default --log_level warning)
+    assert not re.search(r"^I\d{4} ", err, re.M) and "tpu" not in err.lower(), err
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: damaged converted checkpoint") and "is corrupted" in last, err
     assert "tools.convert_kimia" in last and "Traceback" not in err and "meta_path" not in err
