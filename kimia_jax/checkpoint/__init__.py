@@ -108,11 +108,11 @@ def _crc32(path: Path) -> str:
 
 
 def file_table(root: Path) -> dict[str, list[Any]]:
-    """{relative path: [bytes, crc32 hex]} of every file under `root`/params and the small files
-    next to it (the meta file itself excluded)."""
+    """{relative path: [bytes, crc32 hex]} of every file of the Orbax tree `root`/params (the
+    config files next to it are checked by their parsers, and may be edited)."""
     table = {}
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and p.name != META_FILE:
+    for p in sorted((root / PARAMS_DIR).rglob("*")):
+        if p.is_file():
             table[p.relative_to(root).as_posix()] = [p.stat().st_size, _crc32(p)]
     return table
 

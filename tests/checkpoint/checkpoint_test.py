@@ -53,7 +53,7 @@ def test_save_restore_round_trip_and_overwrite(tmp_path):
         "format_version": checkpoint.FORMAT_VERSION, "x": 1
     }
     # the file table `verify` checks: every file with its size
-    assert meta["files"]["config.json"][0] == 2 and "params/_METADATA" in meta["files"]
+    assert "params/_METADATA" in meta["files"] and "config.json" not in meta["files"]
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                             params)  # fmt: skip
     _leaves_equal(checkpoint.restore(out, abstract), params)
