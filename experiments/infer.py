@@ -186,13 +186,21 @@ def _load_model(progress: Bars):
                      progress=progress)  # fmt: skip
 
 
+def format_answer(path: str, text: str) -> str:
+    """`<path>: <text>`; a multi-line answer goes on indented lines below `<path>:`, so every
+    answer's lines stay apart from the next path (machine-readable output: --manifest)."""
+    if "\n" not in text:
+        return f"{path}: {text}"
+    return f"{path}:\n" + "\n".join(f"  {line}" for line in text.splitlines())
+
+
 def _run_clips(model, sampling: dict) -> None:
     from kimia_jax.detokenizer.wav import write_wav
 
     chats = [build_messages(_TASK.value, a, _PROMPT.value) for a in _AUDIO.value]
     results = model.generate_batch(chats, _OUTPUT.value, seed=_SEED.value, **sampling)
     for i, (path, (wav, text)) in enumerate(zip(_AUDIO.value, results, strict=True)):
-        print(f"{path}: {text}")
+        print(format_answer(path, text))
         if _OUTPUT.value == OutputType.BOTH.value:
             if wav is None:
                 print(f"  no speech generated for {path}: nothing written", file=sys.stderr)

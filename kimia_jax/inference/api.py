@@ -154,6 +154,7 @@ class KimiAudio:
             if self.cfg.use_whisper_feature
             else None
         )
+        self._report("load", 4, parts)
         # Single-clip audio functions for direct `prompt_builder.build` calls; the API's calls
         # encode all clips of a request in one batched call (`pipeline.encode_audio`).
         self.prompt_builder = prompt_lib.PromptBuilder.from_tokenizer(

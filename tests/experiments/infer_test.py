@@ -220,3 +220,8 @@ def test_manifest_job_killed_and_rerun_completes_without_repeats(tiny_converted,
     assert sum(r["error"] is not None for r in final) == 5
     assert final[: len(first)] == first  # nothing finished was repeated or rewritten
     assert f"{50 - len(first)}" in out or "already done" in out
+
+
+def test_multi_line_answers_stay_apart():
+    assert infer.format_answer("a.wav", "one line") == "a.wav: one line"
+    assert infer.format_answer("a.wav", "x\ny") == "a.wav:\n  x\n  y"
