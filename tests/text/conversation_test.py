@@ -287,11 +287,13 @@ def test_waveform_content_and_no_whisper(audio_dir):
          r"message\)"),
         ([{"role": "user", "message_type": "audio", "content": "/nonexistent/x.wav"}],
          FileNotFoundError, "message 0: audio file not found: /nonexistent/x.wav"),
-        ([{"role": "user", "message_type": "audio", "content": np.zeros((2, 3), np.float32)}],
+        ([{"role": "user", "message_type": "audio", "content": np.zeros((2, 3, 4), np.float32)}],
          PromptError,
-         r"message 0: audio waveform must be a non-empty 1-D array, got shape \(2, 3\)"),
+         r"message 0: audio waveform must be a non-empty \[samples\], \[channels, samples\] or "
+         r"\[samples, channels\] array, got shape \(2, 3, 4\)"),
         ([{"role": "user", "message_type": "audio", "content": 3}], PromptError,
-         "message 0: audio content must be a file path or a 1-D float array, got int"),
+         r"message 0: audio content must be a file path, a waveform array or an \(array, "
+         r"sample_rate\) tuple, got int"),
     ],
 )  # fmt: skip
 def test_bad_messages_raise_clear_errors(msgs, err, match):
