@@ -213,8 +213,9 @@ def dot_product_attention(
       implementation: "xla", "cudnn" (GPU, bf16/fp16 inputs), "pallas" (TPU splash attention) or
         None: "pallas" on TPU and "cudnn" on GPU where the inputs and mask suit the kernel,
         otherwise "xla". An explicit choice that cannot express the inputs raises ValueError.
-      q_chunk: XLA on CPU only: loop over (batch, KV head, chunk of q_chunk queries) so each
-        [G * q_chunk, S] score block stays in cache. Same math row by row; None = one block.
+      q_chunk: XLA on CPU only: loop over (batch, KV head, chunk of at most q_chunk queries;
+        chunks balanced to need no padding) so each [G * chunk, S] score block stays in cache.
+        Same math row by row; None = one block.
       precision: of the two dots (XLA path).
     Returns:
       [B, T, N, H] in q's dtype. Scores and softmax are float32; the probabilities are cast to
@@ -283,6 +284,7 @@ def _xla_chunked(q, k, v, mask, scale, chunk, precision):
     s_len, kh = k.shape[1], k.shape[2]
     g = n // kh
     nc = -(-t // chunk)
+    chunk = -(-t // nc)  # balanced chunks: 1500 queries -> 12 x 125, no padded rows
     pad = nc * chunk - t
     qc = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, nc, chunk, kh, g, h)
     qf = qc.transpose(0, 3, 1, 4, 2, 5).reshape(b * kh * nc, g * chunk, h)  # item (b, kv, c)
