@@ -160,10 +160,6 @@ class AttentionMask:
         return _allowed(m, m.q_positions, m.q_segments)
 
 
-def _map_opt(f, a: jax.Array | None) -> jax.Array | None:
-    return None if a is None else f(a)
-
-
 def _and_opt(a: jax.Array | None, b: jax.Array | None) -> jax.Array | None:
     if a is None:
         return b
@@ -173,10 +169,7 @@ def _and_opt(a: jax.Array | None, b: jax.Array | None) -> jax.Array | None:
 
 
 def _allowed(m: AttentionMask, q_pos: jax.Array | None, q_seg: jax.Array | None) -> jax.Array:
-    """Dense bool [B|1, T, S] of a resolved mask, with the given query positions / segments.
-
-    Works on batched arrays [B, T] or on one row [T] (then the result is [T, S]).
-    """
+    """Dense bool [B|1, T|1, S] of a resolved mask, with the given query positions / segments."""
     ok = jnp.ones((1, 1), bool)
     if m.causal:
         kp, qp = m.k_positions[..., None, :], q_pos[..., :, None]
@@ -291,47 +284,23 @@ def _xla_chunked(q, k, v, mask, scale, chunk, precision):
     kf = k.transpose(0, 2, 1, 3).reshape(b * kh, s_len, h)
     vf = v.astype(q.dtype).transpose(0, 2, 1, 3).reshape(b * kh, s_len, h)
 
-    m = None
-    if mask is not None:
-        m = mask.resolved(t, s_len)
-
-        def per_row(a):  # [B|1, L] -> [B, L]
-            return jnp.broadcast_to(a, (b, *a.shape[1:]))
-
-        def q_rows(a):  # [B|1, T] -> [B, nc * chunk]; padded query rows are dropped at the end
-            return jnp.pad(per_row(a), ((0, 0), (0, pad)), mode="edge")
-
-        m = m.replace(
-            q_positions=_map_opt(q_rows, m.q_positions),
-            k_positions=_map_opt(per_row, m.k_positions),
-            k_valid=_map_opt(per_row, m.k_valid),
-            q_segments=_map_opt(q_rows, m.q_segments),
-            k_segments=_map_opt(per_row, m.k_segments),
-        )
+    allowed = None
+    if mask is not None:  # computed once (not per item): [B|1, T|1, S], padded rows visible
+        allowed = mask.dense(t, s_len)
+        allowed = jnp.broadcast_to(allowed, (*allowed.shape[:2], s_len))
+        if allowed.shape[1] > 1:
+            allowed = jnp.pad(allowed, ((0, 0), (0, pad), (0, 0)), constant_values=True)
 
     def item(xs):
         qq, i = xs  # [G * C, H], flat item index
         bi, ki, ci = i // (kh * nc), (i // nc) % kh, i % nc
         s = jnp.dot(qq, kf[bi * kh + ki].T, preferred_element_type=jnp.float32, precision=precision)
         s = _scale_scores(s, scale, h)  # [G * C, S]
-        if m is not None:
-
-            def take(a):
-                return a[bi]
-
-            def q_chunk_rows(a):
-                return jax.lax.dynamic_slice(a[bi], (ci * chunk,), (chunk,))
-
-            mrow = m.replace(
-                k_positions=_map_opt(take, m.k_positions),
-                k_valid=_map_opt(take, m.k_valid),
-                k_segments=_map_opt(take, m.k_segments),
-            )
-            ok = _allowed(
-                mrow, _map_opt(q_chunk_rows, m.q_positions), _map_opt(q_chunk_rows, m.q_segments)
-            )  # [C|1, S|1]
-            ok = jnp.broadcast_to(ok, (chunk, s_len))
-            s = jnp.where(jnp.tile(ok, (g, 1)), s, _MASKED)
+        if allowed is not None:
+            ok = allowed[bi if allowed.shape[0] > 1 else 0]  # [T|1, S]
+            if ok.shape[0] > 1:
+                ok = jax.lax.dynamic_slice_in_dim(ok, ci * chunk, chunk)  # [C, S]
+            s = jnp.where(ok, s.reshape(g, chunk, s_len), _MASKED).reshape(g * chunk, s_len)
         p = jax.nn.softmax(s, axis=-1).astype(q.dtype)
         return jnp.dot(p, vf[bi * kh + ki], precision=precision)
 
