@@ -4,9 +4,12 @@
 Both share the pre-LN encoder layer (LayerNorm eps 1e-5, k_proj without bias, q scaled by
 head_dim^-0.5 before the dot, exact erf GELU). They differ in the conv front end (symmetric
 padding 1 vs causal left padding 2), the attention mask (none vs block-causal + key padding), the
-final LayerNorm (whisper only) and the pooling + VQ stage (GLM only).
+final LayerNorm (whisper only) and the pooling + VQ stage (GLM only). Attention, LayerNorm and the
+projections are the shared layers (`layers.attention.dot_product_attention` with an
+`AttentionMask`, `layers.norm.LayerNorm`, `layers.linear.Linear`).
 
-Parameter paths mirror the Hugging Face names: `conv1/kernel`, `layers_3/self_attn/q_proj/kernel`,
+Parameter paths mirror the Hugging Face names and layouts: `front/conv1/kernel` ([3, in, out]),
+`layers_3/self_attn/q_proj/weight` ([out, in], as HF), `layers_3/final_layer_norm/weight`,
 `embed_positions`, `codebook`, ...
 """
 
