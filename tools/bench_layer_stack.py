@@ -55,7 +55,9 @@ def main(argv):
 
     threads = os.environ.get("XLA_FLAGS", "")
     print(f"jax {jax.__version__} backend={jax.default_backend()} {threads}")
-    print(f"prompt={_PROMPT.value} steps={_STEPS.value} fp32 greedy 'both', best of {_REPEATS.value}")
+    print(
+        f"prompt={_PROMPT.value} steps={_STEPS.value} fp32 greedy 'both', best of {_REPEATS.value}"
+    )
     print("| size | layout | batch | compile generate (s) | decode steps/s (all rows) |")
     print("|---|---|---|---|---|")
     grads = []

@@ -1,8 +1,9 @@
 """Qwen2 attention (q/k/v bias, GQA, RoPE) over an optional static-shape KV cache.
 
 Cache: `kimia_jax.layers.kv_cache.KVCache`, per layer k, v [B, S, K, H] (K = KV heads, keys stored
-after RoPE, values raw); the slot index equals the absolute position, so "key slot s is visible to a query at position p" is
-just `s <= p` (spec/llm.md §3.2/§4: bottom-right aligned causal attention over the cache).
+after RoPE, values raw); the slot index equals the absolute position, so "key slot s is visible to
+a query at position p" is just `s <= p` (spec/llm.md §3.2/§4: bottom-right aligned causal
+attention over the cache).
 """
 
 from __future__ import annotations
@@ -90,11 +91,9 @@ class Attention(nn.Module):
         k = rope.apply(k, cos, sin)
         q = sharding.constrain(q, ("batch", "length", "act_heads", None))
 
-        kv: KVCache | LayerKV
+        kv: KVCache | LayerKV = (k, v)
         if cache is not None:
             kv = cache.update(layer, k, v, positions[:, 0]).constrain()
-        else:
-            kv = (k, v)
         if attend_cache:
             if cache is None:
                 raise ValueError("attend_cache=True needs a cache")

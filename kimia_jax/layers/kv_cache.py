@@ -130,12 +130,9 @@ class KVCache:
 
             return jax.vmap(row, in_axes=(1, 1, 0, 0), out_axes=1)(buf, new, self.length, shift)
 
-        return KVCache(
-            k=one(self.k, k), v=one(self.v, v), length=jnp.minimum(total, max_length)
-        )
+        return KVCache(k=one(self.k, k), v=one(self.v, v), length=jnp.minimum(total, max_length))
 
     def resized(self, capacity: int) -> KVCache:
         """The same entries in a buffer of `capacity` >= the current one (zero slots appended)."""
         pad = ((0, 0), (0, 0), (0, capacity - self.capacity), (0, 0), (0, 0))
         return self.replace(k=jnp.pad(self.k, pad), v=jnp.pad(self.v, pad))
-

@@ -36,7 +36,9 @@ def inv_freq(
     raise ValueError(f"table_dtype must be 'float32' or 'float64', got {table_dtype!r}")
 
 
-def angles(positions: jax.Array, freqs: np.ndarray | jax.Array, interpolation: float = 1.0) -> jax.Array:
+def angles(
+    positions: jax.Array, freqs: np.ndarray | jax.Array, interpolation: float = 1.0
+) -> jax.Array:
     """[..., H/2] float32 angles (position / interpolation) * freqs for integer positions [...]."""
     pos = positions.astype(jnp.float32)
     if interpolation != 1.0:

@@ -247,3 +247,17 @@ class _FinalLayer(nn.Module):
         shift, scale = jnp.split(mod, 2, axis=-1)  # shift first (spec §2.6)
         u = _layer_norm(dt)(x) * (1 + scale) + shift
         return _dense(self.cfg.input_size, ("embed", "mel"), "linear", dt)(u)
+
+
+def example_inputs(cfg: DiTConfig, frames: int = 2, cached: int = 2) -> tuple[Any, ...]:
+    """Positional inputs of `FlowDiT` for `init` / `eval_shape`: one row, `frames` chunk frames,
+    a cache of `cached` valid frames."""
+    cache = KVCache.zeros(cfg.depth, 1, cached, cfg.num_heads, cfg.head_dim, jnp.float32)
+    return (
+        jnp.zeros((1, frames, cfg.input_size)),
+        jnp.zeros((1, frames), jnp.int32),
+        jnp.zeros((1,), jnp.int32),
+        jnp.zeros((1, frames), jnp.int32),
+        cache.replace(length=jnp.full((1,), cached, jnp.int32)),
+        jnp.ones((1, frames), bool),
+    )

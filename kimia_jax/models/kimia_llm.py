@@ -304,7 +304,11 @@ class KimiaLLM(nn.Module):
         x, aux = self.embed(audio_ids, text_ids, features, continuous_mask)
         if collect:
             aux["inputs_embeds"] = x
-        n, nm, seed_at = c.num_hidden_layers, c.kimia_mimo_layers, c.kimia_mimo_transformer_from_layer_index
+        n, nm, seed_at = (
+            c.num_hidden_layers,
+            c.kimia_mimo_layers,
+            c.kimia_mimo_transformer_from_layer_index,
+        )
         if c.scan_layers:
             x, m, kv_main, main_outs = self._scanned(
                 "layers", n, 0, x, positions, cache, attend_cache, collect, seed_at

@@ -9,8 +9,8 @@ from kimia_jax.layers.kv_cache import AXES, KVCache
 
 def _marked(layers: int, batch: int, t: int, base: float) -> jax.Array:
     """[layers, batch, t, 1, 1] with value base + 100 * layer + 10 * row + slot."""
-    l, b, s = np.meshgrid(np.arange(layers), np.arange(batch), np.arange(t), indexing="ij")
-    return jnp.asarray((base + 100 * l + 10 * b + s)[..., None, None], jnp.float32)
+    ly, b, s = np.meshgrid(np.arange(layers), np.arange(batch), np.arange(t), indexing="ij")
+    return jnp.asarray((base + 100 * ly + 10 * b + s)[..., None, None], jnp.float32)
 
 
 def test_zeros_layout_and_axes():

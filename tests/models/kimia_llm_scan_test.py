@@ -76,8 +76,13 @@ def test_scanned_decode_through_generate_equals_unrolled(loaded):
     p = fixture_prompt(cfg.kimia_adaptor_input_dim)
     outs = [
         gen.generate_fixed(
-            prm, p, jax.random.key(0), model=kimia_llm.KimiaLLM(c), max_new_tokens=12,
-            stream=TINY_STREAM["both"], trace=True,
+            prm,
+            p,
+            jax.random.key(0),
+            model=kimia_llm.KimiaLLM(c),
+            max_new_tokens=12,
+            stream=TINY_STREAM["both"],
+            trace=True,
         )  # fmt: skip
         for c, prm in ((cfg, params), (scfg, sparams))
     ]
