@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kimia_jax.layers import rope
+from kimia_jax.layers.attention import AttentionMask, dot_product_attention
 from kimia_jax.layers.kv_cache import KVCache
 from kimia_jax.layers.linear import dense
 from kimia_jax.layers.mlp import MLP
@@ -150,11 +151,11 @@ class Attention(nn.Module):
             k = rope.apply_interleaved(k, positions, freqs, cfg.rope_interpolation_factor)
         keys = jnp.concatenate([cache_k.astype(k.dtype), k], axis=1)  # [B, S+L, N, H]
         vals = jnp.concatenate([cache_v.astype(v.dtype), v], axis=1)
-        logits = jnp.einsum("blnh,bsnh->bnls", q, keys, preferred_element_type=jnp.float32)
-        logits = logits * jnp.float32(hd**-0.5)
-        logits = jnp.where(key_mask[:, None, None, :], logits, -jnp.inf)
-        probs = jax.nn.softmax(logits, axis=-1)
-        o = jnp.einsum("bnls,bsnh->blnh", probs.astype(vals.dtype), vals).reshape(b, ln, d)
+        # scores * hd^-0.5 in float32 as the official code; every query sees >= 1 key (its own
+        # chunk's first frame), so the masked value (finfo.min vs the official -inf) never shows.
+        o = dot_product_attention(
+            q, keys, vals, mask=AttentionMask.make_padding(key_mask), scale=float(hd**-0.5)
+        ).reshape(b, ln, d)
         return _dense(d, ("mlp", "embed"), "proj", dt)(o), k, v
 
 
