@@ -15,7 +15,7 @@ which decodes fastest on CPU (decode reads every weight once per token). With
 so compile time does not grow with depth (training). `stack_layers` / `unstack_layers` convert a
 parameter tree between the two layouts (checkpoints hold the unrolled one; `to_layout` is what the
 loader applies). `cfg.remat_policy` rematerializes every layer in the backward pass
-(`REMAT_POLICIES`). See README "Layer stack" for measured decode speed and compile time.
+(`REMAT_POLICIES`). Measured decode speed and compile time of both: tools/bench_layer_stack.py.
 """
 
 from __future__ import annotations
