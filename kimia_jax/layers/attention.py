@@ -14,8 +14,9 @@ Masks combine with `&`. Backends: "xla" (the reference; on CPU optionally looped
 chunks so each score block stays in cache), "cudnn" (`jax.nn.dot_product_attention`,
 implementation="cudnn", GPU, half precision), "pallas" (splash attention, TPU).
 
-Cache layout per layer: k, v [B, S, K, H] (K = KV heads, keys stored after RoPE, values raw), the
-slot index equals the absolute position, so the causal mask by positions is exactly the cache mask.
+Qwen2 `Attention` caches into `kimia_jax.layers.kv_cache.KVCache`: per layer k, v [B, S, K, H]
+(K = KV heads, keys stored after RoPE, values raw); the slot index equals the absolute position,
+so the causal mask by positions is exactly the cache mask.
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from kimia_jax import sharding
 from kimia_jax.layers import rope
+from kimia_jax.layers.kv_cache import KVCache
 from kimia_jax.layers.linear import Linear
 
 LayerKV = tuple[jax.Array, jax.Array]  # (k, v) each [B, S, K, H]
@@ -430,17 +433,12 @@ def _splash(q, k, v, mask, scale):
 # Qwen2 attention
 
 
-def write_cache(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-    """Writes new [B, T, K, H] into cache [B, S, K, H] at per-row offsets start [B].
-
-    The caller guarantees start + T <= S (dynamic_update_slice would clamp silently).
-    """
-    upd = jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice(c, u, (s, 0, 0)))
-    return upd(cache, new.astype(cache.dtype), start.astype(jnp.int32))
-
-
 class Attention(nn.Module):
-    """Twin of Qwen2Attention (self_attn): q/k/v projections with bias, o_proj without."""
+    """Twin of Qwen2Attention (self_attn): q/k/v projections with bias, o_proj without.
+
+    The projections are tagged with `checkpoint_name` ("query_proj", "key_proj", "value_proj",
+    "out_proj") for the remat policies of `kimia_jax.models.kimia_llm`.
+    """
 
     num_heads: int
     num_kv_heads: int
@@ -454,15 +452,17 @@ class Attention(nn.Module):
         self,
         x: jax.Array,  # [B, T, D]
         positions: jax.Array,  # [B, T] int32
-        cache: LayerKV | None = None,
+        cache: KVCache | None = None,
+        layer: int | jax.Array = 0,
         attend_cache: bool = False,
-    ) -> tuple[jax.Array, LayerKV]:
+    ) -> tuple[jax.Array, KVCache | LayerKV]:
         """Returns (output [B, T, D], kv).
 
-        With `cache` the new k/v are written at `positions[:, 0]` and kv is the updated cache;
-        without, kv is the fresh (k, v) of this call. `attend_cache` selects the keys: the whole
-        cache (decode, or a prefill continuing a conversation) or only this call's tokens (a prefill
-        from position 0, which avoids attending over the empty tail of a long cache).
+        With `cache` the new k/v are written into its layer `layer` at `positions[:, 0]` and kv is
+        the updated cache; without, kv is the fresh (k, v) of this call. `attend_cache` selects
+        the keys: the whole cache (decode, or a prefill continuing a conversation) or only this
+        call's tokens (a prefill from position 0, which avoids attending over the empty tail of a
+        long cache).
         """
         b, t, d = x.shape
         n, kh, h = self.num_heads, self.num_kv_heads, self.head_dim
@@ -470,35 +470,27 @@ class Attention(nn.Module):
         q = Linear(n * h, ("heads", "embed"), use_bias=True, name="q_proj", **kw)(x)
         k = Linear(kh * h, ("kv_heads", "embed"), use_bias=True, name="k_proj", **kw)(x)
         v = Linear(kh * h, ("kv_heads", "embed"), use_bias=True, name="v_proj", **kw)(x)
-        q = q.reshape(b, t, n, h)
-        k = k.reshape(b, t, kh, h)
-        v = v.reshape(b, t, kh, h)
+        q = checkpoint_name(q, "query_proj").reshape(b, t, n, h)
+        k = checkpoint_name(k, "key_proj").reshape(b, t, kh, h)
+        v = checkpoint_name(v, "value_proj").reshape(b, t, kh, h)
         cos, sin = rope.cos_sin(positions, h, self.rope_theta, self.dtype)
         q = rope.apply(q, cos, sin)
         k = rope.apply(k, cos, sin)
         q = sharding.constrain(q, ("batch", "length", "act_heads", None))
 
+        kv: KVCache | LayerKV = (k, v)
         if cache is not None:
-            ck = write_cache(cache[0], k, positions[:, 0])
-            cv = write_cache(cache[1], v, positions[:, 0])
-            ck = sharding.constrain(
-                ck, ("cache_batch", "cache_length", "cache_kv_heads", "cache_head_dim")
-            )
-            cv = sharding.constrain(
-                cv, ("cache_batch", "cache_length", "cache_kv_heads", "cache_head_dim")
-            )
-            kv: LayerKV = (ck, cv)
-        else:
-            kv = (k, v)
+            kv = cache.update(layer, k, v, positions[:, 0]).constrain()
         if attend_cache:
             if cache is None:
                 raise ValueError("attend_cache=True needs a cache")
-            k_pos = jnp.arange(kv[0].shape[1], dtype=jnp.int32)[None, :]
+            ck, cv = kv.layer(layer)
+            k_pos = jnp.arange(ck.shape[1], dtype=jnp.int32)[None, :]
             mask = AttentionMask.make_causal(positions, k_pos)
-            out = dot_product_attention(q, kv[0], kv[1].astype(self.dtype), mask=mask)
+            out = dot_product_attention(q, ck, cv, mask=mask)
         else:
             mask = AttentionMask.make_causal(positions, positions)
             out = dot_product_attention(q, k, v, mask=mask)
         out = out.reshape(b, t, n * h)
         out = Linear(d, ("embed", "heads"), name="o_proj", **kw)(out)
-        return out, kv
+        return checkpoint_name(out, "out_proj"), kv
