@@ -13,6 +13,7 @@ from __future__ import annotations
 from absl import app, flags
 
 from kimia_jax.configs import layout
+from kimia_jax.conversion.kimia import convert_all  # noqa: F401 (the notebook imports it here)
 
 _SRC = flags.DEFINE_string("src", None, "Released Kimi-Audio folder.", required=True)
 _GLM = flags.DEFINE_string(
@@ -32,8 +33,6 @@ _DETOK = flags.DEFINE_bool(
 
 def main(argv: list[str]) -> None:
     del argv
-    from kimia_jax.conversion.kimia import convert_all
-
     out = convert_all(
         _SRC.value, _OUT.value, _GLM.value, _DTYPE.value, _DETOK.value, overwrite=_OVERWRITE.value
     )
