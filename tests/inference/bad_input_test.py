@@ -495,7 +495,7 @@ def test_written_files_honour_the_umask(released, tmp_path):
         mode = p.stat().st_mode & 0o777
         assert mode == (0o755 if p.is_dir() else 0o644), (p, oct(mode))
     tool = (Path(__file__).parents[2] / "tools" / "tokenize_audio.py").read_text()
-    assert "fileio.atomic_file" in tool and "mkstemp" not in tool
+    assert "fileio.atomic_file(" in tool and "tempfile.mkstemp(" not in tool
 
 
 # ----------------------------------------------------------------------------------------------
