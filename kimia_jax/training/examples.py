@@ -686,8 +686,8 @@ def row_arrays(
 ) -> dict[str, np.ndarray]:
     """The §2.4 tensors of one row holding `examples` back to back (segment ids 1, 2, ...).
 
-    Returns: audio_ids, text_ids, audio_labels, text_labels, positions, segment_ids, cont_src
-    (int32 [T]); is_continuous, audio_loss_mask, text_loss_mask (bool [T]); loss_weight
+    Returns: audio_ids, text_ids, audio_labels, text_labels, positions (restarting at 0 per
+    example; padding continues the row index), segment_ids, cont_src (int32 [T]); is_continuous, audio_loss_mask, text_loss_mask (bool [T]); loss_weight
     (float32 [T]); whisper_wav ([W, 480000], float32 or int16 = round(x * 32768)); whisper_keep
     (int32 [W], 4 * ceil(L_w / 1280) frames, 0 for unused windows).
     """
@@ -739,6 +739,9 @@ def row_arrays(
             )
             win += len(windows)
         pos += n
+    # Padding continues the row index: under a positions-based causal mask no real query
+    # (positions < its example's length) can see a padding key.
+    out["positions"][pos:] = np.arange(pos, t)
     return out
 
 
