@@ -30,15 +30,23 @@ def write_cache(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array
 
 
 def attend(
-    q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, dtype: jnp.dtype
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_pos: jax.Array,
+    k_pos: jax.Array,
+    dtype: jnp.dtype,
+    segment_ids: jax.Array | None = None,
 ) -> jax.Array:
     """Causal GQA attention by positions.
 
     Args:
       q: [B, T, N, H] queries (after RoPE); k, v: [B, S, K, H].
       q_pos: [B, T] absolute positions of the queries; k_pos: [B, S] (or [1, S]) of the keys.
+      segment_ids: [B, T] packed-example ids of queries and keys (self-attention, S == T), or None.
     Returns:
-      [B, T, N, H]; key s is visible to query t iff k_pos[s] <= q_pos[t].
+      [B, T, N, H]; key s is visible to query t iff k_pos[s] <= q_pos[t] (and, with segment_ids,
+      both belong to the same packed example).
     """
     b, t, n, h = q.shape
     kh = k.shape[2]
@@ -46,6 +54,8 @@ def attend(
     scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(h)
     mask = k_pos[:, None, None, None, :] <= q_pos[:, None, None, :, None]  # [B, 1, 1, T, S]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, None, None, None, :] == segment_ids[:, None, None, :, None])
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(dtype))
@@ -69,8 +79,9 @@ class Attention(nn.Module):
         positions: jax.Array,  # [B, T] int32
         cache: LayerKV | None = None,
         attend_cache: bool = False,
+        segment_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, LayerKV]:
-        """Returns (output [B, T, D], kv).
+        """Returns (output [B, T, D], kv). `segment_ids` [B, T]: packed rows (no cache).
 
         With `cache` the new k/v are written at `positions[:, 0]` and kv is the updated cache;
         without, kv is the fresh (k, v) of this call. `attend_cache` selects the keys: the whole
@@ -107,9 +118,11 @@ class Attention(nn.Module):
             if cache is None:
                 raise ValueError("attend_cache=True needs a cache")
             k_pos = jnp.arange(kv[0].shape[1], dtype=jnp.int32)[None, :]
+            if segment_ids is not None:
+                raise ValueError("segment_ids (packed rows) cannot attend over a cache")
             out = attend(q, kv[0], kv[1], positions, k_pos, self.dtype)
         else:
-            out = attend(q, k, v, positions, positions, self.dtype)
+            out = attend(q, k, v, positions, positions, self.dtype, segment_ids)
         out = out.reshape(b, t, n * h)
         out = Linear(d, ("embed", "heads"), name="o_proj", **kw)(out)
         return out, kv

@@ -91,7 +91,12 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, positions: jax.Array, cache: LayerKV | None, attend_cache: bool
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        cache: LayerKV | None,
+        attend_cache: bool,
+        segment_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, LayerKV]:
         c = self.cfg
         kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
@@ -102,7 +107,13 @@ class DecoderLayer(nn.Module):
             c.rope_theta,
             name="self_attn",
             **kw,
-        )(RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x), positions, cache, attend_cache)
+        )(
+            RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x),
+            positions,
+            cache,
+            attend_cache,
+            segment_ids,
+        )
         h = sharding.constrain(x + h, ("batch", "length", "act_embed"))
         out = h + MLP(c.intermediate_size, name="mlp", **kw)(
             RMSNorm(c.rms_norm_eps, name="post_attention_layernorm", **kw)(h)
@@ -215,6 +226,7 @@ class KimiaLLM(nn.Module):
         attend_cache: bool = False,
         logits_at: jax.Array | None = None,
         collect: bool = False,
+        segment_ids: jax.Array | None = None,
     ) -> LlmOutput:
         """One forward call over T positions of both streams.
 
@@ -228,6 +240,8 @@ class KimiaLLM(nn.Module):
           logits_at: [B] int32 position index (within this call) whose logits to return; None
             returns logits for all T positions.
           collect: also return every layer output and norm output in `aux` (parity tests).
+          segment_ids: [B, T] int32 packed-example ids (training rows): attention stays within
+            equal ids (positions restart per example). None: one sequence per row.
         Returns:
           LlmOutput with fp32 text and audio logits and the updated cache (or fresh per-layer kv).
         """
@@ -240,7 +254,11 @@ class KimiaLLM(nn.Module):
         m = None
         for i, layer in enumerate(self.layers):
             x, kv = layer(
-                x, positions, None if cache is None else (cache.k[i], cache.v[i]), attend_cache
+                x,
+                positions,
+                None if cache is None else (cache.k[i], cache.v[i]),
+                attend_cache,
+                segment_ids,
             )
             kvs.append(kv)
             main_outs.append(x)
@@ -249,7 +267,11 @@ class KimiaLLM(nn.Module):
         for j, layer in enumerate(self.mimo_layers):
             idx = c.num_hidden_layers + j
             m, kv = layer(
-                m, positions, None if cache is None else (cache.k[idx], cache.v[idx]), attend_cache
+                m,
+                positions,
+                None if cache is None else (cache.k[idx], cache.v[idx]),
+                attend_cache,
+                segment_ids,
             )
             kvs.append(kv)
             mimo_outs.append(m)

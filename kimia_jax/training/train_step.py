@@ -243,6 +243,32 @@ def batch_shardings(batch: dict[str, Any], mesh: Mesh) -> dict[str, NamedShardin
     return out
 
 
+def _dict_keys(path: Any) -> tuple[Any, ...]:
+    return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def like_params(tree: Any, params: Any, param_shardings: Any, default: Any) -> Any:
+    """Shardings for an optimizer-state-like tree: a leaf whose dict-key path ends with a
+    parameter's path and has its shape gets that parameter's sharding; anything else `default`."""
+    by_path = {}
+    for (path, p), sh in zip(
+        jax.tree_util.tree_flatten_with_path(params)[0],
+        jax.tree.leaves(param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding)),
+        strict=True,
+    ):
+        by_path[_dict_keys(path)] = (np.shape(p), sh)
+
+    def pick(path: Any, leaf: Any) -> Any:
+        keys = _dict_keys(path)
+        for i in range(len(keys)):
+            hit = by_path.get(keys[i:])
+            if hit is not None and hit[0] == np.shape(leaf):
+                return hit[1]
+        return default
+
+    return jax.tree_util.tree_map_with_path(pick, tree)
+
+
 class TrainStep:
     """Builds, shards and compiles the train step (one compile per phase and batch shape).
 
@@ -303,16 +329,8 @@ class TrainStep:
         if self.mesh is None:
             return None
         ps = self.param_shardings()
-        tx = self.optimizer(state.whisper_trainable)
         rep = sharding.replicated(self.mesh)
-        opt = optax.tree_map_params(
-            tx,
-            lambda _, s: s,
-            state.opt_state,
-            ps,
-            transform_non_params=lambda _: rep,
-            is_leaf=lambda x: isinstance(x, NamedSharding),
-        )
+        opt = like_params(state.opt_state, state.params, ps, rep)
         return TrainState(
             step=rep, params=ps, opt_state=opt, whisper_trainable=state.whisper_trainable
         )
