@@ -162,8 +162,8 @@ class VocabParam(nn.Module):
 
 @flax.struct.dataclass
 class LlmOutput:
-    text_logits: jax.Array  # [B, T', V] fp32 (T' = T, or 1 with `logits_at`)
-    audio_logits: jax.Array  # [B, T', V] fp32
+    text_logits: jax.Array | None  # [B, T', V] fp32 (T' = T or 1); None with hidden_only
+    audio_logits: jax.Array | None  # [B, T', V] fp32
     cache: KVCache | tuple[LayerKV, ...]
     aux: dict[str, jax.Array]
 
@@ -227,6 +227,7 @@ class KimiaLLM(nn.Module):
         logits_at: jax.Array | None = None,
         collect: bool = False,
         segment_ids: jax.Array | None = None,
+        hidden_only: bool = False,
     ) -> LlmOutput:
         """One forward call over T positions of both streams.
 
@@ -242,6 +243,8 @@ class KimiaLLM(nn.Module):
           collect: also return every layer output and norm output in `aux` (parity tests).
           segment_ids: [B, T] int32 packed-example ids (training rows): attention stays within
             equal ids (positions restart per example). None: one sequence per row.
+          hidden_only: skip both head matmuls (logits None) and return the final normed hidden
+            states as aux["norm_out"], aux["mimo_norm_out"] (training computes a chunked CE).
         Returns:
           LlmOutput with fp32 text and audio logits and the updated cache (or fresh per-layer kv).
         """
@@ -279,6 +282,9 @@ class KimiaLLM(nn.Module):
             take = jax.vmap(lambda h, i: jax.lax.dynamic_slice_in_dim(h, i, 1, axis=0))
             x, m = take(x, logits_at), take(m, logits_at)
         h_text, h_audio = self.norm(x), self.mimo_norm(m)
+        if hidden_only:
+            aux.update(norm_out=h_text, mimo_norm_out=h_audio)
+            return LlmOutput(text_logits=None, audio_logits=None, cache=(), aux=aux)
         text_logits = sharding.constrain(
             self.lm_head.logits(h_text), ("batch", "length", "act_vocab")
         )

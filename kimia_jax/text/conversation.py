@@ -203,8 +203,8 @@ def delayed_speech_block(
     Text stream: the text ids, `text_eos`, then blanks. Audio stream: `delay` blanks, the codes
     (already offset), the end marker `end_id`, blanks where the text is longer. Length
     L = max(n + 1, N + delay + 1). The end marker sits right after the codes, or on the last row
-    when `end_at_last` (an SFT turn's `msg_end`, which must close the turn). Loss flags: text ids and
-    `text_eos` (text), codes and the end marker (audio); blanks have none.
+    when `end_at_last` (an SFT turn's `msg_end`, which must close the turn). Loss flags: text ids
+    and `text_eos` (text), codes and the end marker (audio); blanks have none.
 
     Returns:
       (audio ids, text ids, audio loss flags, text loss flags), each of length L.

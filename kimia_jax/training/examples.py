@@ -10,10 +10,10 @@ what training needs on top of the streams:
   id AT t is a target), the waveforms of the continuous spans, task name, weight, what was cut.
 * `Example.labels`: `x_labels[t] = x_ids[t+1]`, pad id last; `x_loss_mask[t] = flag[t+1]`, False
   last (the official `__getitem__`).
-* `SftExampleBuilder`: the official SFT jsonl schema (`task_type`, `conversation`, audio `content` as a
-  path relative to the jsonl, `audio_tokens` already offset) and our own records (training.md §4.1
-  schema: `messages` with `kind` text / audio / audio_text, codes not offset), and one helper per
-  SFT task (understanding, audio chat, speech conversation, TTS).
+* `SftExampleBuilder`: the official SFT jsonl schema (`task_type`, `conversation`, audio `content`
+  as a path relative to the jsonl, `audio_tokens` already offset) and our own records
+  (training.md §4.1 schema: `messages` with `kind` text / audio / audio_text, codes not offset),
+  and one helper per SFT task (understanding, audio chat, speech conversation, TTS).
 * `PretrainExampleBuilder`: the seven pre-training tasks of training.md §3.2 / §3.4 from a run of
   consecutive segments, with the blocks of §3.3 (A, AD, T, T', ADT).
 * `Truncation`: the configured maximum length, the policy (truncate / drop / error) and a counter
@@ -131,8 +131,8 @@ def _check_clip(span_len: int, wav: np.ndarray, what: str) -> None:
     if rows != span_len:
         raise PromptError(
             f"{what}: {span_len} audio tokens but the waveform ({len(wav)} samples) gives {rows} "
-            "Whisper feature rows (ceil(L/1280) per 30 s window); the tokens were not computed from "
-            "this audio (the official forward asserts here)"
+            "Whisper feature rows (ceil(L/1280) per 30 s window); the tokens were not computed "
+            "from this audio (the official forward asserts here)"
         )
 
 
@@ -171,8 +171,9 @@ class Truncation:
 
     def summary(self) -> str:
         return (
-            f"{self.examples} examples: {self.truncated} truncated ({self.positions_cut} positions, "
-            f"{self.text_targets_cut} text and {self.audio_targets_cut} audio targets cut), "
+            f"{self.examples} examples: {self.truncated} truncated ({self.positions_cut} "
+            f"positions, {self.text_targets_cut} text and {self.audio_targets_cut} audio targets "
+            "cut), "
             f"{self.dropped} dropped, {self.segments_unused} segments unused"
         )
 
@@ -312,7 +313,9 @@ class SftExampleBuilder:
         """
         for key in ("task_type", "conversation"):
             if key not in record:
-                raise PromptError(f"SFT record lacks {key!r} (official schema: task_type, conversation)")
+                raise PromptError(
+                    f"SFT record lacks {key!r} (official schema: task_type, conversation)"
+                )
         output_type = "text" if record["task_type"] == "understanding" else "both"
         msgs = []
         for i, m in enumerate(record["conversation"]):
@@ -374,7 +377,9 @@ class SftExampleBuilder:
             elif kind == "audio_text":
                 out.update(message_type="audio-text", content=(m.get("audio"), text))
             else:
-                raise PromptError(f"message {i}: kind must be text, audio or audio_text, got {kind!r}")
+                raise PromptError(
+                    f"message {i}: kind must be text, audio or audio_text, got {kind!r}"
+                )
             msgs.append(out)
         return self.conversation(
             msgs,
@@ -526,7 +531,9 @@ class PretrainExampleBuilder:
 
     def _a(self, s: _Stream, seg: Segment, what: str) -> np.ndarray:
         if seg.audio is None:
-            raise PromptError(f"{what}: a continuous-input block (a_i) needs the segment's waveform")
+            raise PromptError(
+                f"{what}: a continuous-input block (a_i) needs the segment's waveform"
+            )
         codes = (np.asarray(seg.codes, np.int64) + self.offset).tolist()
         s.audio_extend([self.t.media_begin])
         s.audio_extend(codes, cont=True)
@@ -662,11 +669,7 @@ def pack(
                 f"more than a row ({length} / {max_windows}); set Truncation.max_length"
             )
         for r, (pos, win) in enumerate(room):
-            if (
-                pos >= len(ex)
-                and win >= ex.num_windows
-                and len(rows[r]) < max_segments
-            ):
+            if pos >= len(ex) and win >= ex.num_windows and len(rows[r]) < max_segments:
                 rows[r].append(i)
                 room[r] = (pos - len(ex), win - ex.num_windows)
                 break
@@ -687,9 +690,10 @@ def row_arrays(
     """The §2.4 tensors of one row holding `examples` back to back (segment ids 1, 2, ...).
 
     Returns: audio_ids, text_ids, audio_labels, text_labels, positions (restarting at 0 per
-    example; padding continues the row index), segment_ids, cont_src (int32 [T]); is_continuous, audio_loss_mask, text_loss_mask (bool [T]); loss_weight
-    (float32 [T]); whisper_wav ([W, 480000], float32 or int16 = round(x * 32768)); whisper_keep
-    (int32 [W], 4 * ceil(L_w / 1280) frames, 0 for unused windows).
+    example; padding continues the row index), segment_ids, cont_src (int32 [T]); is_continuous,
+    audio_loss_mask, text_loss_mask (bool [T]); loss_weight (float32 [T]); whisper_wav
+    ([W, 480000], float32 or int16 = round(x * 32768)); whisper_keep (int32 [W],
+    4 * ceil(L_w / 1280) frames, 0 for unused windows).
     """
     t, w = length, max_windows
     out = {
@@ -735,8 +739,8 @@ def row_arrays(
                 out["whisper_keep"][win + j] = 4 * token_len(len(seg))
             r = np.arange(span_len)
             out["cont_src"][pos + start : pos + start + span_len] = (
-                (win + r // ROWS_PER_WINDOW) * ROWS_PER_WINDOW + r % ROWS_PER_WINDOW
-            )
+                win + r // ROWS_PER_WINDOW
+            ) * ROWS_PER_WINDOW + r % ROWS_PER_WINDOW
             win += len(windows)
         pos += n
     # Padding continues the row index: under a positions-based causal mask no real query

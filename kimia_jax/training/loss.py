@@ -58,7 +58,9 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         if self.reduction not in REDUCTIONS:
-            raise ValueError(f"LossConfig.reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+            raise ValueError(
+                f"LossConfig.reduction must be one of {REDUCTIONS}, got {self.reduction!r}"
+            )
         if self.ce_chunk < 1 or self.max_segments < 1:
             raise ValueError("LossConfig.ce_chunk and max_segments must be >= 1")
 

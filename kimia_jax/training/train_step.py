@@ -80,7 +80,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.compute_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"compute_dtype must be float32 or bfloat16, got {self.compute_dtype!r}")
+            raise ValueError(
+                f"compute_dtype must be float32 or bfloat16, got {self.compute_dtype!r}"
+            )
 
 
 @flax.struct.dataclass
@@ -152,7 +154,8 @@ def forward_loss(
         batch["positions"],
         feats,
         batch["is_continuous"],
-        collect=True,
+        collect=collect,
+        hidden_only=True,
         **kw,
     )
     chunk = loss_cfg.ce_chunk
@@ -417,9 +420,7 @@ class TrainStep:
                 self._steps[phase] = jax.jit(fn, donate_argnums=0)
             else:
                 st = self.state_shardings(state)
-                self._steps[phase] = jax.jit(
-                    fn, out_shardings=(st, None), donate_argnums=0
-                )
+                self._steps[phase] = jax.jit(fn, out_shardings=(st, None), donate_argnums=0)
         if self.mesh is not None:
             batch = jax.device_put(batch, batch_shardings(batch, self.mesh))
         return self._steps[phase](state, batch)

@@ -61,6 +61,26 @@ def codes(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, h.NUM_CODES, n)
 
 
+def user_audio(n: int, wav_seed: int, code_seed: int) -> dict:
+    """A user audio message of n tokens with precomputed (offset) audio_tokens."""
+    return {
+        "role": "user",
+        "message_type": "audio",
+        "content": wav(n, wav_seed),
+        "audio_tokens": codes(n, code_seed) + h.OFFSET,
+    }
+
+
+def speech_reply(text: str, n: int, code_seed: int) -> dict:
+    """An assistant speech turn (text + n codes, laid out as a delayed target)."""
+    return {
+        "role": "assistant",
+        "message_type": "audio-text",
+        "content": (None, text),
+        "audio_tokens": codes(n, code_seed) + h.OFFSET,
+    }
+
+
 def ids(text: str) -> int:
     return len(h.tokenizer().encode(text))
 
@@ -93,7 +113,12 @@ def test_understanding_text_instruction():
 def test_understanding_audio_instruction():
     """Audio instruction: a second continuous block before the content audio, one ct (§4.3)."""
     ex = h.builder().understanding(
-        "aqa", wav(5), "yes", instruction_audio=wav(3, 1), codes=codes(5), instruction_codes=codes(3)
+        "aqa",
+        wav(5),
+        "yes",
+        instruction_audio=wav(3, 1),
+        codes=codes(5),
+        instruction_codes=codes(3),
     )
     k = ids("yes")
     assert render(ex) == (
@@ -154,7 +179,9 @@ def test_speech_turn_text_longer_than_audio_puts_mend_last():
 def test_tts_layout():
     text = "hello world"
     n = ids(text)
-    ex = h.builder().tts(text, codes(9), instruction="Please convert the following text to speech. ")
+    ex = h.builder().tts(
+        text, codes(9), instruction="Please convert the following text to speech. "
+    )
     m = ids("Please convert the following text to speech. hello world")
     assert n == 6  # teos shares row 6 with the first code (§4.4 table: r_1 with y_7 / teos)
     assert render(ex) == (
@@ -168,12 +195,12 @@ def test_three_audio_clips_multi_turn_user_and_assistant():
     speech turn; every continuous span gets its own clip, gathered in order."""
     b = h.builder()
     msgs = [
-        {"role": "user", "message_type": "audio", "content": wav(4, 1), "audio_tokens": codes(4) + h.OFFSET},
+        user_audio(4, 1, 0),
         {"role": "assistant", "message_type": "text", "content": "ok"},
-        {"role": "user", "message_type": "audio", "content": wav(380, 2), "audio_tokens": codes(380, 1) + h.OFFSET},
-        {"role": "user", "message_type": "audio", "content": wav(3, 3), "audio_tokens": codes(3, 2) + h.OFFSET},
-        {"role": "assistant", "message_type": "audio-text", "content": (None, "hi"), "audio_tokens": codes(8, 4) + h.OFFSET},
-    ]  # fmt: skip
+        user_audio(380, 2, 1),
+        user_audio(3, 3, 2),
+        speech_reply("hi", 8, 4),
+    ]
     ex = b.conversation(msgs, "both", task="s2s")
     assert [n for _, n in ex.spans] == [4, 380, 3]
     assert ex.num_windows == 1 + 2 + 1
@@ -197,7 +224,9 @@ def test_official_schema_checks():
     with pytest.raises(PromptError, match="Whisper feature rows"):
         b.official(rec, h.TRAIN_FIX)
     rec = json.loads(json.dumps(h.records()[0]))
-    rec["conversation"][1]["audio_tokens"] = [c - h.OFFSET for c in rec["conversation"][1]["audio_tokens"]]
+    rec["conversation"][1]["audio_tokens"] = [
+        c - h.OFFSET for c in rec["conversation"][1]["audio_tokens"]
+    ]
     with pytest.raises(PromptError, match="must already include kimia_token_offset"):
         b.official(rec, h.TRAIN_FIX)
     with pytest.raises(PromptError, match="lacks 'task_type'"):
@@ -210,13 +239,14 @@ def test_official_schema_checks():
 
 def test_our_own_record_schema():
     b = h.builder()
+    HELLO = h.tokenizer().encode("hello world")  # noqa: N806
     rec = {
         "task": "s2s",
         "output_type": "both",
         "messages": [
             {"role": "user", "kind": "audio", "audio": wav(5), "codes": codes(5)},
             {"role": "assistant", "kind": "audio_text", "text": "ok", "codes": codes(9, 1)},
-            {"role": "user", "kind": "text", "text": "hello world", "text_ids": h.tokenizer().encode("hello world")},
+            {"role": "user", "kind": "text", "text": "hello world", "text_ids": HELLO},
             {"role": "assistant", "kind": "text", "text": "ok", "loss": False},
         ],
     }  # fmt: skip
@@ -259,9 +289,7 @@ def _pt(max_length=None) -> PretrainExampleBuilder:
 
 
 def _segs() -> list[Segment]:
-    return [
-        Segment(codes(3 + i, i), np.array([10 + i, 11 + i]), wav(3 + i, i)) for i in range(4)
-    ]
+    return [Segment(codes(3 + i, i), np.array([10 + i, 11 + i]), wav(3 + i, i)) for i in range(4)]
 
 
 PRETRAIN_LAYOUTS = {
@@ -300,7 +328,9 @@ def test_pretrain_text_only():
 
 def test_pretrain_adds_segments_while_they_fit():
     tr = Truncation(max_length=20)
-    ex = PretrainExampleBuilder(h.tokenizer().extra_tokens, kimia_token_offset=h.OFFSET, truncation=tr).build("asr", _segs())
+    ex = PretrainExampleBuilder(
+        h.tokenizer().extra_tokens, kimia_token_offset=h.OFFSET, truncation=tr
+    ).build("asr", _segs())
     assert len(ex) == 17 and tr.segments_unused == 2 and tr.truncated == 0  # 8 + 9; +10 > 20
     with pytest.raises(PromptError, match="needs the segment's waveform"):
         _pt().build("asr", [Segment(codes(3), np.array([1]), None)])
@@ -310,7 +340,10 @@ def test_pretrain_adds_segments_while_they_fit():
 
 def test_pack_first_fit_rows():
     b = h.builder()
-    exs = [b.understanding("asr", wav(n, n), "ok", instruction="hi", codes=codes(n)) for n in (30, 12, 3)]
+    exs = [
+        b.understanding("asr", wav(n, n), "ok", instruction="hi", codes=codes(n))
+        for n in (30, 12, 3)
+    ]
     assert [len(e) for e in exs] == [41, 23, 14]
     assert ex_lib.pack(exs, 60, 4, 8) == [[0, 2], [1]]  # the third goes back to the first row
     assert ex_lib.pack(exs, 60, 1, 8) == [[0], [1], [2]]  # one window per row

@@ -1,5 +1,5 @@
-"""Shared pieces of the training tests: the official SFT fixtures (fixtures/training, computed by the
-official fine-tuning code on the tiny checkpoints), their model, builder and name mapping."""
+"""Shared pieces of the training tests: the official SFT fixtures (fixtures/training, computed by
+the official fine-tuning code on the tiny checkpoints), their model, builder and name mapping."""
 
 from __future__ import annotations
 

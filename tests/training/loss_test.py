@@ -38,9 +38,13 @@ def test_chunked_ce_equals_plain_ce_and_its_gradients(chunk):
     ce, lse = head_cross_entropy(h, w, y, chunk=chunk)
     want = _plain_ce(h, w, y)
     np.testing.assert_allclose(ce, want, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(lse, jax.nn.logsumexp(jnp.einsum("btd,vd->btv", h, w), -1), rtol=1e-6)
+    np.testing.assert_allclose(
+        lse, jax.nn.logsumexp(jnp.einsum("btd,vd->btv", h, w), -1), rtol=1e-6
+    )
     mask = jnp.asarray(np.random.default_rng(1).random((B, T)) < 0.5, jnp.float32)
-    g = jax.grad(lambda h, w: jnp.sum(head_cross_entropy(h, w, y, chunk=chunk)[0] * mask), (0, 1))(h, w)
+    g = jax.grad(lambda h, w: jnp.sum(head_cross_entropy(h, w, y, chunk=chunk)[0] * mask), (0, 1))(
+        h, w
+    )
     g_ref = jax.grad(lambda h, w: jnp.sum(_plain_ce(h, w, y) * mask), (0, 1))(h, w)
     for a, b in zip(g, g_ref, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -80,14 +84,18 @@ def test_reductions_by_hand():
     loss, m = kimia_loss(jnp.asarray(tce), jnp.asarray(ace), b, LossConfig())
     lt = (tce * mt * lw).sum() / (mt.sum() + eps)
     la = (ace * ma * lw).sum() / (ma.sum() + eps)
-    np.testing.assert_allclose([loss, m["loss_text"], m["loss_audio"]], [lt + la, lt, la], rtol=1e-6)
+    np.testing.assert_allclose(
+        [loss, m["loss_text"], m["loss_audio"]], [lt + la, lt, la], rtol=1e-6
+    )
 
     cfg = LossConfig(reduction="token_mean", text_weight=0.5, audio_weight=2.0)
     loss, _ = kimia_loss(jnp.asarray(tce), jnp.asarray(ace), b, cfg)
     want = (0.5 * (tce * mt * lw).sum() + 2.0 * (ace * ma * lw).sum()) / (mt.sum() + ma.sum() + eps)
     np.testing.assert_allclose(loss, want, rtol=1e-6)
 
-    loss, m = kimia_loss(jnp.asarray(tce), jnp.asarray(ace), b, LossConfig(reduction="segment_mean"))
+    loss, m = kimia_loss(
+        jnp.asarray(tce), jnp.asarray(ace), b, LossConfig(reduction="segment_mean")
+    )
     per = []
     for r, s in ((0, 1), (0, 2), (1, 1)):
         sel = seg[r] == s

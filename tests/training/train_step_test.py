@@ -24,7 +24,7 @@ from kimia_jax.training.loss import LossConfig
 from kimia_jax.training.optim import OptimConfig
 from kimia_jax.training.train_step import TrainConfig, TrainStep
 from tests.training import helpers as h
-from tests.training.examples_test import codes, wav
+from tests.training.examples_test import codes, speech_reply, user_audio, wav
 
 T, W, ROWS = 64, 3, 4
 CFG = TrainConfig(optim=OptimConfig(learning_rate=1e-3, warmup_steps=1, total_steps=10))
@@ -32,14 +32,13 @@ CFG = TrainConfig(optim=OptimConfig(learning_rate=1e-3, warmup_steps=1, total_st
 
 def three_clip_conversation() -> ex_lib.Example:
     """Two user audios in one turn, an assistant text, a third user audio, a spoken answer."""
-    off = h.OFFSET
     msgs = [
-        {"role": "user", "message_type": "audio", "content": wav(4, 1), "audio_tokens": codes(4) + off},
-        {"role": "user", "message_type": "audio", "content": wav(5, 2), "audio_tokens": codes(5, 1) + off},
+        user_audio(4, 1, 0),
+        user_audio(5, 2, 1),
         {"role": "assistant", "message_type": "text", "content": "ok"},
-        {"role": "user", "message_type": "audio", "content": wav(3, 3), "audio_tokens": codes(3, 2) + off},
-        {"role": "assistant", "message_type": "audio-text", "content": (None, "hi"), "audio_tokens": codes(8, 4) + off},
-    ]  # fmt: skip
+        user_audio(3, 3, 2),
+        speech_reply("hi", 8, 4),
+    ]
     return h.builder().conversation(msgs, "both", task="s2s")
 
 
@@ -68,8 +67,10 @@ def fresh_params():
 
 def max_rel(a, b) -> float:
     errs = jax.tree.map(
-        lambda x, y: float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
-        / max(float(np.max(np.abs(np.asarray(y, np.float64)))), 1e-30),
+        lambda x, y: (
+            float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+            / max(float(np.max(np.abs(np.asarray(y, np.float64)))), 1e-30)
+        ),
         a,
         b,
     )
@@ -117,7 +118,9 @@ def test_frozen_whisper_is_bit_identical_then_trains_with_fresh_moments():
 def test_frozen_phase_optimizer_applies_no_decay_to_the_encoder():
     """Decay would move the encoder even with zero gradients: the frozen group is set_to_zero."""
     p = fresh_params()
-    tx = optim.make_optimizer(OptimConfig(learning_rate=1e-3, warmup_steps=0), whisper_trainable=False)
+    tx = optim.make_optimizer(
+        OptimConfig(learning_rate=1e-3, warmup_steps=0), whisper_trainable=False
+    )
     state = tx.init(p)
     zero = jax.tree.map(jnp.zeros_like, p)
     ones = jax.tree.map(jnp.ones_like, p)
