@@ -301,7 +301,12 @@ class TrainStep:
             )
         dt = self.cfg.compute_dtype
         self.llm_cfg = llm_cfg.replace(dtype=dt)
-        self.whisper_cfg = dataclasses.replace(whisper_cfg, dtype=dt)
+        wkw: dict[str, Any] = {"dtype": dt}
+        if mesh is not None and "attention_chunk" in {f.name for f in dataclasses.fields(whisper_cfg)}:
+            # the CPU query-chunk loop indexes heads/rows dynamically, which the partitioner can
+            # only run replicated (every device encodes every window): batched attention instead
+            wkw["attention_chunk"] = None
+        self.whisper_cfg = dataclasses.replace(whisper_cfg, **wkw)
         self.mesh = mesh
         self._labels = labels
         self._extra = extra_groups
