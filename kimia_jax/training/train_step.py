@@ -302,7 +302,8 @@ class TrainStep:
         dt = self.cfg.compute_dtype
         self.llm_cfg = llm_cfg.replace(dtype=dt)
         wkw: dict[str, Any] = {"dtype": dt}
-        if mesh is not None and "attention_chunk" in {f.name for f in dataclasses.fields(whisper_cfg)}:
+        fields = {f.name for f in dataclasses.fields(whisper_cfg)}
+        if mesh is not None and "attention_chunk" in fields:
             # the CPU query-chunk loop indexes heads/rows dynamically, which the partitioner can
             # only run replicated (every device encodes every window): batched attention instead
             wkw["attention_chunk"] = None

@@ -182,6 +182,7 @@ def test_bf16_compute_with_fp32_master_weights():
     assert np.isfinite(float(m["loss"]))
 
 
+@pytest.mark.slow
 def test_packed_row_equals_examples_alone():
     """A row packing three examples (segment ids 1-3, positions restarting, 3 windows) gives each
     example's own loss, and 3 x its gradient (segment_mean) is the sum of the three alone."""
