@@ -33,6 +33,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check kimia_jax tools experiments tests
 	$(VENV)/bin/ruff format --check kimia_jax tools experiments tests
+	$(VENV)/bin/lint-imports
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format kimia_jax tools experiments tests

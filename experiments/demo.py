@@ -4,7 +4,7 @@
 
 1. writes a tiny Kimi-Audio folder with all five parts in the released layout
    (LLM shards + tokenizer, GLM-4-Voice tokenizer, whisper-large-v3, detokenizer, vocoder),
-2. converts it to Orbax checkpoints (verified, atomic; `tools/convert_kimia.py`),
+2. converts it to Orbax checkpoints (verified, atomic; `kimia_jax.conversion.kimia.convert_all`),
 3. ASR on a bundled English clip (output_type "text"),
 4. a spoken question answered with text and speech (output_type "both"), written to a wav,
    once in one call and once streaming.
@@ -28,10 +28,10 @@ _WORKDIR = flags.DEFINE_string("workdir", "demo_out", "Where the tiny checkpoint
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+    from kimia_jax.conversion.kimia import convert_all
     from kimia_jax.detokenizer.wav import write_wav
     from kimia_jax.inference.api import KimiAudio
     from kimia_jax.testing import tiny_kimia
-    from tools.convert_kimia import convert_all
 
     work = Path(_WORKDIR.value)
     hf_dir, orbax_dir = work / "tiny-Kimi-Audio-7B-Instruct", work / "tiny-kimia-orbax"
@@ -46,7 +46,7 @@ def main(argv: list[str]) -> None:
     )
 
     t0 = time.perf_counter()
-    convert_all(hf_dir, orbax_dir, hf_dir / "glm-4-voice-tokenizer", "float32", detokenizer=True)
+    convert_all(hf_dir, orbax_dir, dtype="float32", detokenizer=True)
     print(f"[2/4] converted all parts to Orbax under {orbax_dir} ({time.perf_counter() - t0:.1f}s)")
 
     t0 = time.perf_counter()

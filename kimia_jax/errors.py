@@ -15,6 +15,10 @@ class CheckpointError(KimiaError):
     """A checkpoint does not match the model: missing, unused or mis-shaped tensors, bad config."""
 
 
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A model path that does not exist, or holds neither a released nor a converted checkpoint."""
+
+
 class AudioError(KimiaError):
     """An audio input that cannot be used: unreadable, empty, or with non-finite samples."""
 

@@ -3,7 +3,7 @@
 Ours: one jitted `stream_logic.sample_and_advance` for a batch (both streams sampled, repetition
 penalty on, README sampling: text greedy, audio T=0.8 top-k 10), inside `lax.fori_loop` so that
 dispatch is not measured. Reference: `KimiASampler` (torch transcription in
-tests/inference/reference_loop.py) called per row, B = 1 at a time as the official loop does.
+tools/reference_loop.py) called per row, B = 1 at a time as the official loop does.
 
     python -m tools.bench_sampler --batch=1,8 --steps=64
 
@@ -59,7 +59,7 @@ def _bench_ours(b: int, v: int, steps: int) -> float:
 def _bench_reference(b: int, v: int, steps: int) -> float:
     import torch
 
-    from tests.inference.reference_loop import ref_sample
+    from tools.reference_loop import ref_sample
 
     rng = np.random.default_rng(0)
     tl = torch.from_numpy(rng.normal(0, 2, (b, v)).astype(np.float32))

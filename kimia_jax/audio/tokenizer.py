@@ -34,7 +34,8 @@ from jax.sharding import Mesh
 
 from kimia_jax.audio import mel as mel_lib
 from kimia_jax.audio.io import AudioLike, load_audio, split_segments, token_len
-from kimia_jax.models.whisper_encoder import WhisperConfig, WhisperEncoder, WhisperVQEncoder
+from kimia_jax.configs import WhisperConfig
+from kimia_jax.models.whisper_encoder import WhisperEncoder, WhisperVQEncoder
 
 SEGMENT = 480000  # 30 s at 16 kHz
 TOKEN_HOP = 1280  # samples per 12.5 Hz token
@@ -199,7 +200,7 @@ class GlmTokenizer:
         """From a `glm-4-voice-tokenizer` HF folder or its converted Orbax directory."""
         from kimia_jax.conversion import whisper as conv
 
-        cfg, params = conv.load(path, mesh=mesh)
+        cfg, params = conv.load(path, mesh=mesh, kind="vq")
         return cls(cfg, params, mesh=mesh, **kw)
 
     def _bucket(self, s: Segment) -> int:
@@ -287,7 +288,7 @@ class WhisperFeatureExtractor:
         """
         from kimia_jax.conversion import whisper as conv
 
-        cfg, params = conv.load(path, mesh=mesh, dtype=dtype)
+        cfg, params = conv.load(path, mesh=mesh, dtype=dtype, kind="whisper")
         return cls(cfg, params, mesh=mesh, **kw)
 
     def encode_segments(self, segments: Sequence[np.ndarray]) -> list[np.ndarray]:

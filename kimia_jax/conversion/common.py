@@ -26,6 +26,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Sharding
 
+from kimia_jax.configs import layout
 from kimia_jax.errors import CheckpointError  # noqa: F401 (re-export)
 
 Transform = Callable[[np.ndarray], np.ndarray]
@@ -75,9 +76,7 @@ class SafetensorsSource:
     names are taken from `model.safetensors.index.json` (the released names are irregular).
     """
 
-    def __init__(
-        self, path: str | os.PathLike[str], index_name: str = "model.safetensors.index.json"
-    ):
+    def __init__(self, path: str | os.PathLike[str], index_name: str = layout.SAFETENSORS_INDEX):
         from safetensors import safe_open
 
         path = Path(path)
@@ -336,13 +335,3 @@ def current_rss_mib() -> float:
     import psutil
 
     return psutil.Process().memory_info().rss / 2**20
-
-
-def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from e

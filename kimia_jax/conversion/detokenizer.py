@@ -27,14 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kimia_jax import checkpoint
+from kimia_jax.configs import BigVGANConfig, DetokenizerConfig, DiTConfig, DType, layout
 from kimia_jax.conversion import common
-from kimia_jax.conversion.common import CheckpointError, Rule
-from kimia_jax.models.bigvgan import BigVGAN, BigVGANConfig, kaiser_sinc_filter
-from kimia_jax.models.flow_dit import DiTConfig, FlowDiT
-
-DIT_DIR = "audio_detokenizer"
-VOCODER_DIR = "vocoder"
-DIT_PREFIX = "speech_model."
+from kimia_jax.conversion.common import Rule
+from kimia_jax.errors import CheckpointError
+from kimia_jax.models.bigvgan import BigVGAN, kaiser_sinc_filter
+from kimia_jax.models.flow_dit import FlowDiT
 
 DIT_RULES = [
     Rule(r"semantic_token_embedding\.weight", "semantic_token_embedding/embedding"),
@@ -241,38 +240,9 @@ class WeightNormFolded:
 # Configs
 
 
-def read_dit_config(path: str | os.PathLike[str]) -> tuple[DiTConfig, dict[str, Any]]:
-    """audio_detokenizer/config.yaml -> (DiTConfig, top-level mel normalization dict)."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing")
-    try:
-        d = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise CheckpointError(f"{path} is not valid YAML ({e})") from e
-    try:
-        dit = d["model"]["dit"]
-    except (KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: no model.dit section") from e
-    try:
-        cfg = DiTConfig.from_dict(dit)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: {e}") from e
-    norm = {
-        "normalize_mel": bool(d.get("normalize_mel", False)),
-        "mel_mean": float(d.get("mel_mean", 0.0)),
-        "mel_std": float(d.get("mel_std", 1.0)),
-    }
-    return cfg, norm
-
-
 def read_vocoder_config(path: str | os.PathLike[str]) -> BigVGANConfig:
-    try:
-        return BigVGANConfig.from_dict(common.read_json(path))
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: {e}") from e
+    """vocoder/config.json -> BigVGANConfig (errors name the file)."""
+    return BigVGANConfig.from_file(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,12 +271,6 @@ def vocoder_abstract(cfg: BigVGANConfig) -> Any:
     return jax.eval_shape(
         lambda: m.init(jax.random.key(0), jnp.zeros((1, 4, cfg.num_mels)))["params"]
     )
-
-
-def _unbox(tree: Any) -> Any:
-    import flax.linen as nn
-
-    return nn.meta.unbox(tree)
 
 
 def convert_dit(
@@ -347,63 +311,71 @@ def convert_vocoder(
     return common.unflatten(flat)
 
 
-def _shardings(boxed: Any, mesh) -> Any:
-    if mesh is None:
-        return None
-    from kimia_jax.sharding import shardings_for
-
-    return shardings_for(boxed, mesh)
+def abstract(cfg: DetokenizerConfig) -> dict[str, Any]:
+    """Boxed abstract params {"dit", "vocoder"} (what both layouts are loaded into)."""
+    return {"dit": dit_abstract(cfg.dit), "vocoder": vocoder_abstract(cfg.vocoder)}
 
 
-def load_released(
-    root: str | os.PathLike[str], *, dtype: Any = jnp.float32, mesh=None, progress: bool = False
-) -> tuple[DiTConfig, dict[str, Any], BigVGANConfig, dict[str, Any]]:
-    """Reads the released folder (torch files) -> (dit_cfg, mel_norm, vocoder_cfg, params).
-
-    params = {"dit": ..., "vocoder": ...}. Needs torch (imported lazily).
-    """
-    root = Path(root)
-    dit_cfg, norm = read_dit_config(root / DIT_DIR / "config.yaml")
-    voc_cfg = read_vocoder_config(root / VOCODER_DIR / "config.json")
-    dit_src = TorchStateDictSource(
-        root / DIT_DIR / "model.pt", "state_dict", "speech_model", DIT_PREFIX
-    )
-    dit = convert_dit(dit_src, dit_cfg, dtype=dtype, mesh=mesh, progress=progress)
-    del dit_src
-    voc_src = TorchStateDictSource(root / VOCODER_DIR / "model.pt", "generator")
-    voc = convert_vocoder(voc_src, voc_cfg, dtype=dtype, mesh=mesh, progress=progress)
-    return dit_cfg, norm, voc_cfg, {"dit": dit, "vocoder": voc}
-
-
-def restore_params(
-    path: str | os.PathLike[str], dit_cfg: DiTConfig, voc_cfg: BigVGANConfig, *, mesh=None
+def _released_params(
+    root: Path, cfg: DetokenizerConfig, *, dtype: Any, mesh: Any, progress: bool
 ) -> dict[str, Any]:
-    """Params {"dit", "vocoder"} of a converted Orbax dir, on `mesh` (or the first device)."""
-    from jax.sharding import SingleDeviceSharding
+    """The released torch files -> params {"dit", "vocoder"}. Needs torch (imported lazily)."""
+    dit_src = TorchStateDictSource(
+        root / layout.DIT_DIR / layout.TORCH_WEIGHTS,
+        layout.DIT_STATE_DICT_ENTRY,
+        layout.DIT_KEY_PREFIX.rstrip("."),
+        layout.DIT_KEY_PREFIX,
+    )
+    dit = convert_dit(dit_src, cfg.dit, dtype=dtype, mesh=mesh, progress=progress)
+    del dit_src
+    voc_src = TorchStateDictSource(
+        root / layout.VOCODER_DIR / layout.TORCH_WEIGHTS, layout.VOCODER_STATE_DICT_ENTRY
+    )
+    voc = convert_vocoder(voc_src, cfg.vocoder, dtype=dtype, mesh=mesh, progress=progress)
+    return {"dit": dit, "vocoder": voc}
 
-    from kimia_jax import checkpoint
 
-    boxed = {"dit": dit_abstract(dit_cfg), "vocoder": vocoder_abstract(voc_cfg)}
-    shapes = _unbox(boxed)
-    if mesh is None:
-        dev = SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: dev, shapes)
+def load(
+    path: str | os.PathLike[str],
+    *,
+    dtype: Any = None,
+    mesh: Any = None,
+    progress: bool = False,
+) -> tuple[DetokenizerConfig, dict[str, Any]]:
+    """The detokenizer loader (DiT + vocoder) -> (DetokenizerConfig, {"dit", "vocoder"} params).
+
+    Args:
+      path: the released model root (`audio_detokenizer/` + `vocoder/`, torch files: converting
+        them needs torch), our converted Orbax directory, or a converted model root holding it
+        as `detokenizer/`.
+      dtype: parameter and compute dtype of both models; None = "float32".
+      mesh: place each tensor straight onto its shards; None = the first device.
+    """
+    path = Path(path)
+    if checkpoint.is_orbax_dir(path / layout.DETOKENIZER_DIR):
+        path = path / layout.DETOKENIZER_DIR
+    fmt = checkpoint.detect(path, released=(layout.DIT_DIR, layout.VOCODER_DIR), what="detokenizer")
+    dtype = DType.parse(dtype or DType.FLOAT32).value
+    if fmt is checkpoint.Format.ORBAX:
+        cfg = DetokenizerConfig.from_converted(path)
+        params = checkpoint.restore_model(path, abstract(cfg), mesh=mesh, dtype=dtype)
     else:
-        shardings = _shardings(boxed, mesh)
-    return checkpoint.restore(path, checkpoint.abstract_like(shapes, shardings))
+        cfg = DetokenizerConfig.from_released(path)
+        params = _released_params(path, cfg, dtype=dtype, mesh=mesh, progress=progress)
+    return cfg.with_dtype(dtype), params
 
 
 def convert_released(
     src: str | os.PathLike[str], dst: str | os.PathLike[str], *, overwrite: bool = False
 ) -> Path:
     """Released folder -> Orbax dir (float32 params, both configs copied verbatim)."""
-    from kimia_jax import checkpoint
-
     src = Path(src)
-    _, _, _, params = load_released(src, progress=True)
+    _, params = load(src, progress=True)
     files = {
-        "config.yaml": (src / DIT_DIR / "config.yaml").read_text(),
-        "vocoder_config.json": (src / VOCODER_DIR / "config.json").read_text(),
+        layout.DIT_CONFIG: (src / layout.DIT_DIR / layout.DIT_CONFIG).read_text(),
+        layout.VOCODER_CONFIG_CONVERTED: (
+            src / layout.VOCODER_DIR / layout.VOCODER_CONFIG
+        ).read_text(),
     }
     return checkpoint.save(
         dst,

@@ -20,9 +20,10 @@ from absl import logging
 from jax.sharding import Mesh
 
 from kimia_jax import checkpoint
-from kimia_jax.configs import LlmConfig
+from kimia_jax.configs import DType, LlmConfig, layout
 from kimia_jax.conversion import common
-from kimia_jax.conversion.common import CheckpointError, Rule
+from kimia_jax.conversion.common import Rule
+from kimia_jax.errors import CheckpointNotFoundError
 from kimia_jax.models import kimia_llm
 
 _LAYER_PARTS = (
@@ -60,10 +61,14 @@ def _targets(cfg: LlmConfig, mesh: Mesh | None, dtype: Any) -> dict[str, common.
     return common.targets_for(kimia_llm.abstract_params(cfg), mesh, dtype)
 
 
+def _config(path: Path, dtype: str) -> LlmConfig:
+    return LlmConfig.from_file(path / layout.CONFIG_JSON, dtype=dtype, param_dtype=dtype)
+
+
 def load_hf(
     model_dir: str | os.PathLike[str],
     *,
-    dtype: str = "float32",
+    dtype: str | None = None,
     mesh: Mesh | None = None,
     progress: bool = False,
 ) -> tuple[LlmConfig, Any]:
@@ -71,15 +76,16 @@ def load_hf(
 
     Args:
       model_dir: folder with config.json and model.safetensors or an index + shards.
-      dtype: parameter and compute dtype ("float32" or "bfloat16").
+      dtype: parameter and compute dtype ("float32" (None) or "bfloat16").
       mesh: place each tensor straight onto its shards; None = default device.
     Returns:
       (config, params) with params a nested dict matching `KimiaLLM`.
     """
     model_dir = Path(model_dir)
+    dtype = DType.parse(dtype or DType.FLOAT32).value
     if not model_dir.exists():
-        raise CheckpointError(f"{model_dir} does not exist")
-    cfg = LlmConfig.from_file(model_dir / "config.json", dtype=dtype, param_dtype=dtype)
+        raise CheckpointNotFoundError(f"{model_dir} does not exist (not a checkpoint directory)")
+    cfg = _config(model_dir, dtype)
     source = common.SafetensorsSource(model_dir)
     flat = common.convert(
         source,
@@ -95,24 +101,29 @@ def load_hf(
 def load(
     path: str | os.PathLike[str],
     *,
-    dtype: str = "float32",
+    dtype: str | None = None,
     mesh: Mesh | None = None,
     progress: bool = False,
 ) -> tuple[LlmConfig, Any]:
-    """Loads params from a released HF folder or from a converted Orbax directory."""
+    """The LLM loader: a released HF folder or our converted Orbax directory -> (config, params).
+
+    Args:
+      path: model root (config.json + safetensors, or config.json + Orbax params/).
+      dtype: parameter and compute dtype; None = "float32".
+      mesh: place each tensor straight onto its shards; None = the first device.
+    """
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path} does not exist")
-    if checkpoint.is_orbax_dir(path):
-        cfg = LlmConfig.from_file(path / "config.json", dtype=dtype, param_dtype=dtype)
-        default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract = common.unflatten(
-            {
-                k: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=t.sharding or default)
-                for k, t in _targets(cfg, mesh, dtype).items()
-            }
+    fmt = checkpoint.detect(
+        path,
+        released=(layout.CONFIG_JSON, layout.SAFETENSORS, layout.SAFETENSORS_INDEX),
+        what="LLM",
+    )
+    if fmt is checkpoint.Format.ORBAX:
+        dtype = DType.parse(dtype or DType.FLOAT32).value
+        cfg = _config(path, dtype)
+        return cfg, checkpoint.restore_model(
+            path, kimia_llm.abstract_params(cfg), mesh=mesh, dtype=dtype
         )
-        return cfg, checkpoint.restore(path, abstract)
     return load_hf(path, dtype=dtype, mesh=mesh, progress=progress)
 
 
@@ -134,11 +145,11 @@ def convert_to_orbax(
     params_mib = sum(x.nbytes for x in leaves) / 2**20
     source = common.SafetensorsSource(hf_dir)
     largest = max(source.names(), key=lambda k: int(np.prod(source.shape(k))))
-    config_text = (hf_dir / "config.json").read_text()
+    config_text = (hf_dir / layout.CONFIG_JSON).read_text()
     checkpoint.save(
         out_dir,
         params,
-        files={"config.json": config_text},
+        files={layout.CONFIG_JSON: config_text},
         meta={"model": "kimia_llm", "source": str(hf_dir.absolute()), "dtype": dtype},
         overwrite=overwrite,
     )

@@ -15,12 +15,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
-import jax
 import numpy as np
-from jax.sharding import Mesh, SingleDeviceSharding
+from jax.sharding import Mesh
 
 from kimia_jax import checkpoint
+from kimia_jax.configs import DType, WhisperConfig, layout
 from kimia_jax.conversion.common import (
     CheckpointError,
     Rule,
@@ -29,13 +28,11 @@ from kimia_jax.conversion.common import (
     conv1d,
     convert,
     linear,
-    read_json,
     same,
     targets_for,
     unflatten,
 )
-from kimia_jax.models.whisper_encoder import WhisperConfig, abstract_params
-from kimia_jax.sharding import shardings_for
+from kimia_jax.models.whisper_encoder import abstract_params
 
 _P = r"(?:model\.)?(?:encoder\.)?"
 
@@ -102,21 +99,6 @@ class _Without:
         return self._s.get(name)
 
 
-def _unbox(tree: Any) -> Any:
-    return jax.tree.map(
-        lambda x: x.value if isinstance(x, nn.Partitioned) else x,
-        tree,
-        is_leaf=lambda x: isinstance(x, nn.Partitioned),
-    )
-
-
-def _shardings(boxed: Any, mesh: Mesh | None) -> Any:
-    if mesh is not None:
-        return shardings_for(boxed, mesh)
-    dev = SingleDeviceSharding(jax.devices()[0])
-    return jax.tree.map(lambda _: dev, _unbox(boxed))
-
-
 def convert_params(
     source: TensorSource, cfg: WhisperConfig, mesh: Mesh | None = None, progress: bool = False
 ) -> Any:
@@ -129,26 +111,40 @@ def convert_params(
 
 
 def load_config(path: str | os.PathLike[str], **overrides: Any) -> WhisperConfig:
-    try:
-        return WhisperConfig.from_dict(read_json(Path(path) / "config.json"), **overrides)
-    except (TypeError, ValueError) as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(f"{Path(path) / 'config.json'}: {e}") from e
+    return WhisperConfig.from_file(Path(path) / layout.CONFIG_JSON, **overrides)
 
 
 def load(
-    path: str | os.PathLike[str], mesh: Mesh | None = None, progress: bool = False, **overrides: Any
+    path: str | os.PathLike[str],
+    *,
+    dtype: str | None = None,
+    mesh: Mesh | None = None,
+    progress: bool = False,
+    kind: str | None = None,
 ) -> tuple[WhisperConfig, Any]:
-    """Loads (config, params) from a HF folder or a converted Orbax directory."""
+    """The audio-encoder loader (whisper-large-v3 and the GLM-4-Voice VQ tokenizer): a released
+    HF folder or our converted Orbax directory -> (config, params).
+
+    Args:
+      path: the encoder folder (config.json + safetensors, or config.json + Orbax params/).
+      dtype: compute dtype of the encoder layers (None: the config's, "float32"); parameters stay
+        float32 as released.
+      mesh: place each tensor straight onto its shards; None = the first device.
+      kind: "whisper" or "vq" to insist on one of the two encoders (a clear error otherwise).
+    """
     path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a checkpoint directory")
-    cfg = load_config(path, **overrides)
-    if checkpoint.is_orbax_dir(path):
-        boxed = abstract_params(cfg)
-        abstract = checkpoint.abstract_like(_unbox(boxed), _shardings(boxed, mesh))
-        return cfg, checkpoint.restore(path, abstract)
+    fmt = checkpoint.detect(
+        path,
+        released=(layout.CONFIG_JSON, layout.SAFETENSORS, layout.SAFETENSORS_INDEX),
+        what="audio encoder",
+    )
+    cfg = load_config(path, **({"dtype": DType.parse(dtype).value} if dtype else {}))
+    if kind is not None and kind != ("vq" if cfg.is_vq else "whisper"):
+        want = "a GLM-4-Voice VQ tokenizer" if kind == "vq" else "a whisper encoder"
+        got = "a VQ tokenizer" if cfg.is_vq else "a plain whisper encoder"
+        raise CheckpointError(f"{path / layout.CONFIG_JSON}: expected {want}, this is {got}")
+    if fmt is checkpoint.Format.ORBAX:
+        return cfg, checkpoint.restore_model(path, abstract_params(cfg), mesh=mesh)
     return cfg, convert_params(SafetensorsSource(path), cfg, mesh, progress)
 
 
@@ -160,7 +156,7 @@ def convert_folder(
     cfg, params = load(src, progress=True)
     files = {
         n: (src / n).read_text()
-        for n in ("config.json", "preprocessor_config.json")
+        for n in (layout.CONFIG_JSON, layout.PREPROCESSOR_CONFIG)
         if (src / n).is_file()
     }
     kind = "glm4_voice_tokenizer" if cfg.is_vq else "whisper_encoder"

@@ -25,7 +25,6 @@ import dataclasses
 import functools
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -33,9 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from kimia_jax.configs import BigVGANConfig, DiTConfig, MelNorm
 from kimia_jax.detokenizer.stitch import WaveStitcher
-from kimia_jax.models.bigvgan import BigVGAN, BigVGANConfig
-from kimia_jax.models.flow_dit import DiTConfig, FlowDiT
+from kimia_jax.models.bigvgan import BigVGAN
+from kimia_jax.models.flow_dit import FlowDiT
 
 NoiseSpec = Sequence[np.ndarray] | Callable[[int, int], np.ndarray] | None
 REFILL_T = 0.999  # clean re-encode timestep (float32 0.999 * 1000 -> 999)
@@ -100,21 +100,6 @@ class StreamingConfig:
         full = (self.chunk_size + self.look_ahead_tokens) * self.upsample_factor
         first = self.first_chunk_size * self.upsample_factor
         return tuple(sorted({first, full, -(-full // 16) * 8}))
-
-
-@dataclasses.dataclass(frozen=True)
-class MelNorm:
-    """Top-level keys of audio_detokenizer/config.yaml: scalar normalization of the DiT mels."""
-
-    normalize_mel: bool = True
-    mel_mean: float = 0.0
-    mel_std: float = 1.0
-
-    def denormalize(self, x: np.ndarray) -> np.ndarray:
-        if not self.normalize_mel:
-            return x
-        # float32 x * std + mean, two roundings, as torch does with Python-float scalars.
-        return (x * np.float32(self.mel_std) + np.float32(self.mel_mean)).astype(np.float32)
 
 
 def torch_linspace_f32(start: float, end: float, n: int) -> np.ndarray:
@@ -235,28 +220,14 @@ class Detokenizer:
         mesh: Any = None,
         streaming: StreamingConfig | None = None,
     ) -> Detokenizer:
-        """Loads a converted Orbax dir or the released folder (audio_detokenizer/ + vocoder/).
-
-        `path` may also be the released model root (e.g. Kimi-Audio-7B-Instruct/); converting from
-        the torch files needs torch installed (conversion only).
+        """Loads through `kimia_jax.conversion.detokenizer.load`: the released model root
+        (audio_detokenizer/ + vocoder/; converting the torch files needs torch), our converted
+        Orbax directory, or a converted model root holding it as detokenizer/.
         """
-        from kimia_jax import checkpoint
         from kimia_jax.conversion import detokenizer as conv
 
-        path = Path(path)
-        if checkpoint.is_orbax_dir(path):
-            dit_cfg, norm = conv.read_dit_config(path / "config.yaml")
-            voc_cfg = conv.read_vocoder_config(path / "vocoder_config.json")
-            params = conv.restore_params(path, dit_cfg, voc_cfg, mesh=mesh)
-        elif (path / conv.DIT_DIR).is_dir() or (path / conv.VOCODER_DIR).is_dir():
-            dit_cfg, norm, voc_cfg, params = conv.load_released(path, mesh=mesh)
-        else:
-            raise FileNotFoundError(
-                f"{path}: neither a converted detokenizer (kimia_jax.json + params/) nor a "
-                "released "
-                f"model folder with {conv.DIT_DIR}/ and {conv.VOCODER_DIR}/"
-            )
-        return cls(dit_cfg, voc_cfg, params, MelNorm(**norm), streaming=streaming, dtype=dtype)
+        cfg, params = conv.load(path, mesh=mesh)
+        return cls(cfg.dit, cfg.vocoder, params, cfg.mel_norm, streaming=streaming, dtype=dtype)
 
     # ------------------------------------------------------------------------------------------
     # Public API

@@ -29,6 +29,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from kimia_jax import sharding
+from kimia_jax.configs import layout
 from kimia_jax.conversion import llm as llm_conv
 from kimia_jax.inference import generate as gen
 from kimia_jax.inference import stream_logic
@@ -38,10 +39,6 @@ from kimia_jax.text import conversation as prompt_lib
 from kimia_jax.text.tokenizer import TextTokenizer
 
 Messages = Sequence[Mapping[str, Any]]
-
-GLM_DIR = "glm-4-voice-tokenizer"
-WHISPER_DIR = "whisper-large-v3"
-DETOKENIZER_DIR = "detokenizer"  # converted (Orbax) detokenizer + vocoder
 
 
 def _bucket(n: int, quantum: int) -> int:
@@ -130,7 +127,7 @@ class KimiAudio:
         self.extra_tokens = self.tokenizer.extra_tokens
         self.kimia_token_offset = self.cfg.kimia_token_offset
         self.eod_ids = [self.extra_tokens.msg_end, self.extra_tokens.media_end]
-        glm_path = Path(glm_tokenizer_path) if glm_tokenizer_path else root / GLM_DIR
+        glm_path = Path(glm_tokenizer_path or root / layout.GLM_TOKENIZER_DIR)
         if not glm_path.is_dir():
             raise FileNotFoundError(
                 f"GLM-4-Voice tokenizer not found at {glm_path}: download "
@@ -138,7 +135,7 @@ class KimiAudio:
             )
         self.audio_tokenizer = GlmTokenizer.from_pretrained(glm_path)
         self.whisper = (
-            WhisperFeatureExtractor.from_pretrained(root / WHISPER_DIR, dtype=dtype)
+            WhisperFeatureExtractor.from_pretrained(root / layout.WHISPER_DIR, dtype=dtype)
             if self.cfg.use_whisper_feature
             else None
         )
@@ -154,8 +151,8 @@ class KimiAudio:
         if load_detokenizer:
             from kimia_jax.detokenizer.detokenizer import Detokenizer
 
-            det = root / DETOKENIZER_DIR
-            self.detokenizer = Detokenizer.from_pretrained(det if det.is_dir() else root)
+            # the released audio_detokenizer/ + vocoder/, or the converted detokenizer/
+            self.detokenizer = Detokenizer.from_pretrained(root)
         self.timings = Timings()
         logging.info("KimiAudio loaded from %s in %.1fs", root, time.perf_counter() - t0)
 

@@ -8,9 +8,8 @@ reference (spec/detokenizer.md §5.4, §5.6). Layout is NWC throughout (channels
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -18,67 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kimia_jax.configs import BigVGANConfig  # re-exported: the config lives in kimia_jax.configs
+
 _FILTER_TAPS = 12  # Activation1d: ratio 2, kernel_size 6 * ratio
 _PAD_UP = 5  # replicate pad of the upsampler: kernel_size // ratio - 1
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class BigVGANConfig:
-    """vocoder/config.json. Field names = json keys; training-only keys are dropped."""
-
-    num_mels: int = 80
-    upsample_initial_channel: int = 2048
-    upsample_rates: tuple[int, ...] = (5, 2, 2, 2, 2, 3, 2)
-    upsample_kernel_sizes: tuple[int, ...] = (9, 4, 4, 4, 4, 5, 4)
-    resblock: str = "1"
-    resblock_kernel_sizes: tuple[int, ...] = (3, 5, 7, 11)
-    resblock_dilation_sizes: tuple[tuple[int, ...], ...] = ((1, 3, 5),) * 4
-    activation: str = "snakebeta"
-    snake_logscale: bool = True
-    use_tanh_at_final: bool = True  # official default when the key is absent
-    use_bias_at_final: bool = True
-    sampling_rate: int = 24000
-    hop_size: int = 480
-    n_fft: int = 1920
-    win_size: int = 1920
-    fmin: float = 0.0
-    fmax: float | None = None
-    dtype: str = "float32"  # compute dtype; not a json key
-
-    def __post_init__(self) -> None:
-        if self.resblock != "1":
-            raise ValueError(
-                f"BigVGAN resblock {self.resblock!r} is not supported (Kimi-Audio uses '1')"
-            )
-        if self.activation not in ("snake", "snakebeta"):
-            raise ValueError(
-                f"BigVGAN activation {self.activation!r} must be 'snake' or 'snakebeta'"
-            )
-        if len(self.upsample_rates) != len(self.upsample_kernel_sizes):
-            raise ValueError("upsample_rates and upsample_kernel_sizes differ in length")
-        if len(self.resblock_kernel_sizes) != len(self.resblock_dilation_sizes):
-            raise ValueError("resblock_kernel_sizes and resblock_dilation_sizes differ in length")
-        for u, k in zip(self.upsample_rates, self.upsample_kernel_sizes, strict=True):
-            if (k - u) % 2:
-                raise ValueError(
-                    f"upsample kernel {k} / rate {u}: output would not be exactly {u}x"
-                )
-
-    @property
-    def hop(self) -> int:
-        return math.prod(self.upsample_rates)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], **overrides: Any) -> BigVGANConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in known}
-        for k in ("upsample_rates", "upsample_kernel_sizes", "resblock_kernel_sizes"):
-            if k in kw:
-                kw[k] = tuple(kw[k])
-        if "resblock_dilation_sizes" in kw:
-            kw["resblock_dilation_sizes"] = tuple(tuple(x) for x in kw["resblock_dilation_sizes"])
-        kw.update(overrides)
-        return cls(**kw)
 
 
 def kaiser_sinc_filter(

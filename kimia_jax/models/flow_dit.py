@@ -11,9 +11,7 @@ M mel bins (80).
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -21,70 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kimia_jax.configs import DiTConfig  # re-exported: the config lives in kimia_jax.configs
+
 _FREQ_EMB = 256  # TimestepEmbedder frequency_embedding_size (official default, no config key)
 _LN_EPS = 1e-6
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class DiTConfig:
-    """`model.dit` of audio_detokenizer/config.yaml; field names = yaml keys (rope_params flat)."""
-
-    input_size: int = 80
-    semantic_vocab_size: int = 16384
-    hidden_size: int = 2304
-    depth: int = 16
-    num_heads: int = 18
-    mlp_ratio: float = 4.0
-    ffn_type: str = "vanilla_mlp"
-    use_rope: bool = True
-    rope_max_position_embeddings: int = 4096
-    rope_base: float = 10000.0
-    rope_interpolation_factor: float = 1.0
-    position_embedding_type: str = "skip"
-    max_seq_len: int = 4096
-    dtype: str = "float32"  # compute dtype; not a yaml key
-
-    def __post_init__(self) -> None:
-        # The official block only implements vanilla_mlp (others raise NotImplementedError there).
-        if self.ffn_type != "vanilla_mlp":
-            raise ValueError(
-                f"DiT ffn_type {self.ffn_type!r} is not supported (official: vanilla_mlp only)"
-            )
-        if self.position_embedding_type != "skip":
-            raise ValueError(
-                f"DiT position_embedding_type {self.position_embedding_type!r} is not supported; "
-                "the released checkpoint uses 'skip' (RoPE only)"
-            )
-        if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}"
-            )
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def mlp_hidden(self) -> int:
-        return int(self.hidden_size * self.mlp_ratio)
-
-    @property
-    def rope_rows(self) -> int:
-        """Rows of the official RoPE table: max_position_embeddings, cut to max_seq_len."""
-        return min(self.rope_max_position_embeddings, self.max_seq_len)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], **overrides: Any) -> DiTConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in known}
-        rope = d.get("rope_params") or {}
-        for k in ("max_position_embeddings", "rope_base", "rope_interpolation_factor"):
-            if k in rope:
-                kw["rope_" + k.removeprefix("rope_")] = rope[k]
-        kw.update(overrides)
-        return cls(**kw)
 
 
 def _dense(features: int, axes: tuple[str | None, str | None], name: str, dtype: Any) -> nn.Dense:

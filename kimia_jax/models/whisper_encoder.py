@@ -12,103 +12,15 @@ Parameter paths mirror the Hugging Face names: `conv1/kernel`, `layers_3/self_at
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kimia_jax.configs import WhisperConfig  # re-exported: the config lives in kimia_jax.configs
+
 _HI = jax.lax.Precision.HIGHEST
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class WhisperConfig:
-    """Whisper / WhisperVQ encoder config. Field names = keys of the released config.json.
-
-    The VQ fields are None for a plain whisper checkpoint (whisper-large-v3).
-    """
-
-    d_model: int
-    encoder_attention_heads: int
-    encoder_ffn_dim: int
-    encoder_layers: int
-    num_mel_bins: int = 128
-    max_source_positions: int = 1500
-    activation_function: str = "gelu"
-    scale_embedding: bool = False
-    # GLM-4-Voice WhisperVQ keys (spec 4.1)
-    encoder_causal_convolution: bool = False
-    encoder_causal_attention: bool = False
-    quantize_causal_encoder: bool = False
-    quantize_causal_block_size: int | None = None
-    pooling_kernel_size: int | None = None
-    pooling_type: str = "avg"
-    pooling_position: int | None = None
-    quantize_position: int | None = None
-    quantize_vocab_size: int | None = None
-    quantize_encoder_only: bool = False
-    # compute dtype of the encoder layers ("float32" reference, "bfloat16" official whisper runtime)
-    dtype: str = "float32"
-    # query rows per attention chunk (None: one block); a speed knob, results are the same
-    attention_chunk: int | None = 128
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.encoder_attention_heads
-
-    @property
-    def is_vq(self) -> bool:
-        return self.quantize_vocab_size is not None
-
-    @property
-    def num_layers_built(self) -> int:
-        """Layers that exist: only `quantize_position` for the VQ tokenizer (encoder-only)."""
-        return self.quantize_position if self.is_vq else self.encoder_layers
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], **overrides: Any) -> WhisperConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        cfg = cls(**{k: v for k, v in {**d, **overrides}.items() if k in known})
-        cfg.validate()
-        return cfg
-
-    @classmethod
-    def from_json(cls, path: str | os.PathLike[str], **overrides: Any) -> WhisperConfig:
-        with open(path) as f:
-            return cls.from_dict(json.load(f), **overrides)
-
-    def validate(self) -> None:
-        if self.d_model % self.encoder_attention_heads:
-            raise ValueError(
-                f"d_model {self.d_model} not divisible by {self.encoder_attention_heads} heads"
-            )
-        if self.activation_function != "gelu":
-            raise ValueError(
-                f"activation_function {self.activation_function!r} is not supported (gelu)"
-            )
-        if self.scale_embedding:
-            raise ValueError("scale_embedding=true is not supported (the encoder never scales)")
-        if self.is_vq:
-            if self.encoder_causal_attention or self.quantize_causal_encoder:
-                raise ValueError(
-                    "encoder_causal_attention / quantize_causal_encoder are not supported"
-                )
-            if None in (self.quantize_position, self.pooling_kernel_size, self.pooling_position):
-                # the 12.5 Hz token rate (1280 samples per token) assumes pooling before the VQ
-                raise ValueError(
-                    "a VQ config needs quantize_position, pooling_position and pooling_kernel_size"
-                )
-            if self.quantize_position < self.pooling_position:
-                raise ValueError(
-                    f"quantize_position {self.quantize_position} < "
-                    f"pooling_position {self.pooling_position}"
-                )
-            if self.pooling_type not in ("avg", "max"):
-                raise ValueError(f"pooling_type {self.pooling_type!r} is not avg or max")
 
 
 def _dense(n: int, axes: tuple[str, str], name: str, use_bias: bool, dtype: Any) -> nn.Dense:

@@ -16,11 +16,11 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
-from kimia_jax.configs import LlmConfig
+from kimia_jax.configs import LlmConfig, layout
 from kimia_jax.conversion import common
 from kimia_jax.conversion.llm import hf_name
 from kimia_jax.models import kimia_llm
-from kimia_jax.text.tokenizer import write_tiny_tokenizer
+from kimia_jax.testing.tokenizer import write_tiny_tokenizer
 
 # The tiny fixture model's config.json (tests/fixtures/llm): hidden 40, 3 + 2 layers, vocab 728.
 TINY_CONFIG: dict[str, Any] = {
@@ -80,7 +80,7 @@ def write(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = dict(TINY_CONFIG if config is None else config)
-    cfg = LlmConfig.from_json(config)
+    cfg = LlmConfig.from_dict(config, "tiny LLM config")
     tensors = random_tensors(cfg, seed)
     if dtype == "bfloat16":
         tensors = {k: v.astype(ml_dtypes.bfloat16) for k, v in tensors.items()}
@@ -88,15 +88,15 @@ def write(
     groups = [names[i::num_shards] for i in range(num_shards)]
     weight_map, total = {}, 0
     for i, group in enumerate(groups, 1):
-        fname = f"model-{i}-of-{num_shards}.safetensors"  # the release's irregular, unpadded names
+        fname = layout.safetensors_shard(i, num_shards)  # the release's irregular, unpadded names
         save_file({k: tensors[k] for k in group}, str(out_dir / fname), metadata={"format": "pt"})
         for k in group:
             weight_map[k] = fname
             total += tensors[k].nbytes
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (out_dir / layout.SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
     config["torch_dtype"] = dtype
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    (out_dir / layout.CONFIG_JSON).write_text(json.dumps(config, indent=2))
     if with_tokenizer:
         write_tiny_tokenizer(out_dir, num_base_tokens=config["num_base_tokens"],
                              num_special_tokens=config["kimia_text_output_vocab"]

@@ -184,7 +184,7 @@ def test_training_checkpoint_optimizer_state_is_never_read(tmp_path, model_dir):
         import torch, jax  # noqa: imported before the baseline so only loading is measured
         {load_hook}
         base = psutil.Process().memory_info().rss / 2**20  # current RSS, not the import peak
-        dit_cfg, norm, voc_cfg, params = conv.load_released({str(root)!r})
+        cfg, params = conv.load({str(root)!r})
         # VmHWM is this process's own high-water mark; ru_maxrss would include the parent's RSS at
         # fork (Linux keeps the larger one across exec).
         hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0]

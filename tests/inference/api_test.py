@@ -12,8 +12,8 @@ import pytest
 
 from kimia_jax.inference import generate as gen
 from kimia_jax.inference.api import KimiAudio
+from kimia_jax.testing.tokenizer import write_tiny_tokenizer
 from kimia_jax.text import conversation as prompt_lib
-from kimia_jax.text.tokenizer import write_tiny_tokenizer
 from tests.llm_helpers import LLM_DIR, fixture, rel_err
 
 FIX = LLM_DIR.parent

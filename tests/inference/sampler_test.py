@@ -1,4 +1,4 @@
-"""Sampler vs the reference KimiASampler (torch transcription in reference_loop.py)."""
+"""Sampler vs the reference KimiASampler (torch transcription in tools/reference_loop.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from kimia_jax.inference.sampler import SamplingParams, apply_repetition_penalty, sample
 
 torch = pytest.importorskip("torch")
-from tests.inference.reference_loop import ref_penalised, ref_sample  # noqa: E402
+from tools.reference_loop import ref_penalised, ref_sample  # noqa: E402
 
 pytestmark = pytest.mark.torch
 

@@ -24,7 +24,7 @@ from kimia_jax.inference import stream_logic as sl
 from kimia_jax.inference.sampler import SamplingParams
 
 torch = pytest.importorskip("torch")
-from tests.inference.reference_loop import ref_generate_loop  # noqa: E402
+from tools.reference_loop import ref_generate_loop  # noqa: E402
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "prompt"
 V = 728
@@ -256,7 +256,8 @@ def test_postprocess_filters_and_detokenizes():
 
 def test_postprocess_fixture_both_with_tiny_tokenizer(trace, tmp_path):
     """§6.5 on the fixture's "both" run: audio ids < 680 dropped, text decoded by the tokenizer."""
-    from kimia_jax.text.tokenizer import TextTokenizer, write_tiny_tokenizer
+    from kimia_jax.testing.tokenizer import write_tiny_tokenizer
+    from kimia_jax.text.tokenizer import TextTokenizer
 
     tok = TextTokenizer.from_pretrained(write_tiny_tokenizer(tmp_path))
     audio = trace["decode_both_returned_audio_tokens"].tolist()  # [378, 165, 717, 586, 444, 691]

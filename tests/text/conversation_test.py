@@ -352,7 +352,8 @@ def test_batch_padding(audio_dir):
 
 def test_with_the_tiny_text_tokenizer(tmp_path, audio_dir):
     """The official wiring: text via TextTokenizer.encode, ids via its ExtraTokens (349251e)."""
-    from kimia_jax.text.tokenizer import TextTokenizer, write_tiny_tokenizer
+    from kimia_jax.testing.tokenizer import write_tiny_tokenizer
+    from kimia_jax.text.tokenizer import TextTokenizer
 
     tok = TextTokenizer.from_pretrained(write_tiny_tokenizer(tmp_path / "tok"))
     assert tok.extra_tokens == EXTRA  # the tiny tokenizer's ids are the fixture's

@@ -18,6 +18,7 @@ import pytest
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
+from kimia_jax.testing.tokenizer import write_tiny_tokenizer
 from kimia_jax.text import tokenizer as tt
 
 FIXTURE_CONFIG = Path(__file__).parents[1] / "fixtures" / "prompt" / "llm_config.json"
@@ -122,7 +123,7 @@ SAMPLES = [
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    return tt.write_tiny_tokenizer(tmp_path_factory.mktemp("tiny_tok"))
+    return write_tiny_tokenizer(tmp_path_factory.mktemp("tiny_tok"))
 
 
 @pytest.fixture(scope="module")

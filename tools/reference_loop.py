@@ -1,4 +1,4 @@
-"""PyTorch transcriptions of the official sampler and generation loop, for parity tests.
+"""PyTorch transcriptions of the official sampler and generation loop (parity tests, bench_sampler).
 
 Transcribed statement by statement from MoonshotAI/Kimi-Audio commit
 2607d515f5b7dffa1dcc7526f9f26feb48e356c4:

@@ -1,59 +1,17 @@
-"""Frozen, typed model configs whose field names are the keys of the released config files.
-
-Loading a released `config.json` is a filter over its keys (`LlmConfig.from_json`); a key the model
-needs but the file lacks is a clear error naming the file and the key.
-"""
+"""The audio LLM's config (keys of the released `config.json`) and its presets."""
 
 from __future__ import annotations
 
 import dataclasses
-import enum
-import json
-import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
+from kimia_jax.configs.base import ReleasedConfig
 from kimia_jax.errors import CheckpointError
 
 
-class OutputType(enum.StrEnum):
-    """What generation returns: "text" (audio stream forced blank) or "both" (text + audio codes).
-
-    A `str` enum, so `OutputType.BOTH == "both"`; `OutputType.parse` is the one validation point.
-    """
-
-    TEXT = "text"
-    BOTH = "both"
-
-    @classmethod
-    def parse(cls, value: str | OutputType, name: str = "output_type") -> OutputType:
-        try:
-            return cls(value)
-        except ValueError:
-            raise ValueError(
-                f"{name} must be one of {[m.value for m in cls]}, got {value!r}"
-            ) from None
-
-
-def _from_dict(cls: type, d: Mapping[str, Any], source: str, **overrides: Any) -> Any:
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {k: v for k, v in d.items() if k in fields}
-    kwargs.update(overrides)
-    missing = [
-        n
-        for n, f in fields.items()
-        if n not in kwargs
-        and f.default is dataclasses.MISSING
-        and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
-    ]
-    if missing:
-        raise CheckpointError(f"{source}: missing required config key(s) {missing}")
-    return cls(**kwargs)
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LlmConfig:
+class LlmConfig(ReleasedConfig):
     """Qwen2.5 trunk + MIMO audio branch + VQ adaptor (spec/llm.md §1). Names = config.json keys.
 
     Attributes:
@@ -129,23 +87,8 @@ class LlmConfig:
     def from_json(
         cls, d: Mapping[str, Any], source: str = "config.json", **overrides: Any
     ) -> LlmConfig:
-        return _from_dict(cls, d, source, **overrides)
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike[str], **overrides: Any) -> LlmConfig:
-        path = Path(path)
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.is_file():
-            raise CheckpointError(f"{path} is missing")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path} is not valid JSON ({e})") from e
-        return cls.from_json(d, str(path), **overrides)
-
-    def replace(self, **kw: Any) -> LlmConfig:
-        return dataclasses.replace(self, **kw)
+        """Same as `from_dict` (older name)."""
+        return cls.from_dict(d, source, **overrides)
 
 
 def tiny(**kw: Any) -> LlmConfig:
@@ -206,6 +149,3 @@ def kimia_7b(**kw: Any) -> LlmConfig:
     )
     base.update(kw)
     return LlmConfig(**base)
-
-
-PRESETS = {"tiny": tiny, "0.5b": qwen25_05b_shaped, "7b": kimia_7b}
