@@ -187,11 +187,6 @@ def test_bf16_compute_with_fp32_master_weights():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not supports_segments(),
-    reason="KimiaLLM has no segment-id attention yet (branch train had it on the pre-scan "
-    "layer stack; layers must thread segment_ids through DecoderLayer/ScanStep)",
-)
 def test_packed_row_equals_examples_alone():
     """A row packing three examples (segment ids 1-3, positions restarting, 3 windows) gives each
     example's own loss, and 3 x its gradient (segment_mean) is the sum of the three alone."""
@@ -201,6 +196,7 @@ def test_packed_row_equals_examples_alone():
         b.speech_chat([(wav(4, 2), codes(4), "ok", codes(6, 3))]),
         b.audio_chat([(wav(3, 4), codes(3, 1), "hi")]),
     ]
+    assert supports_segments()
     lcfg, wcfg, p = h.params()
     cfg = TrainConfig(optim=CFG.optim, packed=True, loss=LossConfig(reduction="segment_mean"))
     ts = TrainStep(lcfg, wcfg, cfg)
