@@ -1,0 +1,149 @@
+"""LoRA / QLoRA on KimiaLLM: adapters only train, merge == base + scale B A, the loss goes down.
+
+Measured (fp32, 2-core EPYC, tiny LLM): adapted forward (low-rank path in the layer) vs the forward
+of the merged weights, max error ~1e-6 relative to max |logit|; int8 base vs fp32 base at step 0
+~1e-2 relative (the quantization itself).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from kimia_jax import configs
+from kimia_jax.conversion import common
+from kimia_jax.models import kimia_llm
+from kimia_jax.training import lora
+
+CFG = configs.tiny()
+LCFG = lora.LoraConfig(rank=4, alpha=8.0, select=r"^(layers_[12]|mimo_layers_1)/")
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.fixture(scope="module")
+def base():
+    return kimia_llm.init_params(CFG, jax.random.key(0))
+
+
+def _batch(seed=0, b=2, t=10):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, CFG.vocab_size, size=(b, t + 1)).astype(np.int32)
+    pos = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
+    return jnp.asarray(ids[:, :-1]), jnp.asarray(ids[:, 1:]), jnp.asarray(pos)
+
+
+def _perturbed(params, key):
+    """Non-zero B so the adapters change the output."""
+    flat = common.flatten(params)
+    for i, k in enumerate(sorted(flat)):
+        if k.endswith("lora_b"):
+            flat[k] = 0.1 * jax.random.normal(jax.random.fold_in(key, i), flat[k].shape)
+    return common.unflatten(flat)
+
+
+def test_targets_and_zero_start(base):
+    params = lora.add_adapters(base, LCFG, jax.random.key(1))
+    paths = lora.target_paths(base, LCFG)
+    assert len(paths) == 3 * 7 and all(p.startswith(("layers_1", "layers_2", "mimo_layers_1"))
+                                       for p in paths)  # fmt: skip
+    a = params["layers_1"]["mlp"]["down_proj"]
+    assert a["lora_a"].shape == (4, CFG.intermediate_size)
+    assert a["lora_b"].shape == (CFG.hidden_size, 4)
+    model = lora.LoraModel(kimia_llm.KimiaLLM(CFG), LCFG)
+    x, _, pos = _batch()
+    got = model.apply({"params": params}, x, x, pos).text_logits
+    want = kimia_llm.KimiaLLM(CFG).apply({"params": base}, x, x, pos).text_logits
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))  # B = 0
+    with pytest.raises(ValueError, match="matches no projection"):
+        lora.add_adapters(base, lora.LoraConfig(select="^nothing"), jax.random.key(1))
+
+
+@pytest.mark.parametrize("t", [10, 300])  # both matmul orientations of matmul_t on CPU
+def test_adapted_forward_equals_merged_weights(base, t):
+    params = _perturbed(lora.add_adapters(base, LCFG, jax.random.key(1)), jax.random.key(2))
+    model = lora.LoraModel(kimia_llm.KimiaLLM(CFG), LCFG)
+    x, _, pos = _batch(t=t, b=1)
+    got = model.apply({"params": params}, x, x, pos)
+    merged = lora.merge(params, LCFG)
+    want = kimia_llm.KimiaLLM(CFG).apply({"params": merged}, x, x, pos)
+    assert _rel(got.text_logits, want.text_logits) < 1e-5
+    assert _rel(got.audio_logits, want.audio_logits) < 1e-5
+    plain = kimia_llm.KimiaLLM(CFG).apply({"params": base}, x, x, pos)
+    assert _rel(got.audio_logits, plain.audio_logits) > 1e-3  # the adapters do something
+
+
+def test_merge_is_base_plus_scaled_product(base):
+    params = _perturbed(lora.add_adapters(base, LCFG, jax.random.key(1)), jax.random.key(2))
+    merged = lora.merge(params, LCFG)
+    node = params["mimo_layers_1"]["self_attn"]["k_proj"]
+    a, b = np.asarray(node["lora_a"], np.float64), np.asarray(node["lora_b"], np.float64)
+    want = np.asarray(node["weight"], np.float64) + LCFG.scale * b @ a
+    got = merged["mimo_layers_1"]["self_attn"]["k_proj"]
+    assert set(got) == {"weight", "bias"}
+    np.testing.assert_allclose(np.asarray(got["weight"]), want, rtol=0, atol=1e-6)
+    # Everything not adapted is returned bit-identical.
+    fm, fb = common.flatten(merged), common.flatten(base)
+    assert fm.keys() == fb.keys()
+    for k in fb:
+        if not (k.rsplit("/", 2)[0].startswith(("layers_1", "layers_2", "mimo_layers_1"))
+                and k.endswith("proj/weight")):  # fmt: skip
+            np.testing.assert_array_equal(np.asarray(fm[k]), np.asarray(fb[k]), err_msg=k)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantized_base(base, kind):
+    q = lora.quantize(base, kind)
+    w = q["layers_0"]["mlp"]["up_proj"]["weight"]
+    assert isinstance(w, lora.QWeight) and w.q.dtype == jnp.dtype(kind)
+    deq = np.asarray(w.dequantize(jnp.float32))
+    ref = np.asarray(base["layers_0"]["mlp"]["up_proj"]["weight"])
+    assert _rel(deq, ref) < (0.01 if kind == "int8" else 0.15)
+    params = lora.add_adapters(q, LCFG, jax.random.key(1))
+    model = lora.LoraModel(kimia_llm.KimiaLLM(CFG), LCFG)
+    x, _, pos = _batch()
+    got = model.apply({"params": params}, x, x, pos).text_logits
+    want = kimia_llm.KimiaLLM(CFG).apply({"params": lora.merge(params, LCFG)}, x, x, pos)
+    assert _rel(got, want.text_logits) < 1e-5
+    assert lora.merge(params, LCFG)["layers_0"]["mlp"]["up_proj"]["weight"].dtype == jnp.float32
+
+
+def _ce(logits, labels):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+@pytest.mark.parametrize("kind", ["none", "int8"])
+def test_training_moves_only_adapters_and_lowers_loss(base, kind):
+    params = lora.add_adapters(lora.quantize(base, kind), LCFG, jax.random.key(1))
+    trainable, frozen = lora.split(params)
+    model = lora.LoraModel(kimia_llm.KimiaLLM(CFG), LCFG)
+    x, y, pos = _batch(seed=3)
+    opt = optax.adam(1e-2)
+
+    def loss_fn(tr):
+        out = model.apply({"params": lora.combine(tr, frozen)}, x, x, pos)
+        return _ce(out.text_logits, y) + _ce(out.audio_logits, y)
+
+    @jax.jit
+    def step(tr, st):
+        loss, g = jax.value_and_grad(loss_fn)(tr)
+        upd, st = opt.update(g, st, tr)
+        return optax.apply_updates(tr, upd), st, loss
+
+    st = opt.init(trainable)
+    tr = trainable
+    losses = []
+    for _ in range(8):
+        tr, st, loss = step(tr, st)
+        losses.append(float(loss))
+    assert losses[-1] < losses[0] - 0.5, losses
+    new = common.flatten(lora.combine(tr, frozen))
+    old = common.flatten(params)
+    for k in old:
+        changed = not np.array_equal(np.asarray(jax.tree.leaves(new[k])[0]),
+                                     np.asarray(jax.tree.leaves(old[k])[0]))  # fmt: skip
+        assert changed == (k.endswith("lora_a") or k.endswith("lora_b")), k
