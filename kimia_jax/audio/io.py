@@ -20,7 +20,10 @@ from kimia_jax.errors import AudioError  # noqa: F401 (re-export)
 
 SAMPLE_RATE = 16000
 
-AudioLike = Union[str, os.PathLike, np.ndarray]  # noqa: UP007 - used at runtime in isinstance
+AudioLike = Union[str, os.PathLike, np.ndarray, tuple]  # noqa: UP007 - used at runtime in isinstance
+"""A path, a waveform array (16 kHz unless `sr=` says so) or an `(array, sample_rate)` tuple."""
+
+MAX_CHANNELS = 16  # a 2-D array with more rows and columns than this is not a multi-channel clip
 
 
 def _check_samples(wav: np.ndarray, what: str) -> np.ndarray:
@@ -51,23 +54,42 @@ def load_audio(audio: AudioLike, sr: int | None = None) -> np.ndarray:
     """Loads one clip as 16 kHz mono float32, with `librosa.load(path, sr=16000)` semantics.
 
     Args:
-      audio: a path (wav/flac/mp3/ogg/... anything soundfile or audioread decodes), or a float array
-        `[L]` or `[C, L]` (channels first, as librosa), values in [-1, 1] (integer arrays are
-        scaled by their full scale, e.g. int16 / 32768).
+      audio: a path (wav/flac/mp3/ogg/... anything soundfile or audioread decodes), an array, or an
+        `(array, sample_rate)` tuple. Arrays may be `[L]`, `[C, L]` (channels first, as librosa) or
+        `[L, C]` (channels last, as soundfile returns them; the channel axis is the one of at most
+        16 entries), float in [-1, 1] or integer PCM scaled by its full scale (int16 / 32768,
+        int32 / 2^31, uint8 centred on 128), as soundfile decodes files.
       sr: sample rate of an array input (default 16000). Must not be given for a path (the file
-        header says it).
+        header says it) nor together with a tuple.
 
     Returns:
       float32 `[L16]` at 16 kHz. Digital silence is valid.
 
     Raises:
       FileNotFoundError: the path does not exist.
+      IsADirectoryError: the path is a folder.
       AudioError: the file cannot be decoded, or the audio is empty or has NaN/inf samples.
     """
+    if isinstance(audio, tuple):
+        if len(audio) != 2:
+            raise AudioError(f"an audio tuple must be (array, sample_rate), got {len(audio)} items")
+        if sr is not None:
+            raise ValueError(
+                "give the sample rate either in the (array, sample_rate) tuple or as sr="
+            )
+        audio, sr = audio
+        if isinstance(audio, (str, os.PathLike)):
+            raise AudioError(
+                f"{audio}: (path, sample_rate) is not accepted; a file carries its rate"
+            )
+        if isinstance(sr, bool) or not isinstance(sr, (int, np.integer, float)) or sr != int(sr):
+            raise AudioError(f"sample rate must be a positive integer in Hz, got {sr!r}")
     if isinstance(audio, (str, os.PathLike)):
         path = Path(audio)
         if sr is not None:
             raise ValueError(f"{path}: sr= is only for array inputs (a file carries its own rate)")
+        if path.is_dir():
+            raise IsADirectoryError(f"{path}: is a folder, not an audio file")
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such audio file")
         if path.stat().st_size == 0:
@@ -92,19 +114,35 @@ def load_audio(audio: AudioLike, sr: int | None = None) -> np.ndarray:
         pcm = _check_samples(pcm, str(path))
         return _to_mono_16k(pcm, rate, str(path))
 
+    if not isinstance(audio, np.ndarray) and not hasattr(audio, "__array__"):
+        raise AudioError(
+            f"audio must be a path, an array or an (array, sample_rate) tuple, "
+            f"got {type(audio).__name__}"
+        )
     wav = np.asarray(audio)
     what = f"array of shape {wav.shape}"
     if wav.ndim not in (1, 2):
-        raise AudioError(f"{what}: expected [samples] or [channels, samples]")
-    if wav.ndim == 2 and wav.shape[0] > wav.shape[1]:
-        raise AudioError(f"{what}: expected [channels, samples] (channels first); transpose it")
-    if np.issubdtype(wav.dtype, np.integer):
+        raise AudioError(f"{what}: expected [samples], [channels, samples] or [samples, channels]")
+    if wav.ndim == 2:
+        if min(wav.shape) > MAX_CHANNELS:
+            raise AudioError(
+                f"{what}: neither axis looks like channels (at most {MAX_CHANNELS}); "
+                "pass [samples], [channels, samples] or [samples, channels]"
+            )
+        if wav.shape[0] > wav.shape[1]:
+            wav = wav.T  # [samples, channels] (soundfile's layout) -> channels first
+    if wav.dtype == np.bool_:
+        raise AudioError(f"{what}: dtype bool is not an audio dtype")
+    if np.issubdtype(wav.dtype, np.unsignedinteger):
+        half = float(np.iinfo(wav.dtype).max // 2 + 1)  # uint8 PCM: 128 is silence
+        wav = (wav.astype(np.float64) - half).astype(np.float32) / np.float32(half)
+    elif np.issubdtype(wav.dtype, np.integer):
         wav = wav.astype(np.float32) / float(-np.iinfo(wav.dtype).min)
     elif not np.issubdtype(wav.dtype, np.floating):
         raise AudioError(f"{what}: dtype {wav.dtype} is not a float or integer audio dtype")
     wav = _check_samples(wav.astype(np.float32, copy=False), what)
     rate = SAMPLE_RATE if sr is None else int(sr)
-    if rate <= 0:
+    if rate <= 0 or (sr is not None and sr != rate):
         raise AudioError(f"{what}: sample rate must be positive, got {sr}")
     return _to_mono_16k(wav, rate, what)
 

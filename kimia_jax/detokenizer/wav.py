@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from kimia_jax import fileio
 
 
 def write_wav(
@@ -14,8 +15,8 @@ def write_wav(
 ) -> Path:
     """Writes a mono float waveform in [-1, 1] to `path` atomically; returns the path.
 
-    A reader never sees a half-written file: the data goes to a temporary file next to `path`
-    which is renamed over it only once complete.
+    A reader never sees a half-written file: the data goes to a staging file next to `path`
+    which is renamed over it only once complete; the file gets the umask's permissions.
     """
     import soundfile as sf
 
@@ -27,15 +28,6 @@ def write_wav(
     if not np.isfinite(wav).all():
         raise ValueError("write_wav: waveform contains NaN or inf")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            sf.write(f, wav, sample_rate, subtype=subtype, format="WAV")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with fileio.atomic_file(path) as f:
+        sf.write(f, wav, sample_rate, subtype=subtype, format="WAV")
     return path

@@ -88,14 +88,42 @@ def test_bad_inputs_have_clear_messages(tmp_path):
         r"\(first at flat index 1\)",
     ):
         load_audio(np.array([0.0, np.nan, 0.0], np.float32))
-    with pytest.raises(
-        AudioError, match=r"array of shape \(1000, 2\): expected \[channels, samples\]"
-    ):
-        load_audio(np.zeros((1000, 2), np.float32))
-    with pytest.raises(AudioError, match=r"expected \[samples\] or \[channels, samples\]"):
+    with pytest.raises(AudioError, match=r"\(40, 30\): neither axis looks like channels"):
+        load_audio(np.zeros((40, 30), np.float32))
+    with pytest.raises(AudioError, match=r"expected \[samples\], \[channels, samples\]"):
         load_audio(np.zeros((1, 2, 3), np.float32))
+    with pytest.raises(IsADirectoryError, match=re.escape(f"{tmp_path}: is a folder")):
+        load_audio(tmp_path)
+    with pytest.raises(AudioError, match="must be a path, an array or an"):
+        load_audio([0.0, 0.1])
+    with pytest.raises(AudioError, match="dtype bool is not an audio dtype"):
+        load_audio(np.zeros(10, bool))
+    with pytest.raises(AudioError, match="sample rate must be a positive integer in Hz"):
+        load_audio((np.zeros(100, np.float32), 16000.5))
+    with pytest.raises(AudioError, match="sample rate must be positive"):
+        load_audio((np.zeros(100, np.float32), 0))
+    with pytest.raises(AudioError, match="must be \\(array, sample_rate\\), got 3 items"):
+        load_audio((np.zeros(100, np.float32), 16000, 1))
+    with pytest.raises(ValueError, match="either in the \\(array, sample_rate\\) tuple or as sr="):
+        load_audio((np.zeros(100, np.float32), 16000), sr=16000)
     with pytest.raises(ValueError, match="sr= is only for array inputs"):
         load_audio(empty, sr=8000)
+
+
+def test_array_layouts_dtypes_and_rate_tuples_match_the_file_loader(tmp_path):
+    """Every array form the file loader produces is accepted and gives the file's result."""
+    x = _tone(44100, 0.5, channels=2)
+    path = tmp_path / "stereo.wav"
+    sf.write(path, x.T, 44100, subtype="PCM_16")
+    want = load_audio(path)
+    pcm16, rate = sf.read(path, dtype="int16")  # [L, C] int16, soundfile's layout
+    np.testing.assert_array_equal(load_audio((pcm16, rate)), want)
+    np.testing.assert_array_equal(load_audio(pcm16.T, sr=rate), want)
+    f32 = sf.read(path, dtype="float32")[0]
+    np.testing.assert_array_equal(load_audio((f32, 44100)), want)
+    np.testing.assert_array_equal(load_audio((f32.astype(np.float64), np.int64(44100))), want)
+    u8 = np.array([0, 128, 255], np.uint8)
+    np.testing.assert_array_equal(load_audio(u8), np.array([-1.0, 0.0, 127 / 128], np.float32))
 
 
 def test_segments_and_token_len():
