@@ -296,3 +296,228 @@ class LoraModel:
     def apply(self, variables: Any, *args: Any, **kwargs: Any) -> Any:
         with nn.intercept_methods(interceptor(self.cfg)):
             return self.model.apply(variables, *args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# The LoRA train step
+
+
+def logical_axes(llm_cfg: Any, params: Any) -> Any:
+    """Logical axis names of every leaf of an adapted (and maybe quantized) LLM param tree:
+    weights as the model declares them, lora_a (lead, None, in), lora_b (lead, out, None),
+    QWeight q like the weight and its scales (lead, out, None)."""
+    from kimia_jax.models import kimia_llm
+
+    declared = _flatten(
+        jax.tree.map(
+            lambda x: x.names if isinstance(x, nn.Partitioned) else None,
+            kimia_llm.abstract_params(llm_cfg),
+            is_leaf=lambda x: isinstance(x, nn.Partitioned),
+        )
+    )
+    out = {}
+    for k, v in _flatten(params).items():
+        base = k.rsplit("/", 1)[0]
+        w = declared.get(f"{base}/weight")
+        if k.endswith("/lora_a"):
+            out[k] = (*w[:-2], None, w[-1])
+        elif k.endswith("/lora_b"):
+            out[k] = (*w[:-2], w[-2], None)
+        elif isinstance(v, QWeight):
+            w = declared[k]
+            out[k] = QWeight(q=w, scale=(*w[:-1], None))
+        else:
+            out[k] = declared[k]
+    return _unflatten(out)
+
+
+def shardings(llm_cfg: Any, params: Any, mesh: Any) -> Any:
+    """NamedShardings of an adapted LLM param tree (see `logical_axes`)."""
+    from kimia_jax import sharding
+
+    axes = _flatten(logical_axes(llm_cfg, params))
+    flat = _flatten(params)
+    out = {}
+    for k, v in flat.items():
+        if isinstance(v, QWeight):
+            out[k] = QWeight(
+                q=sharding.named_sharding(axes[k].q, v.q.shape, mesh),
+                scale=sharding.named_sharding(axes[k].scale, v.scale.shape, mesh),
+            )
+        else:
+            out[k] = sharding.named_sharding(axes[k], v.shape, mesh)
+    return _unflatten(out)
+
+
+class LoraTrainStep:
+    """The real train step (`train_step.forward_loss`: Whisper on the windows, dual-head LLM,
+    chunked two-stream loss) with only the adapters trained.
+
+    State params: {"lora": adapters} (what AdamW, clipping and the grad norm see) and
+    {"frozen": {"llm": base without adapters (maybe int8/int4), "whisper": encoder}} carried
+    through unchanged (no gradient is computed for it, no optimizer state). The Whisper encoder is
+    frozen (its output is stop_gradient'ed). A leading micro-batch axis accumulates gradients.
+    """
+
+    def __init__(
+        self,
+        llm_cfg: Any,
+        whisper_cfg: Any,
+        lora_cfg: LoraConfig,
+        cfg: Any = None,
+        mesh: Any = None,
+    ) -> None:
+        from kimia_jax.training import train_step as ts
+
+        self._ts = ts.TrainStep(llm_cfg, whisper_cfg, cfg, mesh)  # configs, dtypes, checks
+        self.lora_cfg = lora_cfg
+        self.cfg, self.mesh = self._ts.cfg, mesh
+        self.llm_cfg, self.whisper_cfg = self._ts.llm_cfg, self._ts.whisper_cfg
+        self._step = None
+
+    def optimizer(self) -> Any:
+        import optax
+
+        from kimia_jax.training import optim
+
+        tx = optim.adamw(self.cfg.optim)
+        if self.cfg.optim.clip_norm is not None:
+            tx = optax.chain(optax.clip_by_global_norm(self.cfg.optim.clip_norm), tx)
+        return tx
+
+    def state_shardings(self, params: Any) -> Any:
+        """Shardings of the state built around `params` (as `init` takes them)."""
+        import optax
+
+        from kimia_jax import sharding
+        from kimia_jax.models import whisper_encoder as wenc
+        from kimia_jax.training.train_step import TrainState
+
+        if self.mesh is None:
+            return None
+        adapters, base = split(params["llm"])
+        ad_sh = _unflatten(
+            {k: v for k, v in _flatten(shardings(self.llm_cfg, params["llm"], self.mesh)).items()
+             if is_adapter(k)}
+        )  # fmt: skip
+        base_sh = shardings(self.llm_cfg, base, self.mesh)
+        wsh = sharding.shardings_for(wenc.abstract_params(self.whisper_cfg), self.mesh)
+        rep = sharding.replicated(self.mesh)
+        tx = self.optimizer()
+        opt_abs = jax.eval_shape(tx.init, adapters)
+        opt = optax.tree_map_params(
+            tx, lambda _, s: s, opt_abs, ad_sh, transform_non_params=lambda _: rep,
+            is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding),
+        )  # fmt: skip
+        return TrainState(
+            step=rep,
+            params={"lora": ad_sh, "frozen": {"llm": base_sh, "whisper": wsh}},
+            opt_state=opt,
+            whisper_trainable=False,
+        )
+
+    def init(self, params: Any) -> Any:
+        """State around {"llm": adapted params (`add_adapters`), "whisper": encoder params}."""
+        from kimia_jax.training.train_step import TrainState
+
+        adapters, base = split(params["llm"])
+        tx = self.optimizer()
+
+        def make(ad: Any, frozen: Any) -> Any:
+            return TrainState(
+                step=jnp.zeros((), jnp.int32),
+                params={"lora": ad, "frozen": frozen},
+                opt_state=tx.init(ad),
+                whisper_trainable=False,
+            )
+
+        frozen = {"llm": base, "whisper": params["whisper"]}
+        if self.mesh is None:
+            return jax.jit(make)(adapters, frozen)
+        out = self.state_shardings(params)
+        return jax.jit(make, out_shardings=out)(adapters, frozen)
+
+    def loss_and_grads(self, adapters: Any, frozen: Any, batch: dict[str, Any]) -> Any:
+        """Loss, metrics and adapter gradients (traced inside the step; callable eagerly too)."""
+        import functools
+
+        from kimia_jax.training import train_step as ts
+        from kimia_jax.training.loss import denominators
+
+        denoms = denominators(batch, self.cfg.loss)
+        fn = functools.partial(
+            ts.forward_loss,
+            llm_cfg=self.llm_cfg,
+            whisper_cfg=self.whisper_cfg,
+            loss_cfg=self.cfg.loss,
+            whisper_trainable=False,
+        )
+
+        def loss_fn(ad: Any, mb: dict[str, jax.Array]) -> Any:
+            p = {"llm": combine(ad, frozen["llm"]), "whisper": frozen["whisper"]}
+            with nn.intercept_methods(interceptor(self.lora_cfg)):
+                return fn(p, mb, denoms)
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        if batch["audio_ids"].ndim == 2:
+            (loss, metrics), grads = grad_fn(adapters, batch)
+            return loss, metrics, grads
+
+        def body(carry: Any, mb: dict[str, jax.Array]) -> Any:
+            (loss, metrics), g = grad_fn(adapters, mb)
+            return (carry[0] + loss, jax.tree.map(jnp.add, carry[1], g)), metrics
+
+        zeros = jax.tree.map(jnp.zeros_like, adapters)
+        (loss, grads), per_mb = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), batch)
+        metrics = dict(per_mb)
+        for k in ("loss", "loss_text", "loss_audio", "n_text", "n_audio"):
+            metrics[k] = jnp.sum(per_mb[k])
+        return loss, metrics, grads
+
+    def step_fn(self) -> Any:
+        """The un-jitted step (state, batch) -> (state, metrics), for AOT lowering."""
+        import optax
+
+        from kimia_jax import sharding
+        from kimia_jax.training import optim
+        from kimia_jax.training.train_step import TrainState
+
+        tx = self.optimizer()
+        sched = optim.schedule(self.cfg.optim)
+        mesh = self.mesh
+
+        def step(state: Any, batch: dict[str, jax.Array]) -> Any:
+            with sharding.use_mesh(mesh):
+                ad, frozen = state.params["lora"], state.params["frozen"]
+                loss, metrics, grads = self.loss_and_grads(ad, frozen, batch)
+                updates, opt_state = tx.update(grads, state.opt_state, ad)
+                ad = optax.apply_updates(ad, updates)
+            metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=sched(state.step))
+            return TrainState(
+                step=state.step + 1,
+                params={"lora": ad, "frozen": frozen},
+                opt_state=opt_state,
+                whisper_trainable=False,
+            ), metrics
+
+        return step
+
+    def __call__(self, state: Any, batch: dict[str, Any]) -> Any:
+        """One optimizer step on the adapters (donates `state`)."""
+        from kimia_jax.training.train_step import batch_shardings
+
+        if self._step is None:
+            kw = {}
+            if self.mesh is not None:
+                full = {"llm": combine(state.params["lora"], state.params["frozen"]["llm"]),
+                        "whisper": state.params["frozen"]["whisper"]}  # fmt: skip
+                kw["out_shardings"] = (self.state_shardings(full), None)
+            self._step = jax.jit(self.step_fn(), donate_argnums=0, **kw)
+        if self.mesh is not None:
+            batch = jax.device_put(batch, batch_shardings(batch, self.mesh))
+        return self._step(state, batch)
+
+    def merged(self, state: Any, dtype: Any = None) -> Any:
+        """Full LLM weights of a state (base + scale * B @ A): the released layout."""
+        return merge(combine(state.params["lora"], state.params["frozen"]["llm"]), self.lora_cfg,
+                     dtype)  # fmt: skip
