@@ -416,26 +416,29 @@ class LoraTrainStep:
             whisper_trainable=False,
         )
 
-    def init(self, params: Any) -> Any:
-        """State around {"llm": adapted params (`add_adapters`), "whisper": encoder params}."""
+    def init_fn(self) -> Any:
+        """params {"llm": adapted (`add_adapters`), "whisper": encoder} -> fresh state (step 0,
+        zero moments); un-jitted, for `jax.eval_shape` / AOT planning."""
         from kimia_jax.training.train_step import TrainState
 
-        adapters, base = split(params["llm"])
         tx = self.optimizer()
 
-        def make(ad: Any, frozen: Any) -> Any:
+        def make(params: Any) -> Any:
+            adapters, base = split(params["llm"])
             return TrainState(
                 step=jnp.zeros((), jnp.int32),
-                params={"lora": ad, "frozen": frozen},
-                opt_state=tx.init(ad),
+                params={"lora": adapters, "frozen": {"llm": base, "whisper": params["whisper"]}},
+                opt_state=tx.init(adapters),
                 whisper_trainable=False,
             )
 
-        frozen = {"llm": base, "whisper": params["whisper"]}
+        return make
+
+    def init(self, params: Any) -> Any:
+        """State around {"llm": adapted params (`add_adapters`), "whisper": encoder params}."""
         if self.mesh is None:
-            return jax.jit(make)(adapters, frozen)
-        out = self.state_shardings(params)
-        return jax.jit(make, out_shardings=out)(adapters, frozen)
+            return jax.jit(self.init_fn())(params)
+        return jax.jit(self.init_fn(), out_shardings=self.state_shardings(params))(params)
 
     def loss_and_grads(self, adapters: Any, frozen: Any, batch: dict[str, Any]) -> Any:
         """Loss, metrics and adapter gradients (traced inside the step; callable eagerly too)."""
