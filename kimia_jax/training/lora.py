@@ -244,6 +244,40 @@ def merge(params: Any, cfg: LoraConfig, dtype: Any = None) -> Any:
     return _unflatten(out)
 
 
+def export(
+    params: Any,
+    cfg: LoraConfig,
+    out_dir: Any,
+    config_json: str,
+    *,
+    dtype: Any = jnp.bfloat16,
+    overwrite: bool = False,
+) -> Any:
+    """Merges the adapters into full weights and writes them as a converted checkpoint (Orbax +
+    config.json, what `conversion.llm.load` / `tools.convert_llm` produce), atomically.
+
+    Args:
+      params: adapted LLM params (unrolled layout; unstack a scanned tree first).
+      cfg: the LoRA config the adapters were trained with.
+      out_dir: directory to create; config_json: the base model's config.json text.
+      dtype: stored dtype of the merged weights (the released weights are bf16).
+    """
+    from kimia_jax import checkpoint
+
+    merged = merge(params, cfg, dtype)
+    return checkpoint.save(
+        out_dir,
+        merged,
+        files={"config.json": config_json},
+        meta={
+            "model": "kimia_llm",
+            "lora": dataclasses.asdict(cfg),
+            "dtype": jnp.dtype(dtype).name,
+        },
+        overwrite=overwrite,
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # The adapted forward
 

@@ -125,7 +125,7 @@ def _fixture_batch():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["none", "int8"])
-def test_real_step_trains_only_adapters_and_lowers_loss(kind):
+def test_real_step_trains_only_adapters_and_lowers_loss(kind, tmp_path):
     from kimia_jax.training.optim import OptimConfig
     from kimia_jax.training.train_step import TrainConfig
     from tests.training import helpers as h
@@ -169,3 +169,13 @@ def test_real_step_trains_only_adapters_and_lowers_loss(kind):
     got = np.asarray(merged["layers_2"]["mlp"]["gate_proj"]["weight"])
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     assert jax.tree.structure(merged) == jax.tree.structure(p["llm"])
+    if kind == "none":  # export to disk, read back by the real loader
+        from kimia_jax.conversion import llm as conv
+
+        adapted_now = lora.combine(state.params["lora"], state.params["frozen"]["llm"])
+        config_json = (h.LLM_DIR / "config.json").read_text()
+        out = lora.export(adapted_now, LCFG, tmp_path / "merged", config_json, dtype=jnp.float32)
+        _, loaded = conv.load(out)
+        np.testing.assert_array_equal(
+            np.asarray(loaded["layers_2"]["mlp"]["gate_proj"]["weight"]), got
+        )
