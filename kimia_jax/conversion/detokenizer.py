@@ -30,7 +30,7 @@ import numpy as np
 from kimia_jax.conversion import common
 from kimia_jax.conversion.common import CheckpointError, Rule
 from kimia_jax.models.bigvgan import BigVGAN, BigVGANConfig, kaiser_sinc_filter
-from kimia_jax.models.flow_dit import DiTConfig, FlowDiT
+from kimia_jax.models.flow_dit import DiTConfig, FlowDiT, example_inputs
 
 DIT_DIR = "audio_detokenizer"
 VOCODER_DIR = "vocoder"
@@ -282,16 +282,7 @@ def read_vocoder_config(path: str | os.PathLike[str]) -> BigVGANConfig:
 def dit_abstract(cfg: DiTConfig) -> Any:
     """Unboxed param ShapeDtypeStructs of FlowDiT (and the boxed tree for shardings)."""
     m = FlowDiT(cfg)
-    s, h, hd = 2, cfg.num_heads, cfg.head_dim
-    args = (
-        jnp.zeros((1, 2, cfg.input_size)),
-        jnp.zeros((1, 2), jnp.int32),
-        jnp.zeros((1,), jnp.int32),
-        jnp.zeros((1, 2), jnp.int32),
-        jnp.zeros((cfg.depth, 1, s, h, hd)),
-        jnp.zeros((cfg.depth, 1, s, h, hd)),
-        jnp.ones((1, s + 2), bool),
-    )
+    args = example_inputs(cfg)
     boxed = jax.eval_shape(lambda: m.init(jax.random.key(0), *args)["params"])
     return boxed
 

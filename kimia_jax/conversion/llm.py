@@ -8,6 +8,7 @@ RoPE is recomputed in fp32.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -57,7 +58,9 @@ IGNORE = (r".*\.rotary_emb\.inv_freq",)
 
 
 def _targets(cfg: LlmConfig, mesh: Mesh | None, dtype: Any) -> dict[str, common.Target]:
-    return common.targets_for(kimia_llm.abstract_params(cfg), mesh, dtype)
+    # Checkpoints hold the unrolled layout; `kimia_llm.to_layout` stacks it for scan_layers.
+    unrolled = kimia_llm.abstract_params(dataclasses.replace(cfg, scan_layers=False))
+    return common.targets_for(unrolled, mesh, dtype)
 
 
 def load_hf(
@@ -89,7 +92,7 @@ def load_hf(
         progress=progress,
         desc=model_dir.name,
     )
-    return cfg, common.unflatten(flat)
+    return cfg, kimia_llm.to_layout(common.unflatten(flat), cfg, mesh)
 
 
 def load(
@@ -112,7 +115,7 @@ def load(
                 for k, t in _targets(cfg, mesh, dtype).items()
             }
         )
-        return cfg, checkpoint.restore(path, abstract)
+        return cfg, kimia_llm.to_layout(checkpoint.restore(path, abstract), cfg, mesh)
     return load_hf(path, dtype=dtype, mesh=mesh, progress=progress)
 
 
