@@ -94,6 +94,26 @@ def test_merge_is_base_plus_scaled_product(base):
             np.testing.assert_array_equal(np.asarray(fm[k]), np.asarray(fb[k]), err_msg=k)
 
 
+def test_scanned_layout_with_remat(base):
+    """Stacked layers (nn.scan slices the adapters with the weights) and remat: same logits as the
+    unrolled adapted model."""
+    cfg = CFG.replace(scan_layers=True, remat_policy="full")
+    params = _perturbed(lora.add_adapters(base, LCFG, jax.random.key(1)), jax.random.key(2))
+    want = lora.LoraModel(kimia_llm.KimiaLLM(CFG), LCFG)
+    x, _, pos = _batch()
+    ref = jax.jit(want.apply)({"params": params}, x, x, pos)
+    stacked = kimia_llm.stack_layers(lora.quantize(base, "none"), cfg)
+    cfg_all = lora.LoraConfig(rank=4, alpha=8.0)  # a stack is one path: all its layers adapted
+    sp = _perturbed(lora.add_adapters(stacked, cfg_all, jax.random.key(1)), jax.random.key(2))
+    assert sp["layers"]["mlp"]["up_proj"]["lora_a"].shape == (CFG.num_hidden_layers, 4, 40)
+    model = lora.LoraModel(kimia_llm.KimiaLLM(cfg), cfg_all)
+    got = jax.jit(model.apply)({"params": sp}, x, x, pos)
+    merged = jax.jit(kimia_llm.KimiaLLM(cfg).apply)({"params": lora.merge(sp, cfg_all)}, x, x, pos)
+    assert _rel(got.text_logits, merged.text_logits) < 1e-5
+    assert _rel(got.audio_logits, merged.audio_logits) < 1e-5
+    assert _rel(got.text_logits, ref.text_logits) > 1e-4  # different adapters: a real check
+
+
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_quantized_base(base, kind):
     q = lora.quantize(base, kind)
