@@ -119,6 +119,7 @@ def plan(
     ce_chunk: int | None = None,
     lora_rank: int = 0,
     base_quant: str = "none",
+    lower_only: bool = False,
 ) -> dict:
     """Lowers and compiles the step for `target`; returns the per-device memory numbers."""
     import dataclasses
@@ -209,6 +210,8 @@ def plan(
     t0 = time.perf_counter()
     jitted = jax.jit(fn, out_shardings=(state_sh, None), donate_argnums=0)
     lowered = jitted.lower(abstract_state, abstract_batch)
+    if lower_only:
+        return {"lowered": lowered}
     compiled = lowered.compile()
     seconds = time.perf_counter() - t0
     ma = compiled.memory_analysis()
