@@ -8,12 +8,14 @@ layout the model has: unrolled `layers_<i>/...` or scanned `layers/...` with a l
 recomputes it and no merged [out, in] matrix is ever built in training) and dequantizes an
 int8/int4 base weight on the fly (QLoRA).
 
-    base = lora.quantize(params, "int8")                # optional; frozen either way
-    params = lora.add_adapters(base, LoraConfig(rank=16, select=r"layers_(2[0-7])/"), key)
-    model = lora.LoraModel(KimiaLLM(cfg))               # .apply adds the adapters
-    trainable, frozen = lora.split(params)              # optimizer sees only `trainable`
-    ...
-    full = lora.merge(params, lora_cfg)                 # plain weights, the released layout
+    lcfg = LoraConfig(rank=16, select=r"^layers_(2[0-7])/")   # main layers 20-27
+    llm = lora.add_adapters(lora.quantize(params["llm"], "int8"), lcfg, key)  # int8: optional
+    step = lora.LoraTrainStep(llm_cfg, whisper_cfg, lcfg, TrainConfig(...), mesh)
+    state = step.init({"llm": llm, "whisper": params["whisper"]})
+    state, metrics = step(state, batch)                 # AdamW sees only the adapters
+    lora.export(lora.combine(state.params["lora"], state.params["frozen"]["llm"]), lcfg,
+                out_dir, config_json)                   # W + (alpha / r) B A, loadable by llm.load
+    # lower level: lora.LoraModel(KimiaLLM(cfg), lcfg).apply, lora.split / combine / merge
 
 Why not qwix (0.1.8, tried first): its LoraProvider intercepts `jnp.einsum`/`dot_general` inside
 modules and takes the *right-hand* operand as the weight. Our `matmul_t` computes `W @ x^T` (weight
