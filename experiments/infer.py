@@ -12,9 +12,13 @@ overrides the task instruction. On the 7B checkpoint in bf16 expect ~20 GB of ac
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from absl import app, flags
+
+from kimia_jax.configs import OutputType
+from kimia_jax.inference.sampler import Sampling
 
 # Instructions: asr = the official infer.py; emotion / sound = the Evalkit's MELD / VocalSound
 # frames without the option lists (spec/evaluation.md §1.3); caption = a plain request (the
@@ -34,23 +38,34 @@ _MODEL = flags.DEFINE_string(
 _AUDIO = flags.DEFINE_multi_string("audio", [], "Input audio file(s); several = a batch.")
 _TASK = flags.DEFINE_enum("task", "asr", list(TASK_PROMPTS), "Which task prompt to build.")
 _PROMPT = flags.DEFINE_string("prompt", None, "Text instruction (overrides the task's).")
-_OUTPUT = flags.DEFINE_enum("output_type", "text", ["text", "both"], "Text only, or text + speech.")
+_OUTPUT = flags.DEFINE_enum(
+    "output_type", "text", [t.value for t in OutputType], "Text only, or text + speech."
+)
 _OUT_WAV = flags.DEFINE_string(
     "out_wav", None, "Where to write the 24 kHz reply (output_type both)."
 )
 _GLM = flags.DEFINE_string("glm_tokenizer", None, "GLM-4-Voice tokenizer folder.")
 _MESH = flags.DEFINE_string("mesh", None, "Device mesh, e.g. data=1,fsdp=1,tensor=8.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", -1, "Text-mode budget (-1: 7500 - prompt).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling / detokenizer noise seed.")
-_AT = flags.DEFINE_float("audio_temperature", 0.0, "Audio sampling temperature (0 = greedy).")
-_AK = flags.DEFINE_integer("audio_top_k", 5, "Audio top-k.")
-_TT = flags.DEFINE_float("text_temperature", 0.0, "Text sampling temperature (0 = greedy).")
-_TK = flags.DEFINE_integer("text_top_k", 5, "Text top-k.")
-_ARP = flags.DEFINE_float("audio_repetition_penalty", 1.0, "Audio repetition penalty.")
-_ARW = flags.DEFINE_integer("audio_repetition_window_size", 64, "Audio penalty window.")
-_TRP = flags.DEFINE_float("text_repetition_penalty", 1.0, "Text repetition penalty.")
-_TRW = flags.DEFINE_integer("text_repetition_window_size", 16, "Text penalty window.")
+
+
+def _define_sampling_flags() -> dict[str, flags.FlagHolder]:
+    """One flag per `Sampling` field: its name, type, default and help (nothing re-typed)."""
+    define = {"float": flags.DEFINE_float, "int": flags.DEFINE_integer}
+    return {
+        f.name: define[f.type if isinstance(f.type, str) else f.type.__name__](
+            f.name, f.default, f.metadata["help"]
+        )
+        for f in dataclasses.fields(Sampling)
+    }
+
+
+_SAMPLING = _define_sampling_flags()
+
+
+def sampling_from_flags() -> Sampling:
+    return Sampling(**{name: holder.value for name, holder in _SAMPLING.items()})
 
 
 def build_messages(task: str, audio: str, prompt: str | None) -> list[dict]:
@@ -81,14 +96,8 @@ def main(argv: list[str]) -> None:
         bar.update(1)
     load_s = time.perf_counter() - t0
     chats = [build_messages(_TASK.value, a, _PROMPT.value) for a in _AUDIO.value]
-    sampling = dict(
-        audio_temperature=_AT.value, audio_top_k=_AK.value, text_temperature=_TT.value,
-        text_top_k=_TK.value, audio_repetition_penalty=_ARP.value,
-        audio_repetition_window_size=_ARW.value, text_repetition_penalty=_TRP.value,
-        text_repetition_window_size=_TRW.value,
-    )  # fmt: skip
-    results = model.generate_batch(chats, _OUTPUT.value, max_new_tokens=_MAX_NEW.value,
-                                   seed=_SEED.value, **sampling)  # fmt: skip
+    sampling = dataclasses.asdict(sampling_from_flags())
+    results = model.generate_batch(chats, _OUTPUT.value, seed=_SEED.value, **sampling)
     for i, (path, (wav, text)) in enumerate(zip(_AUDIO.value, results, strict=True)):
         print(f"{path}: {text}")
         if wav is not None and _OUT_WAV.value:

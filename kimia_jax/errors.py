@@ -29,3 +29,7 @@ class TokenizerFileError(KimiaError):
 
 class PromptError(KimiaError):
     """A malformed message list; the message names the message index and the problem."""
+
+
+class ShardingError(KimiaError):
+    """A tensor dimension that its mesh axes do not divide, under strict sharding."""

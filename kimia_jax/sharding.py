@@ -3,19 +3,30 @@
 Every parameter and cache array carries logical axis names (`nn.with_logical_partitioning`,
 `nn.with_logical_constraint`); this module is the only place that maps them to mesh axes.
 Mesh axes: ("data", "fsdp", "tensor").
+
+The mesh of a computation is JAX's own context mesh (`jax.set_mesh`, entered by `mesh_context`):
+`constrain` reads it with `jax.sharding.get_abstract_mesh()` while tracing, so the mesh is part of
+what a jitted function is traced (and cached) for: the same function called under another mesh, or
+under none, is traced again instead of reusing constraints meant for a different mesh.
+
+A dimension that its mesh axes do not divide is replicated; that is logged once per tensor name,
+and raises `ShardingError` under `strict` (`set_strict(True)` or the `strict=` argument).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
+
+from kimia_jax.errors import ShardingError  # noqa: F401 (re-export)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -99,7 +110,20 @@ def parse_mesh(spec: str | None, devices: Sequence[jax.Device] | None = None) ->
     return make_mesh(devices=devices, **sizes)
 
 
-def _axis_size(mesh: Mesh, axes: Any) -> int:
+_STRICT = False
+_REPORTED: set[str] = set()  # tensor names whose replicated dimension was already logged
+
+
+def set_strict(strict: bool) -> bool:
+    """Makes a non-dividing dimension an error (True) or a logged replication (False, default).
+
+    Returns the previous setting."""
+    global _STRICT
+    previous, _STRICT = _STRICT, bool(strict)
+    return previous
+
+
+def _axis_size(mesh: Mesh | AbstractMesh, axes: Any) -> int:
     if axes is None:
         return 1
     if isinstance(axes, str):
@@ -108,32 +132,63 @@ def _axis_size(mesh: Mesh, axes: Any) -> int:
 
 
 def spec_for(
-    logical: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh
+    logical: Sequence[str | None] | None,
+    shape: Sequence[int],
+    mesh: Mesh | AbstractMesh,
+    *,
+    name: str | None = None,
+    strict: bool | None = None,
 ) -> PartitionSpec:
-    """PartitionSpec for one array from its logical names; replicates dims that would not divide."""
+    """PartitionSpec for one array from its logical names.
+
+    A dimension that its mesh axes do not divide is replicated, logged once per `name` (default:
+    the logical names and shape), or raises `ShardingError` when `strict` (default: `set_strict`).
+    """
     if logical is None:
         return PartitionSpec()
     rules = dict(LOGICAL_RULES)
     used: set[str] = set()
     out = []
-    for name, dim in zip(logical, shape, strict=True):
-        axes = rules.get(name) if name is not None else None
-        if name is not None and name not in rules:
-            raise KeyError(f"logical axis {name!r} has no rule in kimia_jax.sharding.LOGICAL_RULES")
+    for axis, dim in zip(logical, shape, strict=True):
+        axes = rules.get(axis) if axis is not None else None
+        if axis is not None and axis not in rules:
+            raise KeyError(f"logical axis {axis!r} has no rule in kimia_jax.sharding.LOGICAL_RULES")
         flat = (axes,) if isinstance(axes, str) else tuple(axes or ())
         flat = tuple(a for a in flat if a not in used and mesh.shape.get(a, 1) > 1)
         if flat and dim % _axis_size(mesh, flat) == 0:
             used.update(flat)
             out.append(flat[0] if len(flat) == 1 else flat)
-        else:
-            out.append(None)
+            continue
+        if flat:
+            _not_divided(name or f"{tuple(logical)}{tuple(shape)}", axis, dim, flat, mesh, strict)
+        out.append(None)
     return PartitionSpec(*out)
 
 
+def _not_divided(
+    name: str, axis: str | None, dim: int, flat: tuple[str, ...], mesh: Any, strict: bool | None
+) -> None:
+    size = _axis_size(mesh, flat)
+    msg = (
+        f"{name}: dimension {axis!r} of size {dim} is not divisible by mesh axes {flat} "
+        f"(size {size})"
+    )
+    if _STRICT if strict is None else strict:
+        raise ShardingError(msg + "; strict sharding: choose mesh sizes that divide it")
+    if name not in _REPORTED:
+        _REPORTED.add(name)
+        logging.warning(msg + "; it is replicated")
+
+
 def named_sharding(
-    logical: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh
+    logical: Sequence[str | None] | None,
+    shape: Sequence[int],
+    mesh: Mesh,
+    *,
+    name: str | None = None,
+    strict: bool | None = None,
 ) -> NamedSharding:
-    return NamedSharding(mesh, spec_for(logical, shape, mesh))
+    return NamedSharding(mesh, spec_for(logical, shape, mesh, name=name, strict=strict))
 
 
 def logical_axes_of(boxed_tree: Any) -> Any:
@@ -145,50 +200,47 @@ def logical_axes_of(boxed_tree: Any) -> Any:
     )
 
 
-def shardings_for(boxed_abstract: Any, mesh: Mesh) -> Any:
+def shardings_for(boxed_abstract: Any, mesh: Mesh, *, strict: bool | None = None) -> Any:
     """NamedShardings for a boxed tree from `jax.eval_shape(model.init, ...)` (unboxed
-    structure).
+    structure); tensors are named by their tree path in logs and errors.
     """
 
-    def one(x: Any) -> NamedSharding:
+    def one(path: Any, x: Any) -> NamedSharding:
         if isinstance(x, nn.Partitioned):
-            return named_sharding(x.names, x.value.shape, mesh)
+            name = jax.tree_util.keystr(path, simple=True, separator="/")
+            return named_sharding(x.names, x.value.shape, mesh, name=name, strict=strict)
         return NamedSharding(mesh, PartitionSpec())
 
-    return jax.tree.map(one, boxed_abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    return jax.tree_util.tree_map_with_path(
+        one, boxed_abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+    )
 
 
-def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
-    """`with_sharding_constraint` by logical names inside a jit traced under a mesh; no-op
-    otherwise.
+def current_mesh() -> AbstractMesh | None:
+    """The context mesh (`jax.set_mesh` / `mesh_context`) as traced, or None outside one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty else mesh
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None], *, name: str | None = None) -> jax.Array:
+    """`with_sharding_constraint` by logical names under the context mesh; no-op without one.
+
+    The mesh comes from JAX's context (`mesh_context`), so it is part of the jit cache key.
     """
-    mesh = _current_mesh()
+    mesh = current_mesh()
     if mesh is None:
         return x
-    return jax.lax.with_sharding_constraint(x, named_sharding(logical, x.shape, mesh))
+    return jax.lax.with_sharding_constraint(x, spec_for(logical, x.shape, mesh, name=name))
 
 
-_MESH_STACK: list[Mesh] = []
-
-
-class use_mesh:  # noqa: N801 - context manager used like a function
-    """Context in which `constrain` applies logical constraints to this mesh."""
-
-    def __init__(self, mesh: Mesh | None):
-        self.mesh = mesh
-
-    def __enter__(self) -> Mesh | None:
-        if self.mesh is not None:
-            _MESH_STACK.append(self.mesh)
-        return self.mesh
-
-    def __exit__(self, *exc: object) -> None:
-        if self.mesh is not None:
-            _MESH_STACK.pop()
-
-
-def _current_mesh() -> Mesh | None:
-    return _MESH_STACK[-1] if _MESH_STACK else None
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh | None) -> Iterator[Mesh | None]:
+    """`jax.set_mesh(mesh)` (the context `constrain` reads); a no-op for None (default device)."""
+    if mesh is None:
+        yield None
+        return
+    with jax.set_mesh(mesh):
+        yield mesh
 
 
 def describe(mesh: Mesh) -> str:

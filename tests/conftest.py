@@ -70,11 +70,10 @@ def runs(detok, cases):
         traces, pieces = [], []
         for s, e, fin in plan_chunks(c["semantic_tokens"].shape[1]):
             tr = {}
-            pieces.append(
-                detok.detokenize_chunk(
-                    state, c["semantic_tokens"][0, s:e], is_final=fin, noise=noise, trace=tr
-                )
+            wav, state = detok.detokenize_chunk(
+                state, c["semantic_tokens"][0, s:e], is_final=fin, noise=noise, trace=tr
             )
+            pieces.append(wav)
             traces.append(tr)
         out[name] = {"traces": traces, "pieces": pieces}
     return out

@@ -40,6 +40,47 @@ def test_rules_replicate_what_does_not_divide(mesh):
         sharding.spec_for(("nonsense",), (4,), mesh)
 
 
+def test_non_dividing_dimension_is_logged_once_or_raises_when_strict(mesh, caplog):
+    caplog.set_level("WARNING")
+    for _ in range(3):
+        spec = sharding.spec_for(("vocab", "embed"), (727, 40), mesh, name="lm_head/weight")
+        assert spec == PartitionSpec(None, "fsdp")
+    msgs = [r.getMessage() for r in caplog.records if "lm_head/weight" in r.getMessage()]
+    assert msgs == [
+        "lm_head/weight: dimension 'vocab' of size 727 is not divisible by mesh axes ('tensor',) "
+        "(size 2); it is replicated"
+    ]
+    with pytest.raises(sharding.ShardingError, match="'vocab' of size 727 .*; strict sharding"):
+        sharding.spec_for(("vocab", "embed"), (727, 40), mesh, name="lm_head/weight", strict=True)
+    previous = sharding.set_strict(True)
+    try:
+        with pytest.raises(sharding.ShardingError, match=r"\('batch', 'length'\)\(3, 9\)"):
+            sharding.spec_for(("batch", "length"), (3, 9), mesh)
+    finally:
+        sharding.set_strict(previous)
+
+
+def test_jitted_function_is_retraced_for_each_context_mesh():
+    """The mesh is part of the trace: one jitted function, called with the same arguments under
+    two meshes and under none, follows each (the old private mesh stack reused the first trace,
+    constraints for the first mesh included)."""
+    f = jax.jit(lambda x: sharding.constrain(x * 2, ("batch", "length")))
+    x = np.arange(32, dtype=np.float32).reshape(8, 4)
+    big = sharding.parse_mesh("data=2,fsdp=2,tensor=2")
+    small = sharding.make_mesh(data=1, fsdp=4, tensor=1, devices=jax.devices()[4:])
+    outs = {}
+    for name, m in [("big", big), ("none", None), ("small", small), ("big2", big)]:
+        with sharding.mesh_context(m):
+            outs[name] = f(x)
+        np.testing.assert_array_equal(outs[name], 2 * x)
+    assert outs["big"].sharding.spec == PartitionSpec(("data", "fsdp"))
+    assert len(outs["big"].sharding.device_set) == 8
+    assert len(outs["none"].sharding.device_set) == 1
+    assert outs["small"].sharding.device_set == set(jax.devices()[4:])
+    assert outs["big2"].sharding.spec == PartitionSpec(("data", "fsdp"))
+    assert sharding.current_mesh() is None  # nothing left behind
+
+
 def test_every_param_carries_logical_names():
     cfg = conv.LlmConfig.from_file(LLM_DIR)
     boxed = kimia_llm.abstract_params(cfg)
@@ -63,7 +104,7 @@ def runs(mesh):
     single = gen.generate_fixed(params, p4, jax.random.key(0), **kw)
     batch_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     p4s = jax.tree.map(lambda x: None if x is None else jax.device_put(x, batch_sh), p4)
-    with sharding.use_mesh(mesh):
+    with sharding.mesh_context(mesh):
         multi = gen.generate_fixed(sharded_params, p4s, jax.random.key(0), **kw)
     return sharded_params, single, multi
 

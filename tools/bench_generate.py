@@ -28,6 +28,7 @@ import time
 import numpy as np
 from absl import app, flags
 
+from kimia_jax.text.conversation import AUDIO_DELAY
 from tools.timing import best_of, jax_generate_runner, torch_kimia_twin
 
 _SIZES = flags.DEFINE_list("sizes", ["tiny", "0.5b"], "Model sizes: tiny, 0.5b.")
@@ -43,8 +44,6 @@ _MODES = flags.DEFINE_list(
     'always does; "text" (ASR, QA, captioning) lets XLA drop the MIMO layers and audio head, '
     "whose samples that mode never uses.",
 )
-
-AUDIO_DELAY = 6
 
 
 def ours_steps_per_s(cfg, batch, prompt_len, steps, repeats, output_type="both"):

@@ -44,17 +44,22 @@ def jax_generate_runner(cfg, batch: int, prompt_len: int, steps: int, output_typ
     import jax.numpy as jnp
     import numpy as np
 
+    from kimia_jax.configs import OutputType
     from kimia_jax.inference import generate as gen
     from kimia_jax.models import kimia_llm
+    from kimia_jax.text.conversation import PromptBatch
 
     params = kimia_llm.init_params(cfg, jax.random.key(0))
     model = kimia_llm.KimiaLLM(cfg)
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(0, cfg.kimia_token_offset, (batch, prompt_len)), jnp.int32)
-    prompt = gen.Prompt(
-        audio_ids=ids, text_ids=ids, lengths=jnp.full((batch,), prompt_len, jnp.int32)
+    prompt = PromptBatch(
+        audio_ids=ids, text_ids=ids, is_continuous=None, features=None,
+        lengths=jnp.full((batch,), prompt_len, jnp.int32),
+    )  # fmt: skip
+    never = gen.StreamConfig(
+        output_type=OutputType(output_type), text_blank=0, text_eos=-1, eod_ids=()
     )
-    never = gen.StreamConfig(output_type=output_type, text_blank=0, text_eos=-1, eod_ids=())
 
     def run(n: int) -> None:
         out = gen.generate_fixed(params, prompt, jax.random.key(0), model=model, max_new_tokens=n,

@@ -5,6 +5,8 @@ det.warmup()                                    # optional: compile all chunk sh
 wav = det.detokenize(codes, key=jax.random.key(0))              # whole utterance
 for piece in det.stream(token_iterator, key=jax.random.key(0)):  # same samples, chunk by chunk
     play(piece)
+state = det.new_state()                         # or chunk by chunk, the state a returned value:
+wav, state = det.detokenize_chunk(state, codes[:30], is_final=False, key=0)
 """
 
 from kimia_jax.detokenizer.detokenizer import (
@@ -16,7 +18,7 @@ from kimia_jax.detokenizer.detokenizer import (
     plan_chunks,
     torch_linspace_f32,
 )
-from kimia_jax.detokenizer.stitch import WaveStitcher, hamming_periodic
+from kimia_jax.detokenizer.stitch import StitchState, hamming_periodic, stitch
 from kimia_jax.detokenizer.wav import write_wav
 
 __all__ = [
@@ -24,10 +26,11 @@ __all__ = [
     "DetokenizerState",
     "MelNorm",
     "StreamingConfig",
-    "WaveStitcher",
+    "StitchState",
     "euler_schedule",
     "hamming_periodic",
     "plan_chunks",
+    "stitch",
     "torch_linspace_f32",
     "write_wav",
 ]

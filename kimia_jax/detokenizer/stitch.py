@@ -7,6 +7,7 @@ that is the official behaviour and is reproduced, not fixed.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import numpy as np
@@ -22,49 +23,43 @@ def hamming_periodic(n: int) -> np.ndarray:
     return (np.cos(ang) * np.float32(-0.46) + np.float32(0.54)).astype(np.float32)
 
 
-class WaveStitcher:
-    """Turns per-chunk mels [T, M] into waveform pieces whose concatenation is the utterance.
+@dataclasses.dataclass(frozen=True)
+class StitchState:
+    """What stitching carries from one chunk to the next: the previous chunk's mel tail (vocoded
+    again with the new chunk) and waveform tail (cross-faded). Empty at an utterance start."""
 
-    Args:
-      decode: vocoder, mel [T, M] float32 -> wav [T * frame_size] float32.
-      frame_size: samples per mel frame (480 at 24 kHz).
+    pre_mel: np.ndarray | None = None
+    pre_wav: np.ndarray | None = None
+
+
+def stitch(
+    decode: Callable[[np.ndarray], np.ndarray],
+    frame_size: int,
+    state: StitchState,
+    mel: np.ndarray,
+    is_final: bool,
+) -> tuple[np.ndarray, StitchState]:
+    """Vocodes one chunk's mel (with the carried overlap); returns (the samples now final, the
+    state for the next chunk). A pure function of its inputs (`decode`: mel [T, M] -> wav
+    [T * frame_size]); concatenating the pieces of an utterance gives the whole waveform.
     """
-
-    def __init__(self, decode: Callable[[np.ndarray], np.ndarray], frame_size: int = 480):
-        self.decode = decode
-        self.frame_size = frame_size
-        self.pre_mel: np.ndarray | None = None
-        self.pre_wav: np.ndarray | None = None
-
-    def reset(self) -> None:
-        self.pre_mel = None
-        self.pre_wav = None
-
-    def push(self, mel: np.ndarray, is_final: bool) -> np.ndarray:
-        """Vocodes one chunk's mel (with the carried overlap) and returns the samples now final."""
-        f = self.frame_size
-        if self.pre_mel is None:
-            wav = self.decode(mel)
-            if is_final:
-                self.reset()
-                return wav
-            n = mel.shape[0]
-            out = wav[: f * n // 2]
-            self.pre_wav = wav[-f * n // 2 :]
-            # Python's -n//2 is floor(-n/2): for odd n pre_mel gets ceil(n/2) frames (spec §4.4).
-            self.pre_mel = mel[-n // 2 :]
-            return out
-        wav = self.decode(np.concatenate([self.pre_mel, mel], axis=0))
+    f = frame_size
+    if state.pre_mel is None:
+        wav = decode(mel)
         if is_final:
-            self.reset()
-            return wav
-        p = len(self.pre_wav)
-        g = 2 * p if len(wav) > 2 * p else len(wav) // 2
-        h = g // 2
-        win = hamming_periodic(g)
-        out = wav[:g].copy()
-        out[:h] = self.pre_wav[:h] * win[g - h :] + wav[:h] * win[:h]
-        r = len(wav) - g
-        self.pre_wav = wav[-r:]
-        self.pre_mel = mel[-(r // f) :]  # from this chunk's mel only; [-0:] would keep all of it
-        return out
+            return wav, StitchState()
+        n = mel.shape[0]
+        # Python's -n//2 is floor(-n/2): for odd n pre_mel gets ceil(n/2) frames (spec §4.4).
+        return wav[: f * n // 2], StitchState(pre_mel=mel[-n // 2 :], pre_wav=wav[-f * n // 2 :])
+    wav = decode(np.concatenate([state.pre_mel, mel], axis=0))
+    if is_final:
+        return wav, StitchState()
+    p = len(state.pre_wav)
+    g = 2 * p if len(wav) > 2 * p else len(wav) // 2
+    h = g // 2
+    win = hamming_periodic(g)
+    out = wav[:g].copy()
+    out[:h] = state.pre_wav[:h] * win[g - h :] + wav[:h] * win[:h]
+    r = len(wav) - g
+    # pre_mel from this chunk's mel only; [-0:] would keep all of it
+    return out, StitchState(pre_mel=mel[-(r // f) :], pre_wav=wav[-r:])

@@ -4,8 +4,10 @@
     wav, text = model.generate(messages, output_type="text" | "both", **sampling)
 
 Mirrors `kimia_infer.api.kimia.KimiAudio` (spec/llm.md §9): same message format, same sampling
-arguments and defaults, same budgets and returned values; `generate_batch` runs several chats in
-one compiled call, `generate_stream` yields text pieces and 24 kHz audio chunks as they come.
+arguments and defaults (`Sampling`), same budgets and returned values; `generate_batch` runs several
+chats in one compiled call, `generate_stream` yields text pieces and 24 kHz audio chunks as they
+come. A thin facade over the stages of `inference/pipeline.py`; `output_type` is validated here,
+once (`OutputType.parse`), and the stages take the enum.
 
 Model folder: the released layout (`config.json` + safetensors, `tiktoken.model`,
 `whisper-large-v3/`, `audio_detokenizer/` + `vocoder/`; the GLM-4-Voice tokenizer, which the
@@ -16,59 +18,29 @@ by `glm_tokenizer_path`) or the same layout converted to Orbax by `tools/convert
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from kimia_jax import sharding
-from kimia_jax.configs import layout
+from kimia_jax.configs import OutputType, layout
 from kimia_jax.conversion import llm as llm_conv
-from kimia_jax.inference import generate as gen
-from kimia_jax.inference import stream_logic
-from kimia_jax.inference.sampler import SamplingParams
+from kimia_jax.inference import pipeline
+from kimia_jax.inference.sampler import Sampling
+from kimia_jax.inference.stream_logic import StreamConfig
 from kimia_jax.models.kimia_llm import KimiaLLM
 from kimia_jax.text import conversation as prompt_lib
+from kimia_jax.text.conversation import AUDIO_DELAY
 from kimia_jax.text.tokenizer import TextTokenizer
 
-Messages = Sequence[Mapping[str, Any]]
-
-
-def _bucket(n: int, quantum: int) -> int:
-    """Rounds up to a multiple of `quantum` so that compiled shapes repeat across requests."""
-    return max(quantum, -(-n // quantum) * quantum)
-
-
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-    """The official `generate` sampling arguments (defaults = `KimiAudio.generate` defaults)."""
-
-    audio_temperature: float = 0.0
-    audio_top_k: int = 5
-    text_temperature: float = 0.0
-    text_top_k: int = 5
-    audio_repetition_penalty: float = 1.0
-    audio_repetition_window_size: int = 64
-    text_repetition_penalty: float = 1.0
-    text_repetition_window_size: int = 16
-
-    @property
-    def text(self) -> SamplingParams:
-        return SamplingParams(self.text_temperature, self.text_top_k, self.text_repetition_penalty,
-                              self.text_repetition_window_size)  # fmt: skip
-
-    @property
-    def audio(self) -> SamplingParams:
-        return SamplingParams(self.audio_temperature, self.audio_top_k,
-                              self.audio_repetition_penalty,
-                              self.audio_repetition_window_size)  # fmt: skip
+Messages = pipeline.Messages
 
 
 @dataclasses.dataclass
@@ -87,6 +59,20 @@ class Timings:
                 f"detokenize {self.detokenize_s:.2f}s")  # fmt: skip
 
 
+def _sampling_signature(fn: Any) -> Any:
+    """Shows the official keyword arguments (the `Sampling` fields) in `fn`'s signature."""
+    sig = inspect.signature(fn)
+    params = [p for p in sig.parameters.values() if p.kind != p.VAR_KEYWORD]
+    params += [
+        inspect.Parameter(
+            f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type
+        )
+        for f in dataclasses.fields(Sampling)
+    ]
+    fn.__signature__ = sig.replace(parameters=params)
+    return fn
+
+
 class KimiAudio:
     """Kimi-Audio inference: audio tokenizer + LLM + (optionally) detokenizer.
 
@@ -94,14 +80,16 @@ class KimiAudio:
       model_path: released (or converted) model folder.
       load_detokenizer: load the detokenizer and vocoder (needed for output_type "both" audio).
       dtype: LLM / encoder compute dtype ("bfloat16" as the official runtime, "float32" exact).
-      mesh: device mesh for the LLM (None: default device).
+      mesh: device mesh for the LLM (None: default device). Each instance runs its compiled
+        calls under its own mesh (JAX's context mesh), so instances on different meshes can be
+        used alternately in one process.
       glm_tokenizer_path: GLM-4-Voice tokenizer folder (default
         `<model_path>/glm-4-voice-tokenizer`).
       prompt_version: prompt builder version ("349251e" default; see text/conversation.py).
       max_batch: rows per compiled generation call in `generate_batch`.
     """
 
-    kimia_text_audiodelaytokens = stream_logic.AUDIO_DELAY
+    kimia_text_audiodelaytokens = AUDIO_DELAY
 
     def __init__(
         self,
@@ -127,6 +115,9 @@ class KimiAudio:
         self.extra_tokens = self.tokenizer.extra_tokens
         self.kimia_token_offset = self.cfg.kimia_token_offset
         self.eod_ids = [self.extra_tokens.msg_end, self.extra_tokens.media_end]
+        self.text_decoder = pipeline.TextDecoder(
+            self.kimia_token_offset, self.extra_tokens.kimia_text_eos, self.tokenizer.decode
+        )
         glm_path = Path(glm_tokenizer_path or root / layout.GLM_TOKENIZER_DIR)
         if not glm_path.is_dir():
             raise FileNotFoundError(
@@ -139,6 +130,8 @@ class KimiAudio:
             if self.cfg.use_whisper_feature
             else None
         )
+        # Single-clip audio functions for direct `prompt_builder.build` calls; the API's calls
+        # encode all clips of a request in one batched call (`pipeline.encode_audio`).
         self.prompt_builder = prompt_lib.PromptBuilder.from_tokenizer(
             self.tokenizer,
             lambda a: self.audio_tokenizer.tokenize([a])[0],
@@ -157,53 +150,23 @@ class KimiAudio:
         logging.info("KimiAudio loaded from %s in %.1fs", root, time.perf_counter() - t0)
 
     # ------------------------------------------------------------------------------------------
+    # Stages (inference/pipeline.py) bound to this model
 
-    def _prompts(self, chats: Sequence[Messages], output_type: str) -> list[prompt_lib.Prompt]:
-        if output_type not in ("text", "both"):
-            raise ValueError(f"output_type must be 'text' or 'both', got {output_type!r}")
-        if not chats:
-            raise ValueError("no chats given")
-        return [self.prompt_builder.build(list(m), output_type) for m in chats]
+    def prompts(
+        self, chats: Sequence[Messages], output_type: OutputType
+    ) -> list[prompt_lib.Prompt]:
+        """Loads every clip of the chats once, encodes them in one batched call each, and builds
+        one prompt per chat."""
+        clips = pipeline.collect_audio(chats)
+        wavs = pipeline.load_clips(clips)
+        audio = pipeline.encode_audio(wavs, clips, self.audio_tokenizer, self.whisper)
+        return pipeline.build_prompts(self.prompt_builder, chats, output_type, audio)
 
-    def _batch(self, prompts: Sequence[prompt_lib.Prompt], max_new_tokens: int, output_type: str):
-        lengths = [len(p) for p in prompts]
-        budget = stream_logic.budgets(output_type, lengths, max_new_tokens)
-        if (budget < 1).any():
-            raise ValueError(
-                f"prompt of {max(lengths)} positions leaves no generation budget "
-                f"({'1500' if output_type == 'both' else '7500'} - T "
-                f"for output_type {output_type!r})"
-            )
-        pad_to = _bucket(max(lengths), 64)
-        max_steps = _bucket(int(budget.max()), 64)
-        din = self.cfg.kimia_adaptor_input_dim if self.cfg.use_whisper_feature else None
-        pb = prompt_lib.batch(prompts, pad_to, feature_dim=din)
-        b = 1 << (len(prompts) - 1).bit_length()  # batch rows padded to a power of two
-        rows = lambda x: np.concatenate([x, np.repeat(x[-1:], b - len(prompts), 0)])  # noqa: E731
-        prompt = gen.Prompt(
-            audio_ids=jnp.asarray(rows(pb.audio_ids)),
-            text_ids=jnp.asarray(rows(pb.text_ids)),
-            lengths=jnp.asarray(rows(pb.lengths)),
-            features=None if pb.features is None else jnp.asarray(rows(pb.features)),
-            continuous_mask=jnp.asarray(rows(pb.is_continuous)),
-        )
-        gen.check_prompt(self.cfg, prompt, max_steps, None)
-        return prompt, jnp.asarray(rows(budget)), max_steps, pad_to + max_steps
-
-    def _stream_cfg(self, output_type: str) -> stream_logic.StreamConfig:
-        return stream_logic.StreamConfig.from_extra_tokens(self.extra_tokens, output_type)
-
-    def _postprocess(self, audio: list[int], text: list[int]) -> tuple[np.ndarray, str]:
-        return stream_logic.postprocess(
-            audio, text, kimia_token_offset=self.kimia_token_offset,
-            text_eos=self.extra_tokens.kimia_text_eos, decode_fn=self.tokenizer.decode,
-        )  # fmt: skip
+    def _stream_cfg(self, output_type: OutputType) -> StreamConfig:
+        return StreamConfig.from_extra_tokens(self.extra_tokens, output_type)
 
     def detokenize_text(self, text_ids: Sequence[int]) -> str:
-        return stream_logic.detokenize_text(
-            [t for t in text_ids if t < self.kimia_token_offset],
-            self.extra_tokens.kimia_text_eos, self.tokenizer.decode,
-        )  # fmt: skip
+        return self.text_decoder.text(text_ids)
 
     def detokenize_audio(self, codes: np.ndarray, seed: int = 0) -> np.ndarray:
         if self.detokenizer is None:
@@ -211,141 +174,77 @@ class KimiAudio:
         return self.detokenizer.detokenize(np.asarray(codes).reshape(-1), key=seed)
 
     # ------------------------------------------------------------------------------------------
+    # The official API
 
+    @_sampling_signature
     def generate_batch(
         self,
         chats: Sequence[Messages],
-        output_type: str = "text",
+        output_type: OutputType | str = OutputType.TEXT,
         *,
-        max_new_tokens: int = -1,
         seed: int = 0,
         **sampling: Any,
     ) -> list[tuple[np.ndarray | None, str]]:
         """Several chats at once: one compiled call per `max_batch` rows; per-chat results as
-        `generate` would return them (the rows stop independently)."""
+        `generate` would return them (the rows stop independently). All audio of the call is
+        loaded once and encoded in one batched tokenizer call and one feature call."""
+        output_type = OutputType.parse(output_type)
         samp = Sampling(**sampling)
         t0 = time.perf_counter()
-        prompts = self._prompts(chats, output_type)
+        prompts = self.prompts(chats, output_type)
         self.timings = Timings(prompt_s=time.perf_counter() - t0)
+        stream = self._stream_cfg(output_type)
         results: list[tuple[np.ndarray | None, str]] = []
         for start in range(0, len(prompts), self.max_batch):
             group = prompts[start : start + self.max_batch]
-            prompt, budget, max_steps, cache_len = self._batch(group, max_new_tokens, output_type)
-            stream = self._stream_cfg(output_type)
+            batch = pipeline.plan_batch(group, output_type, samp.max_new_tokens, self.cfg)
             t1 = time.perf_counter()
-            with sharding.use_mesh(self.mesh):
-                out = gen.generate(
-                    self.params, prompt, budget, jax.random.key(seed), model=self.model,
-                    max_steps=max_steps, stream=stream, text_sampling=samp.text,
-                    audio_sampling=samp.audio, cache_length=cache_len,
-                )  # fmt: skip
-                jax.block_until_ready(out.num_steps)
+            out = pipeline.run_generate(self.params, self.model, batch, stream, samp,
+                                        jax.random.key(seed), self.mesh)  # fmt: skip
             self.timings.generate_s += time.perf_counter() - t1
-            self.timings.steps += int(np.max(out.num_steps[: len(group)]))
-            lists = stream_logic.returned_tokens(stream, out.state)[: len(group)]
-            for audio, text in lists:
-                codes, text_str = self._postprocess(audio, text)
+            self.timings.steps += out.steps
+            for audio, text in out.tokens:
+                codes, text_str = self.text_decoder.postprocess(audio, text)
                 wav = None
-                if output_type == "both" and self.detokenizer is not None and codes.size:
+                if output_type == OutputType.BOTH and self.detokenizer is not None and codes.size:
                     t2 = time.perf_counter()
                     wav = self.detokenize_audio(codes, seed)
                     self.timings.detokenize_s += time.perf_counter() - t2
                 results.append((wav, text_str))
         return results
 
+    @_sampling_signature
     def generate(
-        self,
-        chats: Messages,
-        output_type: str = "text",
-        audio_temperature: float = 0.0,
-        audio_top_k: int = 5,
-        text_temperature: float = 0.0,
-        text_top_k: int = 5,
-        audio_repetition_penalty: float = 1.0,
-        audio_repetition_window_size: int = 64,
-        text_repetition_penalty: float = 1.0,
-        text_repetition_window_size: int = 16,
-        max_new_tokens: int = -1,
-        seed: int = 0,
-    ) -> tuple[np.ndarray | None, str]:
-        """(24 kHz waveform or None, text) for one chat; the official signature and defaults."""
-        sampling = dict(
-            audio_temperature=audio_temperature, audio_top_k=audio_top_k,
-            text_temperature=text_temperature, text_top_k=text_top_k,
-            audio_repetition_penalty=audio_repetition_penalty,
-            audio_repetition_window_size=audio_repetition_window_size,
-            text_repetition_penalty=text_repetition_penalty,
-            text_repetition_window_size=text_repetition_window_size,
-        )  # fmt: skip
-        return self.generate_batch([chats], output_type, max_new_tokens=max_new_tokens, seed=seed,
-                                   **sampling)[0]  # fmt: skip
+        self, chats: Messages, output_type: OutputType | str = OutputType.TEXT, *, seed: int = 0,
+        **sampling: Any,
+    ) -> tuple[np.ndarray | None, str]:  # fmt: skip
+        """(24 kHz waveform or None, text) for one chat; the official keyword arguments and
+        defaults (`Sampling`: audio_temperature, audio_top_k, ..., max_new_tokens)."""
+        return self.generate_batch([chats], output_type, seed=seed, **sampling)[0]
 
+    @_sampling_signature
     def generate_stream(
         self,
         chats: Messages,
-        output_type: str = "both",
+        output_type: OutputType | str = OutputType.BOTH,
         *,
-        max_new_tokens: int = -1,
         seed: int = 0,
         chunk_steps: int = 16,
         **sampling: Any,
     ) -> Iterator[dict[str, Any]]:
         """Yields {"text": new text piece, "audio": new 24 kHz samples or None, "steps": decode
-        steps run so far} as they come.
+        steps run so far} as they come (a `pipeline.StreamingGeneration`).
 
         The decode loop runs `chunk_steps` compiled steps at a time (`generate.resume`); audio
-        codes go to the detokenizer's streaming API, which emits a waveform chunk whenever a
-        detokenizer chunk is complete. Tokens equal those of `generate` for the same settings.
+        codes go to the detokenizer chunk by chunk. Tokens equal those of `generate` for the same
+        settings, and the audio pieces concatenate to `generate`'s waveform.
         """
+        output_type = OutputType.parse(output_type)
         samp = Sampling(**sampling)
-        (prompt_one,) = self._prompts([chats], output_type)
-        prompt, budget, max_steps, cache_len = self._batch(
-            [prompt_one], max_new_tokens, output_type
-        )
-        stream = self._stream_cfg(output_type)
-        kw = dict(model=self.model, stream=stream, text_sampling=samp.text,
-                  audio_sampling=samp.audio, trace=False)  # fmt: skip
-        pending_text: list[str] = []
-        steps = [0]  # decode steps run so far (read by the consumer loops below)
-
-        def audio_codes() -> Iterator[np.ndarray]:
-            with sharding.use_mesh(self.mesh):
-                state = gen.start(self.params, prompt, budget, jax.random.key(seed),
-                                  max_steps=max_steps, cache_length=cache_len,
-                                  cache=None, **kw)  # fmt: skip
-            audio_sent, text_so_far = 0, ""
-            while True:
-                audio, text = stream_logic.returned_tokens(stream, state.stream)[0]
-                decoded = self.detokenize_text(text)
-                if len(decoded) > len(text_so_far) and not decoded.endswith("\ufffd"):
-                    pending_text.append(decoded[len(text_so_far) :])
-                    text_so_far = decoded
-                codes = [a - self.kimia_token_offset for a in audio[audio_sent:]
-                         if a >= self.kimia_token_offset]  # fmt: skip
-                audio_sent = len(audio)
-                steps[0] = int(state.stream.step)
-                yield np.asarray(codes, np.int64)  # may be empty: lets text pieces flow
-                if bool(state.stream.done[0]):
-                    break
-                until = int(state.stream.step) + chunk_steps
-                with sharding.use_mesh(self.mesh):
-                    state = gen.resume(self.params, state, jnp.int32(until), **kw)
-
-        def flush() -> str:
-            piece = "".join(pending_text)
-            pending_text.clear()
-            return piece
-
-        if output_type == "both" and self.detokenizer is not None:
-            try:
-                for wav in self.detokenizer.stream(audio_codes(), key=seed):
-                    yield {"text": flush(), "audio": wav, "steps": steps[0]}
-            except ValueError as e:  # no audio codes at all (e.g. immediate stop)
-                if "empty" not in str(e):
-                    raise
-        else:
-            for codes in audio_codes():
-                if pending_text or codes.size:
-                    yield {"text": flush(), "audio": None, "steps": steps[0]}
-        if pending_text:
-            yield {"text": flush(), "audio": None, "steps": steps[0]}
+        (prompt,) = self.prompts([chats], output_type)
+        batch = pipeline.plan_batch([prompt], output_type, samp.max_new_tokens, self.cfg)
+        return pipeline.StreamingGeneration(
+            params=self.params, model=self.model, batch=batch,
+            stream=self._stream_cfg(output_type), sampling=samp, text=self.text_decoder,
+            detokenizer=self.detokenizer, seed=seed, mesh=self.mesh, chunk_steps=chunk_steps,
+        )  # fmt: skip

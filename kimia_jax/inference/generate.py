@@ -20,26 +20,12 @@ import numpy as np
 
 from kimia_jax.configs import LlmConfig
 from kimia_jax.inference import stream_logic
-from kimia_jax.inference.sampler import SamplingParams
+from kimia_jax.inference.sampler import Sampling, SamplingParams
 from kimia_jax.inference.stream_logic import StreamConfig, StreamState  # noqa: F401 (re-export)
 from kimia_jax.models.kimia_llm import KimiaLLM, KVCache, init_cache
+from kimia_jax.text.conversation import PromptBatch
 
-GREEDY = SamplingParams()
-
-
-@flax.struct.dataclass
-class Prompt:
-    """A batch of right-padded prompts (host arrays or device arrays).
-
-    audio_ids, text_ids: [B, T] int32; continuous_mask: [B, T] bool; features: [B, T, Din] float
-    (zeros off the mask) or None; lengths: [B] int32 true prompt lengths (>= 1).
-    """
-
-    audio_ids: Any
-    text_ids: Any
-    lengths: Any
-    features: Any = None
-    continuous_mask: Any = None
+DEFAULT = Sampling()  # the official defaults: greedy text and audio
 
 
 @flax.struct.dataclass
@@ -99,7 +85,7 @@ def _step(
 
 
 def _start(
-    params: Any, prompt: Prompt, budget: jax.Array, key: jax.Array, *, model: KimiaLLM,
+    params: Any, prompt: PromptBatch, budget: jax.Array, key: jax.Array, *, model: KimiaLLM,
     max_steps: int, stream: StreamConfig, text_sampling: SamplingParams,
     audio_sampling: SamplingParams, cache_length: int | None, cache: KVCache | None, trace: bool,
 ) -> DecodeState:  # fmt: skip
@@ -115,7 +101,7 @@ def _start(
         prompt.text_ids.astype(jnp.int32),
         positions,
         prompt.features,
-        prompt.continuous_mask,
+        prompt.is_continuous,
         cache,
         attend_cache=False,
         logits_at=lengths - 1,
@@ -157,15 +143,15 @@ def _resume(
 )
 def generate(
     params: Any,
-    prompt: Prompt,
+    prompt: PromptBatch,
     budget: jax.Array,
     key: jax.Array,
     *,
     model: KimiaLLM,
     max_steps: int,
     stream: StreamConfig,
-    text_sampling: SamplingParams = GREEDY,
-    audio_sampling: SamplingParams = GREEDY,
+    text_sampling: SamplingParams = DEFAULT.text,
+    audio_sampling: SamplingParams = DEFAULT.audio,
     cache_length: int | None = None,
     cache: KVCache | None = None,
     trace: bool = False,
@@ -174,13 +160,14 @@ def generate(
 
     Args:
       params: KimiaLLM params.
-      prompt: right-padded batch; row b's prompt occupies positions [0, lengths[b]).
+      prompt: right-padded `PromptBatch`; row b's prompt occupies positions [0, lengths[b]).
       budget: [B] int32 steps per row (the reference's max_new_tokens, `stream_logic.budgets`).
       key: PRNG key for sampling (unused by greedy streams).
       model: the KimiaLLM module (hashable; static).
       max_steps: static bound >= max(budget): history size and loop bound.
       stream: static stream ids and output_type.
-      text_sampling, audio_sampling: per-stream sampler settings (static).
+      text_sampling, audio_sampling: per-stream sampler settings (static), `Sampling.text` /
+        `Sampling.audio` (default: the official defaults).
       cache_length: static cache size (default T + max_steps).
       cache: optional preallocated cache to donate (e.g. already sharded).
       trace: also return per-step logits (parity tests).
@@ -201,7 +188,7 @@ resume.__doc__ = "Jitted: decode until `until` steps (or all rows stopped); dona
 
 
 def generate_fixed(
-    params: Any, prompt: Prompt, key: jax.Array, *, max_new_tokens: int, **kw: Any
+    params: Any, prompt: PromptBatch, key: jax.Array, *, max_new_tokens: int, **kw: Any
 ) -> GenerateOutput:
     """`generate` with the same budget of `max_new_tokens` steps for every row."""
     b = prompt.audio_ids.shape[0]
@@ -210,9 +197,11 @@ def generate_fixed(
 
 
 def check_prompt(
-    cfg: LlmConfig, prompt: Prompt, max_new_tokens: int, cache_length: int | None
+    cfg: LlmConfig, prompt: PromptBatch, max_new_tokens: int, cache_length: int | None
 ) -> None:
     """Host-side validation: clear errors instead of silent clamping inside XLA."""
+    if prompt.padding != "right":
+        raise ValueError("the decode loop takes right-padded prompts (batch(..., padding='right'))")
     a, t = np.asarray(prompt.audio_ids), np.asarray(prompt.text_ids)
     lengths = np.asarray(prompt.lengths)
     if a.ndim != 2 or a.shape != t.shape:

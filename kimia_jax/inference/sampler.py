@@ -23,6 +23,7 @@ picks them with probability < 1e-38; torch raises when all k underflow, JAX then
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,9 @@ GREEDY_TEMPERATURE = 1e-6  # reference: `temperature > 1e-6` samples, anything e
 class SamplingParams:
     """Sampling parameters of one stream; hashable, so it can be a static jit argument.
 
+    No defaults here: the defaults are `Sampling`'s (the official `generate` arguments), and
+    `Sampling().text` / `Sampling().audio` are the default per-stream parameters.
+
     Attributes:
         temperature: <= 1e-6 means greedy.
         top_k: restrict sampling to the k best ids; <= 0 samples from the full distribution.
@@ -41,10 +45,10 @@ class SamplingParams:
         repetition_window: number of most recent history entries penalised.
     """
 
-    temperature: float = 0.0
-    top_k: int = 5
-    repetition_penalty: float = 1.0
-    repetition_window: int = 16
+    temperature: float
+    top_k: int
+    repetition_penalty: float
+    repetition_window: int
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -58,20 +62,68 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature <= GREEDY_TEMPERATURE
 
-    @classmethod
-    def text_default(cls) -> SamplingParams:
-        """`KimiAudio.generate` text defaults (also infer.py's): greedy, window 16."""
-        return cls(temperature=0.0, top_k=5, repetition_penalty=1.0, repetition_window=16)
+
+def _arg(default: Any, help: str) -> Any:  # noqa: A002 - the absl flag's word
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Sampling:
+    """The official `KimiAudio.generate` sampling arguments: names and defaults (spec/llm.md §9).
+
+    The one definition used by `KimiAudio.generate*` (`**sampling`), by the compiled loop
+    (`.text` / `.audio` give each stream's `SamplingParams`) and by the launcher's flags (one
+    flag per field, help from the field metadata). `max_new_tokens` is the text-mode budget
+    (-1: 7500 - prompt length; "both" mode always uses 1500 - prompt length, as the official).
+    """
+
+    audio_temperature: float = _arg(0.0, "Audio sampling temperature (<= 1e-6: greedy).")
+    audio_top_k: int = _arg(5, "Audio top-k (<= 0: the full distribution).")
+    text_temperature: float = _arg(0.0, "Text sampling temperature (<= 1e-6: greedy).")
+    text_top_k: int = _arg(5, "Text top-k (<= 0: the full distribution).")
+    audio_repetition_penalty: float = _arg(1.0, "Audio repetition penalty (> 1 enables it).")
+    audio_repetition_window_size: int = _arg(64, "Audio tokens the penalty looks back over.")
+    text_repetition_penalty: float = _arg(1.0, "Text repetition penalty (> 1 enables it).")
+    text_repetition_window_size: int = _arg(16, "Text tokens the penalty looks back over.")
+    max_new_tokens: int = _arg(-1, "Text-mode step budget (-1: 7500 - prompt length).")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            kind = float if f.type in ("float", float) else int
+            if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int):
+                raise TypeError(f"{f.name} must be {kind.__name__}, got {v!r}")
+        for stream in ("audio", "text"):
+            if getattr(self, f"{stream}_temperature") < 0:
+                raise ValueError(f"{stream}_temperature must be >= 0")
+            if getattr(self, f"{stream}_repetition_penalty") <= 0:
+                raise ValueError(f"{stream}_repetition_penalty must be > 0")
+            if getattr(self, f"{stream}_repetition_window_size") < 1:
+                raise ValueError(f"{stream}_repetition_window_size must be >= 1")
+        if self.max_new_tokens < 1 and self.max_new_tokens != -1:
+            raise ValueError(f"max_new_tokens must be -1 or >= 1, got {self.max_new_tokens}")
 
     @classmethod
-    def audio_default(cls) -> SamplingParams:
-        """`KimiAudio.generate` audio defaults: greedy, top_k 5, window 64."""
-        return cls(temperature=0.0, top_k=5, repetition_penalty=1.0, repetition_window=64)
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
 
-    @classmethod
-    def audio_readme(cls) -> SamplingParams:
-        """infer.py / README audio parameters: temperature 0.8, top_k 10, window 64."""
-        return cls(temperature=0.8, top_k=10, repetition_penalty=1.0, repetition_window=64)
+    @property
+    def text(self) -> SamplingParams:
+        return SamplingParams(
+            self.text_temperature,
+            self.text_top_k,
+            self.text_repetition_penalty,
+            self.text_repetition_window_size,
+        )
+
+    @property
+    def audio(self) -> SamplingParams:
+        return SamplingParams(
+            self.audio_temperature,
+            self.audio_top_k,
+            self.audio_repetition_penalty,
+            self.audio_repetition_window_size,
+        )
 
 
 def apply_repetition_penalty(

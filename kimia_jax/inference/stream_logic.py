@@ -28,10 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kimia_jax.configs import OutputType
 from kimia_jax.inference.sampler import SamplingParams, sample
+from kimia_jax.text.conversation import AUDIO_DELAY
 from kimia_jax.text.tokenizer import ExtraTokens
 
-AUDIO_DELAY = 6  # `kimia_text_audiodelaytokens`, hard-coded in kimia.py (config key unused)
 BOTH_MAX_TOKENS = int(12.5 * 120)  # "both": max_new_tokens = 1500 - T, caller's value ignored
 TEXT_MAX_TOKENS = 7500  # "text" with max_new_tokens == -1: 7500 - T
 
@@ -41,25 +42,21 @@ class StreamConfig:
     """Static ids and mode of the loop; hashable (a static jit argument).
 
     Attributes:
-        output_type: "text" or "both".
+        output_type: `OutputType` (validated at the API edge; not re-checked here).
         text_blank: `kimia_text_blank` (filler of both streams).
         text_eos: `kimia_text_eos`.
         eod_ids: audio-stream stop ids, `(msg_end, media_end)` in the reference.
         audio_delay: number of leading audio samples replaced by blanks (6).
     """
 
-    output_type: str
+    output_type: OutputType
     text_blank: int
     text_eos: int
     eod_ids: tuple[int, ...]
     audio_delay: int = AUDIO_DELAY
 
-    def __post_init__(self) -> None:
-        if self.output_type not in ("text", "both"):
-            raise ValueError(f"output_type must be 'text' or 'both', got {self.output_type!r}")
-
     @classmethod
-    def from_extra_tokens(cls, extra: ExtraTokens, output_type: str) -> StreamConfig:
+    def from_extra_tokens(cls, extra: ExtraTokens, output_type: OutputType) -> StreamConfig:
         return cls(
             output_type=output_type,
             text_blank=extra.kimia_text_blank,
@@ -123,7 +120,7 @@ class StreamState:
 
 
 def budgets(
-    output_type: str, prompt_lengths: Sequence[int] | np.ndarray, max_new_tokens: int = -1
+    output_type: OutputType, prompt_lengths: Sequence[int] | np.ndarray, max_new_tokens: int = -1
 ) -> np.ndarray:
     """Per-row `max_new_tokens` as `KimiAudio.generate` sets it (§6.1).
 
@@ -131,13 +128,11 @@ def budgets(
     else max_new_tokens. T is the row's prompt length.
     """
     t = np.asarray(prompt_lengths, np.int64)
-    if output_type == "both":
+    if output_type == OutputType.BOTH:
         return (BOTH_MAX_TOKENS - t).astype(np.int32)
-    if output_type == "text":
-        if max_new_tokens == -1:
-            return (TEXT_MAX_TOKENS - t).astype(np.int32)
-        return np.full(t.shape, max_new_tokens, np.int32)
-    raise ValueError(f"output_type must be 'text' or 'both', got {output_type!r}")
+    if max_new_tokens == -1:
+        return (TEXT_MAX_TOKENS - t).astype(np.int32)
+    return np.full(t.shape, max_new_tokens, np.int32)
 
 
 def advance(
@@ -170,7 +165,7 @@ def advance(
     valid_text = state.valid_text + (~text_finished).astype(jnp.int32)
 
     # 5. audio stream: delayed, and always blank in text mode
-    force_blank = (i < cfg.audio_delay) | (cfg.output_type == "text")
+    force_blank = (i < cfg.audio_delay) | (cfg.output_type == OutputType.TEXT)
     na = jnp.where(force_blank, blank, na)
     valid_audio = state.valid_audio + jnp.where(force_blank, 0, 1).astype(jnp.int32)
 
@@ -178,7 +173,7 @@ def advance(
     audio_finished = jnp.zeros_like(active)
     for eod in cfg.eod_ids:
         audio_finished = audio_finished | (na == eod)
-    stop = text_finished if cfg.output_type == "text" else audio_finished
+    stop = text_finished if cfg.output_type == OutputType.TEXT else audio_finished
     stop = stop | (i + 1 >= state.budget)
 
     # Rows that were already done keep everything as it was.

@@ -33,27 +33,32 @@ Training additions (defaults keep every inference prompt unchanged):
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import flax.struct
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from kimia_jax.configs import OutputType
 from kimia_jax.errors import PromptError  # noqa: F401 (re-export)
 from kimia_jax.text.tokenizer import ExtraTokens, TextTokenizer
 
 AudioInput = str | os.PathLike[str] | np.ndarray
-OutputType = Literal["text", "both"]
 BuilderVersion = Literal["349251e", "2607d51"]
 AudioTextLayout = Literal["official", "target"]
 
 ROLES = ("user", "assistant")
-OUTPUT_TYPES = ("text", "both")
 VERSIONS = ("349251e", "2607d51")
 MESSAGE_TYPES = {"349251e": ("text", "audio", "audio-text"), "2607d51": ("text", "audio")}
-AUDIO_DELAY = 6  # kimia_text_audiodelaytokens (hard-coded 6 in kimia.py; config key unused)
+# `kimia_text_audiodelaytokens` (hard-coded 6 in kimia.py; the config key is unused): the audio
+# stream lags the text stream by this many positions, in "audio-text" prompts and in generation.
+AUDIO_DELAY = 6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,29 +105,61 @@ class Prompt:
         return out
 
 
-@dataclasses.dataclass(frozen=True)
+@flax.struct.dataclass
 class PromptBatch:
-    """Prompts padded to one length P for batched prefill.
+    """Prompts padded to one length P: the batch that prefill and the compiled loop take.
+
+    The same field names as `Prompt` (one conversation's streams); a pytree, so it goes into
+    `jax.jit` as it is (host numpy or device arrays).
 
     Attributes:
         audio_ids, text_ids: [B, P] int32, padded with `pad_id`.
         is_continuous: [B, P] bool (False on padding).
         features: [B, P, D] float32 dense features (zero rows off the continuous positions), or
             None when no prompt has audio and no feature_dim was given.
-        positions: [B, P] int32 RoPE positions: 0..len-1 on the valid tokens (0 on padding).
-        valid: [B, P] bool, True on real tokens.
-        lengths: [B] int32 number of real tokens per row.
-        padding: "right" (tokens at [0, len)) or "left" (tokens at [P - len, P)).
+        lengths: [B] int32 number of real tokens per row (>= 1).
+        padding: "right" (tokens at [0, len)) or "left" (tokens at [P - len, P)); static.
     """
 
-    audio_ids: np.ndarray
-    text_ids: np.ndarray
-    is_continuous: np.ndarray
-    features: np.ndarray | None
-    positions: np.ndarray
-    valid: np.ndarray
-    lengths: np.ndarray
-    padding: str
+    audio_ids: Any
+    text_ids: Any
+    is_continuous: Any
+    features: Any
+    lengths: Any
+    padding: str = flax.struct.field(pytree_node=False, default="right")
+
+    def _xp(self) -> Any:
+        return np if isinstance(self.lengths, np.ndarray) else jnp
+
+    @property
+    def valid(self) -> Any:
+        """[B, P] bool, True on real tokens."""
+        xp, p = self._xp(), self.audio_ids.shape[1]
+        col = xp.arange(p)[None, :]
+        n = self.lengths[:, None]
+        return col < n if self.padding == "right" else col >= p - n
+
+    @property
+    def positions(self) -> Any:
+        """[B, P] int32 RoPE positions: 0..len-1 on the real tokens, 0 on padding."""
+        xp, p = self._xp(), self.audio_ids.shape[1]
+        col = xp.arange(p, dtype=xp.int32)[None, :]
+        pos = col if self.padding == "right" else col - (p - self.lengths[:, None])
+        return xp.where(self.valid, pos, 0).astype(xp.int32)
+
+    def pad_rows(self, rows: int) -> PromptBatch:
+        """The batch with its last row repeated up to `rows` rows (fixed compiled shapes)."""
+        extra = rows - self.lengths.shape[0]
+        if extra < 0:
+            raise ValueError(f"pad_rows: {rows} rows < the batch's {self.lengths.shape[0]}")
+
+        def pad(x: Any) -> Any:
+            if x is None or not extra:
+                return x
+            xp = np if isinstance(x, np.ndarray) else jnp
+            return xp.concatenate([x, xp.repeat(x[-1:], extra, 0)])
+
+        return jax.tree.map(pad, self)
 
 
 def batch(
@@ -173,8 +210,6 @@ def batch(
     audio = np.full((b, width), pad_id, np.int32)
     text = np.full((b, width), pad_id, np.int32)
     cont = np.zeros((b, width), bool)
-    valid = np.zeros((b, width), bool)
-    positions = np.zeros((b, width), np.int32)
     feats = None if d is None else np.zeros((b, width, d), np.float32)
     for i, p in enumerate(prompts):
         n = len(p)
@@ -182,11 +217,9 @@ def batch(
         audio[i, sl] = p.audio_ids
         text[i, sl] = p.text_ids
         cont[i, sl] = p.is_continuous
-        valid[i, sl] = True
-        positions[i, sl] = np.arange(n, dtype=np.int32)
         if feats is not None:
             feats[i, sl] = p.dense_features(d)
-    return PromptBatch(audio, text, cont, feats, positions, valid, lengths, padding)
+    return PromptBatch(audio, text, cont, feats, lengths, padding=padding)
 
 
 def delayed_speech_block(
@@ -323,6 +356,17 @@ class PromptBuilder:
             audio_text_layout=audio_text_layout,
         )
 
+    def with_audio(
+        self,
+        audio_tokens_fn: Callable[[AudioInput], Any],
+        whisper_features_fn: Callable[[AudioInput], Any] | None,
+    ) -> PromptBuilder:
+        """The same builder reading audio codes / features from other functions (e.g. a table of
+        clips encoded in one batched call)."""
+        b = copy.copy(self)
+        b.audio_tokens_fn, b.whisper_features_fn = audio_tokens_fn, whisper_features_fn
+        return b
+
     # -- validation helpers ------------------------------------------------------------------
 
     def _check_message(self, i: int, m: Any) -> None:
@@ -426,7 +470,7 @@ class PromptBuilder:
         *,
         role_marker: bool,
         turn_end: bool,
-        output_type: str,
+        output_type: OutputType,
     ) -> None:
         """`tokenize_message` of the reference; `turn_end` = has_ct_token = has_msg_end_token."""
         t = self.tokens
@@ -453,7 +497,9 @@ class PromptBuilder:
             s.text_extend([t.kimia_text_blank] * (len(codes) + 2))
             if turn_end:
                 s.pair(
-                    t.kimia_speech_ct_id if output_type == "text" else t.kimia_speech_ctd_id,
+                    t.kimia_speech_ct_id
+                    if output_type == OutputType.TEXT
+                    else t.kimia_speech_ctd_id,
                     t.kimia_text_blank,
                 )
             if self.whisper_features_fn is not None:
@@ -497,7 +543,7 @@ class PromptBuilder:
     def build(
         self,
         messages: Sequence[Mapping[str, Any]],
-        output_type: OutputType = "text",
+        output_type: OutputType | str = OutputType.TEXT,
         *,
         add_assistant_start: bool = True,
     ) -> Prompt:
@@ -509,8 +555,7 @@ class PromptBuilder:
             add_assistant_start: append the `kimia_assistant_msg_start | blank` position that
                 generation starts after (always done by the official inference builder).
         """
-        if output_type not in OUTPUT_TYPES:
-            raise PromptError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        output_type = OutputType.parse(output_type)  # a public stage: its own edge
         if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
             raise PromptError(f"messages must be a list of dicts, got {type(messages).__name__}")
         if not messages:

@@ -380,11 +380,12 @@ class TrainStep:
     # -- compiled functions ----------------------------------------------------------------------
 
     def _with_mesh(self, fn: Any) -> Any:
+        """Calls `fn` under the mesh context (`sharding.constrain` reads it; part of jit's key)."""
         mesh = self.mesh
 
         @functools.wraps(fn)
         def wrapped(*a: Any) -> Any:
-            with sharding.use_mesh(mesh):
+            with sharding.mesh_context(mesh):
                 return fn(*a)
 
         return wrapped
@@ -413,7 +414,7 @@ class TrainStep:
             )
             return new, metrics
 
-        return self._with_mesh(step)
+        return step
 
     def __call__(
         self, state: TrainState, batch: dict[str, Any]
@@ -423,10 +424,11 @@ class TrainStep:
         if phase not in self._steps:
             fn = self._step_fn(phase)
             if self.mesh is None:
-                self._steps[phase] = jax.jit(fn, donate_argnums=0)
+                jitted = jax.jit(fn, donate_argnums=0)
             else:
                 st = self.state_shardings(state)
-                self._steps[phase] = jax.jit(fn, out_shardings=(st, None), donate_argnums=0)
+                jitted = jax.jit(fn, out_shardings=(st, None), donate_argnums=0)
+            self._steps[phase] = self._with_mesh(jitted)
         if self.mesh is not None:
             batch = jax.device_put(batch, batch_shardings(batch, self.mesh))
         return self._steps[phase](state, batch)
@@ -450,7 +452,7 @@ class TrainStep:
                 whisper_trainable=whisper_trainable,
                 collect=collect,
             )
-            self._grads[key] = jax.jit(self._with_mesh(fn))
+            self._grads[key] = self._with_mesh(jax.jit(fn))
         if self.mesh is not None:
             batch = jax.device_put(batch, batch_shardings(batch, self.mesh))
         return self._grads[key](params, batch)

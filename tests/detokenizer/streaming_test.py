@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from kimia_jax.detokenizer import WaveStitcher, hamming_periodic, plan_chunks
+from kimia_jax.detokenizer import StitchState, hamming_periodic, plan_chunks, stitch
 from tests.detokenizer_helpers import chunk_noise
 
 
@@ -101,7 +101,6 @@ def test_stitcher_with_synthetic_vocoder():
     def decode(mel):
         return np.repeat(mel[:, 0], 4).astype(np.float32)  # frame_size 4 for readability
 
-    st = WaveStitcher(decode, frame_size=4)
     frames = np.arange(500, dtype=np.float32)
     mel = np.stack([frames, frames], axis=1)
     bounds = [
@@ -111,7 +110,11 @@ def test_stitcher_with_synthetic_vocoder():
         (312, 432, False),
         (432, 500, True),
     ]
-    out = [st.push(mel[s:e], f) for s, e, f in bounds]
+    out, state = [], StitchState()
+    for s, e, f in bounds:
+        piece, state = stitch(decode, 4, state, mel[s:e], f)
+        out.append(piece)
+    assert state == StitchState()  # reset by the final chunk
     assert [len(o) for o in out] == [
         4 * 36,
         4 * 72,
@@ -134,9 +137,26 @@ def test_stitcher_with_synthetic_vocoder():
 
 
 def test_odd_first_chunk_keeps_ceil_half_mel():
-    st = WaveStitcher(lambda m: np.zeros(len(m) * 480, np.float32), 480)
-    st.push(np.zeros((7, 80), np.float32), False)
+    decode = lambda m: np.zeros(len(m) * 480, np.float32)  # noqa: E731
+    _, st = stitch(decode, 480, StitchState(), np.zeros((7, 80), np.float32), False)
     assert len(st.pre_mel) == 4 and len(st.pre_wav) == 480 * 7 // 2
+
+
+def test_chunk_state_is_a_returned_value(detok):
+    """detokenize_chunk returns the next state and leaves its input's fields alone; a state whose
+    cache was donated cannot be used again (clear error instead of a deleted-buffer crash)."""
+    toks = np.arange(60) % detok.dit_cfg.semantic_vocab_size  # plan: 30 | 30 (final)
+    s0 = detok.new_state()
+    wav0, s1 = detok.detokenize_chunk(s0, toks[:30], is_final=False, key=0)
+    assert (s0.chunk_index, s0.start_position, s0.carry_tokens) == (0, 0, None)
+    assert s1.chunk_index == 1 and s1.carry_tokens is not None and s1.cache_len > 0
+    used = detok.new_state()
+    used.cache_k.delete()  # what donating it to a chunk whose cache capacity stays does
+    with pytest.raises(ValueError, match="already passed to detokenize_chunk"):
+        detok.detokenize_chunk(used, toks[:30], is_final=False, key=0)
+    wav1, s2 = detok.detokenize_chunk(s1, toks[30:], is_final=True, key=0)
+    assert s2.cache_len == 0 and s2.carry_tokens is None and s2.stitch.pre_mel is None
+    np.testing.assert_array_equal(np.concatenate([wav0, wav1]), detok.detokenize(toks, key=0))
 
 
 def test_bad_inputs_give_clear_errors(detok):

@@ -7,11 +7,15 @@ the whole path reproduces the reference `_generate_loop` outputs of tests/fixtur
 
 import shutil
 
+import jax
 import numpy as np
 import pytest
 
+from kimia_jax.configs import OutputType
 from kimia_jax.inference import generate as gen
+from kimia_jax.inference import pipeline
 from kimia_jax.inference.api import KimiAudio
+from kimia_jax.inference.sampler import Sampling
 from kimia_jax.testing.tokenizer import write_tiny_tokenizer
 from kimia_jax.text import conversation as prompt_lib
 from tests.llm_helpers import LLM_DIR, fixture, rel_err
@@ -72,9 +76,8 @@ def test_both_mode_tokens_through_the_api_path(model):
     pb = prompt_lib.batch([p], feature_dim=model.cfg.kimia_adaptor_input_dim)
     audio_ids = pb.audio_ids.copy()
     audio_ids[0, pb.lengths[0] - 3] = model.extra_tokens.kimia_speech_ct_id
-    prompt = gen.Prompt(audio_ids=audio_ids, text_ids=pb.text_ids, lengths=pb.lengths,
-                        features=pb.features, continuous_mask=pb.is_continuous)  # fmt: skip
-    stream = model._stream_cfg("both")
+    prompt = pb.replace(audio_ids=audio_ids)
+    stream = model._stream_cfg(OutputType.BOTH)
     out = gen.generate_fixed(model.params, prompt, gen.jax.random.key(0), model=model.model,
                              max_new_tokens=12, stream=stream)  # fmt: skip
     text, audio = gen.returned_tokens(out, stream)
@@ -93,9 +96,10 @@ def test_batch_of_four_equals_single_runs(model):
         assert model.generate(chat, "text", max_new_tokens=8) == got
 
 
-def test_sharded_model_gives_the_single_device_results(model):
-    """The same folder on a data=2, fsdp=2, tensor=2 mesh of 8 (simulated) devices: greedy text
-    and "both"-mode audio tokens of a batch equal the single-device results."""
+def test_two_meshes_in_one_process_give_the_single_device_results(model):
+    """The same folder on one device and on a data=2, fsdp=2, tensor=2 mesh of 8 (simulated)
+    devices, used alternately in one process (each instance runs under its own context mesh):
+    greedy text and "both"-mode audio and text tokens of a batch equal the single-device ones."""
     from kimia_jax import sharding
 
     mesh = sharding.parse_mesh("data=2,fsdp=2,tensor=2")
@@ -105,10 +109,49 @@ def test_sharded_model_gives_the_single_device_results(model):
     leaf = sharded.params["lm_head"]["weight"]
     assert len(leaf.sharding.device_set) == 8
     chats = [_asr(), _asr(AUDIO), [{"role": "user", "message_type": "text", "content": "hi"}]]
-    for output_type in ("text", "both"):
-        want = model.generate_batch(chats, output_type, max_new_tokens=8)
-        got = sharded.generate_batch(chats, output_type, max_new_tokens=8)
-        assert [g[1] for g in got] == [w[1] for w in want]
+    samp = Sampling(max_new_tokens=8)
+
+    def tokens(m, output_type):
+        prompts = m.prompts(chats, output_type)
+        batch = pipeline.plan_batch(prompts, output_type, samp.max_new_tokens, m.cfg)
+        out = pipeline.run_generate(m.params, m.model, batch, m._stream_cfg(output_type), samp,
+                                    jax.random.key(0), m.mesh)  # fmt: skip
+        return out.tokens
+
+    want = {t: tokens(model, t) for t in OutputType}
+    for _ in range(2):  # alternately: single device, mesh, single device, mesh
+        for m in (model, sharded):
+            for t in OutputType:
+                assert tokens(m, t) == want[t], (m.mesh, t)
+    assert any(audio for audio, _ in want[OutputType.BOTH])  # real audio tokens were compared
+    texts = [w[1] for w in model.generate_batch(chats, "text", max_new_tokens=8)]
+    assert [g[1] for g in sharded.generate_batch(chats, "text", max_new_tokens=8)] == texts
+
+
+def test_each_audio_file_is_read_once_and_encoded_in_one_batched_call(model, monkeypatch):
+    """generate_batch loads every distinct clip once and runs ONE tokenizer call and ONE
+    whisper feature call over all of them (their plan_batches groups the segments)."""
+    import soundfile as sf
+
+    wav, _ = sf.read(AUDIO, dtype="float32")
+    reads, tok_calls, feat_calls = [], [], []
+    load = pipeline.load_audio
+    monkeypatch.setattr(pipeline, "load_audio", lambda a: reads.append(a) or load(a))
+    tokenize, features = model.audio_tokenizer.tokenize, model.whisper.features
+    monkeypatch.setattr(model.audio_tokenizer, "tokenize",
+                        lambda x: tok_calls.append(len(x)) or tokenize(x))  # fmt: skip
+    monkeypatch.setattr(model.whisper, "features",
+                        lambda x: feat_calls.append(len(x)) or features(x))  # fmt: skip
+    # AUDIO three times (twice in one chat), one array clip, one text-only chat
+    chats = [_asr(), _asr(wav[:8000]), _asr(AUDIO) + [
+        {"role": "user", "message_type": "audio", "content": AUDIO}],
+        [{"role": "user", "message_type": "text", "content": "hi"}]]  # fmt: skip
+    got = model.generate_batch(chats, "text", max_new_tokens=8)
+    assert [str(r) for r in reads if not isinstance(r, np.ndarray)] == [AUDIO]
+    assert len(reads) == 2 and tok_calls == [2] and feat_calls == [2]
+    monkeypatch.undo()
+    for chat, g in zip(chats, got, strict=True):
+        assert model.generate(chat, "text", max_new_tokens=8) == g
 
 
 def test_sampling_is_reproducible_with_a_seed(model):
@@ -139,7 +182,7 @@ def test_bad_requests_get_clear_errors(model, tmp_path):
         model.generate([{"role": "user", "message_type": "text", "content": np.zeros(16000)}])
     with pytest.raises(Exception, match="missing.wav"):
         model.generate(_asr(str(tmp_path / "missing.wav")))
-    with pytest.raises(ValueError, match="output_type must be 'text' or 'both'"):
+    with pytest.raises(ValueError, match=r"output_type must be one of \['text', 'both'\]"):
         model.generate(_asr(), output_type="speech")
     with pytest.raises(ValueError, match="exceeds max_position_embeddings 8192"):
         model.generate(_asr(), output_type="text", max_new_tokens=9000)

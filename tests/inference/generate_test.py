@@ -5,9 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kimia_jax.configs import OutputType
 from kimia_jax.conversion import llm as conv
 from kimia_jax.inference import generate as gen
 from kimia_jax.models import kimia_llm
+from kimia_jax.text.conversation import PromptBatch
 from tests.llm_helpers import LLM_DIR, TINY_STREAM, fixture, fixture_prompt, rel_err
 
 STEPS = {"text": 8, "both": 12}  # the fixture's max_new_tokens per mode
@@ -76,12 +78,12 @@ def test_batched_generation_equals_single_runs(loaded):
     lengths = [37, 12, 25, 5]
     t = max(lengths)
     rows = [_random_prompt(rng, cfg, n, t) for n in lengths]
-    batch = gen.Prompt(
+    batch = PromptBatch(
         audio_ids=jnp.asarray(np.stack([r[0] for r in rows])),
         text_ids=jnp.asarray(np.stack([r[1] for r in rows])),
-        lengths=jnp.asarray(lengths, jnp.int32),
+        is_continuous=jnp.asarray(np.stack([r[2] for r in rows])),
         features=jnp.asarray(np.stack([r[3] for r in rows])),
-        continuous_mask=jnp.asarray(np.stack([r[2] for r in rows])),
+        lengths=jnp.asarray(lengths, jnp.int32),
     )
     kw = dict(model=model, max_new_tokens=10, stream=TINY_STREAM["both"])
     together = gen.generate_fixed(params, batch, jax.random.key(0), **kw)
@@ -89,11 +91,11 @@ def test_batched_generation_equals_single_runs(loaded):
     for b, n in enumerate(lengths):
         # Each row alone (B = 1); the shortest one also unpadded, to show that padding is inert.
         for width in (t, n) if n == min(lengths) else (t,):
-            single = gen.Prompt(
+            single = PromptBatch(
                 audio_ids=batch.audio_ids[b : b + 1, :width],
                 text_ids=batch.text_ids[b : b + 1, :width],
-                lengths=jnp.asarray([n], jnp.int32), features=batch.features[b : b + 1, :width],
-                continuous_mask=batch.continuous_mask[b : b + 1, :width],
+                is_continuous=batch.is_continuous[b : b + 1, :width],
+                features=batch.features[b : b + 1, :width], lengths=jnp.asarray([n], jnp.int32),
             )  # fmt: skip
             alone = gen.generate_fixed(params, single, jax.random.key(0), **kw)
             got, want = gen.returned_tokens(together, stream, b), gen.returned_tokens(alone, stream)
@@ -110,7 +112,9 @@ def test_rows_stop_on_their_own(loaded):
     p = fixture_prompt(cfg.kimia_adaptor_input_dim)
     # Make the fixture's 3rd greedy text token the EOS id for row 0 only, by choosing ids so that
     # the reference argmax at step 2 (445) is treated as EOS.
-    stream = gen.StreamConfig(output_type="text", text_blank=623, text_eos=445, eod_ids=(605, 620))
+    stream = gen.StreamConfig(
+        output_type=OutputType.TEXT, text_blank=623, text_eos=445, eod_ids=(605, 620)
+    )
     two = jax.tree.map(lambda x: None if x is None else jnp.concatenate([x, x]), p)
     out = gen.generate(params, two, jnp.asarray([8, 2], jnp.int32), jax.random.key(0), model=model,
                        max_steps=8, stream=stream)  # fmt: skip
@@ -123,28 +127,31 @@ def test_rows_stop_on_their_own(loaded):
 def test_bad_prompts_get_clear_errors(loaded):
     cfg, _, _ = loaded
     ok = dict(audio_ids=np.zeros((1, 4), np.int32), text_ids=np.zeros((1, 4), np.int32),
-              lengths=np.array([4], np.int32))  # fmt: skip
+              is_continuous=None, features=None, lengths=np.array([4], np.int32))  # fmt: skip
     with pytest.raises(
         ValueError, match=r"audio_ids\[0, 2\] = 728 is outside the vocabulary \[0, 728\)"
     ):
         a = ok["audio_ids"].copy()
         a[0, 2] = 728
-        gen.check_prompt(cfg, gen.Prompt(**{**ok, "audio_ids": a}), 4, None)
+        gen.check_prompt(cfg, PromptBatch(**{**ok, "audio_ids": a}), 4, None)
     with pytest.raises(ValueError, match="empty prompt"):
-        gen.check_prompt(cfg, gen.Prompt(np.zeros((1, 0), np.int32), np.zeros((1, 0), np.int32),
-                                         np.array([0], np.int32)), 4, None)  # fmt: skip
+        empty = np.zeros((1, 0), np.int32)
+        gen.check_prompt(cfg, PromptBatch(empty, empty, None, None, np.array([0], np.int32)), 4,
+                         None)  # fmt: skip
     with pytest.raises(ValueError, match="exceeds the KV cache length 6"):
-        gen.check_prompt(cfg, gen.Prompt(**ok), 3, 6)
+        gen.check_prompt(cfg, PromptBatch(**ok), 3, 6)
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
-        gen.check_prompt(cfg, gen.Prompt(**ok), 0, None)
+        gen.check_prompt(cfg, PromptBatch(**ok), 0, None)
+    with pytest.raises(ValueError, match="takes right-padded prompts"):
+        gen.check_prompt(cfg, PromptBatch(**ok, padding="left"), 4, None)
 
 
 def test_resumable_decode_in_chunks_equals_one_call(loaded, traced):
     """start + resume(until=k) in chunks (the streaming path) == the single compiled call."""
     cfg, params, model = loaded
     mode, whole = traced
-    kw = dict(model=model, stream=TINY_STREAM[mode], text_sampling=gen.GREEDY,
-              audio_sampling=gen.GREEDY, trace=False)  # fmt: skip
+    kw = dict(model=model, stream=TINY_STREAM[mode], text_sampling=gen.DEFAULT.text,
+              audio_sampling=gen.DEFAULT.audio, trace=False)  # fmt: skip
     n = STEPS[mode]
     state = gen.start(params, fixture_prompt(cfg.kimia_adaptor_input_dim), jnp.asarray([n]),
                       jax.random.key(0), max_steps=n, cache_length=None, cache=None,

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kimia_jax.inference.sampler import SamplingParams, apply_repetition_penalty, sample
+from kimia_jax.inference.sampler import (
+    Sampling,
+    SamplingParams,
+    apply_repetition_penalty,
+    sample,
+)
 
 torch = pytest.importorskip("torch")
 from tools.reference_loop import ref_penalised, ref_sample  # noqa: E402
@@ -71,7 +78,9 @@ def test_greedy_ties_take_first_index_and_1e6_is_greedy():
     logits[1, [40, 41]] = 1.0
     hist = np.zeros((2, 1), np.int32)
     for t in [0.0, 1e-6]:
-        got = sample(logits, hist, np.zeros(2, np.int32), SamplingParams(t), jax.random.key(0))
+        got = sample(
+            logits, hist, np.zeros(2, np.int32), SamplingParams(t, 5, 1.0, 16), jax.random.key(0)
+        )
         assert np.asarray(got).tolist() == [3, 40]
         want = ref_sample(
             torch.from_numpy(logits), None, top_k=5, temperature=t, penalty=1, window=1
@@ -88,7 +97,7 @@ def _draws(logits_row: np.ndarray, params: SamplingParams, n: int, seed: int = 0
 def test_top_k_support_and_frequencies():
     rng = np.random.default_rng(2)
     row = rng.normal(0, 1.5, V).astype(np.float32)
-    params = SamplingParams(temperature=0.7, top_k=5)
+    params = SamplingParams(0.7, 5, 1.0, 16)
     draws = _draws(row, params, 20_000)
     ref_idx = torch.topk(torch.exp(torch.log_softmax(torch.from_numpy(row), -1) / 0.7), 5).indices
     assert set(draws.tolist()) == set(ref_idx.tolist())  # support = the reference top-k set
@@ -117,7 +126,7 @@ def test_top_k_support_and_frequencies():
 
 def test_full_distribution_when_top_k_is_zero():
     row = np.linspace(-1, 1, V).astype(np.float32)
-    draws = _draws(row, SamplingParams(temperature=1.5, top_k=0), 20_000, seed=3)
+    draws = _draws(row, SamplingParams(1.5, 0, 1.0, 16), 20_000, seed=3)
     p = torch.softmax(torch.log_softmax(torch.from_numpy(row), -1) / 1.5, -1).numpy()
     freq = np.bincount(draws, minlength=V) / draws.size
     np.testing.assert_allclose(freq, p, atol=0.006)  # p <= 0.05: std <= 0.0016
@@ -126,7 +135,7 @@ def test_full_distribution_when_top_k_is_zero():
 
 def test_same_key_same_samples_other_key_differs():
     row = np.zeros(V, np.float32)
-    params = SamplingParams(temperature=1.0, top_k=20)
+    params = SamplingParams(1.0, 20, 1.0, 16)
     a = _draws(row, params, 64, seed=7)
     b = _draws(row, params, 64, seed=7)
     c = _draws(row, params, 64, seed=8)
@@ -167,16 +176,39 @@ def test_runs_inside_jitted_while_loop():
         assert got[row].tolist() == prev.tolist()
 
 
+def test_sampling_is_the_one_set_of_defaults():
+    """The official `KimiAudio.generate` defaults, and the per-stream params derived from them."""
+    s = Sampling()
+    assert dataclasses.asdict(s) == dict(
+        audio_temperature=0.0, audio_top_k=5, text_temperature=0.0, text_top_k=5,
+        audio_repetition_penalty=1.0, audio_repetition_window_size=64,
+        text_repetition_penalty=1.0, text_repetition_window_size=16, max_new_tokens=-1,
+    )  # fmt: skip
+    assert s.text == SamplingParams(0.0, 5, 1.0, 16)
+    assert s.audio == SamplingParams(0.0, 5, 1.0, 64)
+    assert Sampling(audio_temperature=0.8, audio_top_k=10).audio == SamplingParams(0.8, 10, 1.0, 64)
+    with pytest.raises(ValueError, match="text_repetition_window_size must be >= 1"):
+        Sampling(text_repetition_window_size=0)
+    with pytest.raises(TypeError, match="audio_top_k must be int"):
+        Sampling(audio_top_k=2.5)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'temperature'"):
+        Sampling(temperature=1.0)
+    from kimia_jax.inference.api import KimiAudio
+
+    sig = inspect.signature(KimiAudio.generate).parameters  # the official keyword arguments
+    assert {n: sig[n].default for n in Sampling.names()} == dataclasses.asdict(s)
+
+
 def test_bad_params():
     with pytest.raises(ValueError, match="temperature must be >= 0"):
-        SamplingParams(temperature=-1.0)
+        SamplingParams(-1.0, 5, 1.0, 16)
     with pytest.raises(ValueError, match="repetition_window must be >= 1"):
-        SamplingParams(repetition_window=0)
+        SamplingParams(0.0, 5, 1.0, 0)
     with pytest.raises(ValueError, match=r"top_k=60 exceeds the vocabulary \(50\)"):
         sample(
             np.zeros((1, V), np.float32),
             np.zeros((1, 1), np.int32),
             np.zeros(1, np.int32),
-            SamplingParams(temperature=1.0, top_k=60),
+            SamplingParams(1.0, 60, 1.0, 16),
             jax.random.key(0),
         )

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kimia_jax.configs import OutputType
 from kimia_jax.inference import stream_logic as sl
 from kimia_jax.inference.sampler import SamplingParams
 
@@ -29,7 +30,7 @@ from tools.reference_loop import ref_generate_loop  # noqa: E402
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "prompt"
 V = 728
 BLANK, TEOS, MEND, MEDIA_END, OFFSET = 623, 624, 605, 620, 680
-CFG = {m: sl.StreamConfig(m, BLANK, TEOS, (MEND, MEDIA_END)) for m in ("text", "both")}
+CFG = {m: sl.StreamConfig(OutputType(m), BLANK, TEOS, (MEND, MEDIA_END)) for m in ("text", "both")}
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "tp", "ap", "max_steps"))
@@ -55,7 +56,7 @@ def run_loop(cfg, text_logits, audio_logits, budget, key, tp, ap, max_steps):
     return state, fed
 
 
-GREEDY = SamplingParams(temperature=0.0)
+GREEDY = SamplingParams(0.0, 5, 1.0, 16)
 
 
 def _ref_params(p: SamplingParams) -> dict:
@@ -214,7 +215,7 @@ def test_sampled_streams_reproducible():
     rng = np.random.default_rng(5)
     tl = rng.normal(0, 1, (2, 10, V)).astype(np.float32)
     al = rng.normal(0, 1, (2, 10, V)).astype(np.float32)
-    tp, ap = SamplingParams(0.9, 10), SamplingParams(0.8, 10)
+    tp, ap = SamplingParams(0.9, 10, 1.0, 16), SamplingParams(0.8, 10, 1.0, 64)
     outs = [
         run_loop(CFG["both"], tl, al, jnp.array([10, 10]), jax.random.key(k), tp, ap, 10)[0]
         for k in (1, 1, 2)
@@ -227,15 +228,13 @@ def test_sampled_streams_reproducible():
 
 
 def test_budgets_and_zero_budget():
-    assert sl.budgets("both", [37, 100]).tolist() == [1463, 1400]
-    assert sl.budgets("text", [37, 100]).tolist() == [7463, 7400]
-    assert sl.budgets("text", [37, 100], max_new_tokens=8).tolist() == [8, 8]
+    assert sl.budgets(OutputType.BOTH, [37, 100]).tolist() == [1463, 1400]
+    assert sl.budgets(OutputType.TEXT, [37, 100]).tolist() == [7463, 7400]
+    assert sl.budgets(OutputType.TEXT, [37, 100], max_new_tokens=8).tolist() == [8, 8]
     state = sl.StreamState.init(np.array([0, 3]), 3)
     assert np.asarray(state.done).tolist() == [True, False]
     with pytest.raises(ValueError, match="max_steps=2 is smaller than the largest budget"):
         sl.StreamState.init(np.array([3]), 2)
-    with pytest.raises(ValueError, match="output_type must be 'text' or 'both'"):
-        sl.StreamConfig("audio", BLANK, TEOS, (MEND,))
 
 
 def test_postprocess_filters_and_detokenizes():

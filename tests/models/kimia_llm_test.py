@@ -23,7 +23,7 @@ def prefill():
             p.text_ids,
             pos,
             p.features,
-            p.continuous_mask,
+            p.is_continuous,
             collect=True,
         )
     )(params)
@@ -98,7 +98,7 @@ def test_logits_at_selects_positions(prefill):
     pos = jnp.arange(t, dtype=jnp.int32)[None]
     sel = jax.jit(
         lambda prm: kimia_llm.KimiaLLM(cfg).apply(
-            {"params": prm}, p.audio_ids, p.text_ids, pos, p.features, p.continuous_mask,
+            {"params": prm}, p.audio_ids, p.text_ids, pos, p.features, p.is_continuous,
             logits_at=jnp.asarray([t - 5], jnp.int32),
         )
     )(params)  # fmt: skip
@@ -114,7 +114,7 @@ def test_bf16_params_activations_fp32_logits():
     pos = jnp.arange(p.audio_ids.shape[1], dtype=jnp.int32)[None]
     out = jax.jit(
         lambda prm: kimia_llm.KimiaLLM(cfg).apply(
-            {"params": prm}, p.audio_ids, p.text_ids, pos, p.features, p.continuous_mask
+            {"params": prm}, p.audio_ids, p.text_ids, pos, p.features, p.is_continuous
         )
     )(params)
     assert out.text_logits.dtype == jnp.float32 and out.audio_logits.dtype == jnp.float32

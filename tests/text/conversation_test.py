@@ -301,7 +301,7 @@ def test_bad_messages_raise_clear_errors(msgs, err, match):
 
 def test_bad_output_type_and_callable_results(audio_dir):
     msg = [{"role": "user", "message_type": "audio", "content": str(audio_dir / "A.wav")}]
-    with pytest.raises(PromptError, match=r"output_type must be one of \('text', 'both'\)"):
+    with pytest.raises(ValueError, match=r"output_type must be one of \['text', 'both'\]"):
         make_builder(FakeAudio({"A.wav": codes(1)})).build(msg, "audio")
     with pytest.raises(PromptError, match=r"audio codes outside \[0, 48\): min 0, max 48"):
         make_builder(FakeAudio({"A.wav": codes(0, 48)})).build(msg, "text")
