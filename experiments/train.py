@@ -95,9 +95,12 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def prepare_asr_clips(root: Path, clips: Path, out: Path, instruction: str) -> Path:
+def prepare_asr_clips(
+    root: Path, clips: Path, out: Path, instruction: str, repeat: int = 1
+) -> Path:
     """Clips + transcripts.json -> an official-schema SFT jsonl, audio tokens from the model's
-    GLM-4-Voice tokenizer (offset by kimia_token_offset)."""
+    GLM-4-Voice tokenizer (offset by kimia_token_offset); every clip `repeat` times (enough
+    records for a wide global batch: each row reads its own slice)."""
     import jax
 
     if jax.process_index() == 0 and not out.exists():
@@ -124,7 +127,7 @@ def prepare_asr_clips(root: Path, clips: Path, out: Path, instruction: str) -> P
             lines.append(json.dumps({"task_type": "understanding", "conversation": conv}))
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".tmp")
-        tmp.write_text("\n".join(lines) + "\n")
+        tmp.write_text("\n".join(lines * repeat) + "\n")
         os.replace(tmp, out)
     _sync("asr-clips")
     return out
@@ -144,7 +147,11 @@ def build_tasks(config, root: Path, workdir: Path, tokenizer, offset: int, num_c
         if t.kind == "asr_clips":
             clips = Path(t.path) if t.path else ASSETS / "librispeech"
             jsonl = prepare_asr_clips(
-                root, clips, workdir / "data" / f"{t.name}.jsonl", t.instruction
+                root,
+                clips,
+                workdir / "data" / f"{t.name}.jsonl",
+                t.instruction,
+                config.data.asr_repeat,
             )
             source, build = data.JsonlSource(jsonl), data.sft_builder(sft)
         elif t.kind == "sft_jsonl":

@@ -40,6 +40,7 @@ def base() -> ml_collections.ConfigDict:
             prefetch_workers=0,
             read_threads=1,
             wav_dtype="int16",
+            asr_repeat=1,  # asr_clips tasks: records per clip
         )
     )
     # training.md §5.5 defaults (official SFT: lr 1e-5, beta2 0.95, decay 0.1, clip 1.0)
