@@ -68,6 +68,10 @@ def git_revision() -> str:
 
 def model_dir(config, workdir: Path) -> Path:
     """The model to start from: a released / converted folder, or `tiny` (generated here)."""
+    if not config.model.path:
+        raise ValueError(
+            "set --config.model.path to a released or converted Kimi-Audio folder (or 'tiny')"
+        )
     if config.model.path != "tiny":
         p = Path(config.model.path)
         if not p.is_dir():
@@ -143,7 +147,11 @@ def build_tasks(config, root: Path, workdir: Path, tokenizer, offset: int, num_c
     )
     pt = PretrainExampleBuilder(tokenizer.extra_tokens, kimia_token_offset=offset, truncation=trunc)
     tasks = []
-    for t in config.data.tasks:
+    names = [n for n in config.data.tasks.get("order", "").split(",") if n]
+    if not names:
+        raise ValueError("the config has no data tasks (config.data.tasks)")
+    for name in names:
+        t = config.data.tasks[name]
         if t.kind == "asr_clips":
             clips = Path(t.path) if t.path else ASSETS / "librispeech"
             jsonl = prepare_asr_clips(

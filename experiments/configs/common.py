@@ -23,6 +23,15 @@ def task(name: str, kind: str, path: str = "", *, weight: float = 1.0, seed: int
     )
 
 
+def tasks(*ts: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Tasks by name, in order (`--config.data.tasks.<name>.path=...` overrides one)."""
+    out = ml_collections.ConfigDict()
+    for t in ts:
+        out[t.name] = t
+    out.order = ",".join(t.name for t in ts)
+    return out
+
+
 def base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = ml_collections.ConfigDict(dict(path="tiny", seed=0))
@@ -32,7 +41,7 @@ def base() -> ml_collections.ConfigDict:
     c.global_batch_rows = 8
     c.data = ml_collections.ConfigDict(
         dict(
-            tasks=[],
+            tasks=ml_collections.ConfigDict(),
             length=8192,
             max_windows=4,
             overflow="truncate",

@@ -14,7 +14,7 @@ def get_config():
     c = common.base()
     c.model.path = "tiny"
     c.global_batch_rows = 2
-    c.data.tasks = [common.task("asr", "asr_clips", seed=0)]
+    c.data.tasks = common.tasks(common.task("asr", "asr_clips", seed=0))
     c.data.length = 512
     c.data.max_windows = 1
     c.data.buffer_size = 4
