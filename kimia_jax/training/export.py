@@ -86,7 +86,9 @@ def _write_safetensors(out: Path, tensors: dict[str, np.ndarray], files: dict[st
 
     by_file: dict[str, dict[str, np.ndarray]] = {}
     for n, f in files.items():
-        by_file.setdefault(f, {})[n] = tensors[n]
+        # safetensors writes an array's raw buffer: a transposed (Fortran-order) view would be
+        # written with its elements in the wrong order, silently
+        by_file.setdefault(f, {})[n] = np.ascontiguousarray(tensors[n])
     for f, group in by_file.items():
         save_file(group, str(out / f), metadata={"format": "pt"})
 
