@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from kimia_jax.training.checkpointing import Checkpointer, PreemptionGuard
@@ -52,6 +51,12 @@ class LoopConfig:
     seed: int = 0
     peak_flops: float | None = None
     stop_at: int | None = None
+
+
+def _host_rng(seed: int) -> np.ndarray:
+    """The run's PRNG key data as a host array (saved by the primary process in any topology;
+    a single-device jax.Array cannot be saved from several processes)."""
+    return np.asarray(jax.random.key_data(jax.random.key(seed)))
 
 
 def _num_params(tree: Any) -> int:
@@ -109,9 +114,14 @@ class Trainer:
 
     def _abstract(self, meta: dict[str, Any]) -> Any:
         fresh = self._fresh(bool(meta["whisper_trainable"]))
-        tree = self._to_tree(fresh, jax.random.key_data(jax.random.key(0)))
+        tree = self._to_tree(fresh, _host_rng(0))
         return jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree
+            lambda x: (
+                x
+                if isinstance(x, np.ndarray)
+                else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+            ),
+            tree,
         )
 
     def _save(self, step: int, state: TrainState, rng: jax.Array, it: Any) -> None:
@@ -168,7 +178,7 @@ class Trainer:
         restored = self.ckpt.restore_latest(self._abstract, it)
         if restored is None:
             state = self._fresh(self._trainable_at(0))
-            rng = jax.random.key_data(jax.random.key(loop.seed))
+            rng = _host_rng(loop.seed)
             start = 0
         else:
             tree, meta = restored
@@ -178,7 +188,7 @@ class Trainer:
                 opt_state=tree["opt_state"],
                 whisper_trainable=bool(meta["whisper_trainable"]),
             )
-            rng = tree["rng"]
+            rng = np.asarray(tree["rng"])
             start = int(meta["step"])
             print(f"resumed from checkpoint step {start} in {self.ckpt.directory}", flush=True)
         writer = MetricWriter(self.workdir)
@@ -249,4 +259,4 @@ def loss_curve(workdir: str | Path) -> dict[int, float]:
     return {s: m["loss"] for s, m in sorted(read_metrics(workdir).items())}
 
 
-__all__ = ["LoopConfig", "Trainer", "loss_curve", "params_to_host", "jnp"]
+__all__ = ["LoopConfig", "Trainer", "loss_curve", "params_to_host"]
