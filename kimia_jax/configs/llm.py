@@ -27,6 +27,7 @@ class LlmConfig(ReleasedConfig):
       kimia_token_offset: first audio-code id.
       use_whisper_feature: whether the adaptor exists.
       dtype: compute dtype (activations); `param_dtype`: dtype parameters are stored in.
+      scan_layers, remat_policy: layer stack layout and rematerialization (not file keys).
     """
 
     vocab_size: int
@@ -51,6 +52,11 @@ class LlmConfig(ReleasedConfig):
     pad_token_id: int | None = None
     dtype: str = "float32"
     param_dtype: str = "float32"
+    # Layer stack layout and rematerialization (not config.json keys; kimia_jax.models.kimia_llm):
+    # unrolled layers decode fastest on CPU; `scan_layers` (nn.scan over stacked params) compiles
+    # once per stack, for training. remat_policy: one of kimia_llm.REMAT_POLICIES.
+    scan_layers: bool = False
+    remat_policy: str = "none"
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:

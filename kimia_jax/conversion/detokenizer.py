@@ -33,7 +33,7 @@ from kimia_jax.conversion import common
 from kimia_jax.conversion.common import Rule
 from kimia_jax.errors import CheckpointError
 from kimia_jax.models.bigvgan import BigVGAN, kaiser_sinc_filter
-from kimia_jax.models.flow_dit import FlowDiT
+from kimia_jax.models.flow_dit import FlowDiT, example_inputs
 
 DIT_RULES = [
     Rule(r"semantic_token_embedding\.weight", "semantic_token_embedding/embedding"),
@@ -252,16 +252,7 @@ def read_vocoder_config(path: str | os.PathLike[str]) -> BigVGANConfig:
 def dit_abstract(cfg: DiTConfig) -> Any:
     """Unboxed param ShapeDtypeStructs of FlowDiT (and the boxed tree for shardings)."""
     m = FlowDiT(cfg)
-    s, h, hd = 2, cfg.num_heads, cfg.head_dim
-    args = (
-        jnp.zeros((1, 2, cfg.input_size)),
-        jnp.zeros((1, 2), jnp.int32),
-        jnp.zeros((1,), jnp.int32),
-        jnp.zeros((1, 2), jnp.int32),
-        jnp.zeros((cfg.depth, 1, s, h, hd)),
-        jnp.zeros((cfg.depth, 1, s, h, hd)),
-        jnp.ones((1, s + 2), bool),
-    )
+    args = example_inputs(cfg)
     boxed = jax.eval_shape(lambda: m.init(jax.random.key(0), *args)["params"])
     return boxed
 

@@ -8,6 +8,7 @@ RoPE is recomputed in fp32.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -58,7 +59,9 @@ IGNORE = (r".*\.rotary_emb\.inv_freq",)
 
 
 def _targets(cfg: LlmConfig, mesh: Mesh | None, dtype: Any) -> dict[str, common.Target]:
-    return common.targets_for(kimia_llm.abstract_params(cfg), mesh, dtype)
+    # Checkpoints hold the unrolled layout; `kimia_llm.to_layout` stacks it for scan_layers.
+    unrolled = kimia_llm.abstract_params(dataclasses.replace(cfg, scan_layers=False))
+    return common.targets_for(unrolled, mesh, dtype)
 
 
 def _config(path: Path, dtype: str) -> LlmConfig:
@@ -95,7 +98,7 @@ def load_hf(
         progress=progress,
         desc=model_dir.name,
     )
-    return cfg, common.unflatten(flat)
+    return cfg, kimia_llm.to_layout(common.unflatten(flat), cfg, mesh)
 
 
 def load(
@@ -121,9 +124,10 @@ def load(
     if fmt is checkpoint.Format.ORBAX:
         dtype = DType.parse(dtype or DType.FLOAT32).value
         cfg = _config(path, dtype)
-        return cfg, checkpoint.restore_model(
-            path, kimia_llm.abstract_params(cfg), mesh=mesh, dtype=dtype
-        )
+        # Checkpoints hold the unrolled layout; `to_layout` stacks it when cfg.scan_layers.
+        unrolled = kimia_llm.abstract_params(dataclasses.replace(cfg, scan_layers=False))
+        params = checkpoint.restore_model(path, unrolled, mesh=mesh, dtype=dtype)
+        return cfg, kimia_llm.to_layout(params, cfg, mesh)
     return load_hf(path, dtype=dtype, mesh=mesh, progress=progress)
 
 

@@ -34,6 +34,7 @@ from absl import logging
 
 from kimia_jax.configs import BigVGANConfig, DiTConfig, MelNorm
 from kimia_jax.detokenizer.stitch import StitchState, stitch
+from kimia_jax.layers.kv_cache import KVCache
 from kimia_jax.models.bigvgan import BigVGAN
 from kimia_jax.models.flow_dit import FlowDiT
 
@@ -210,9 +211,7 @@ class Detokenizer:
         fn = functools.partial(_chunk_fn, self.dit, self._t_int, self._dt, sc.max_kv_cache_tokens)
         # The cache is updated in place when its capacity stays; a growing commit returns a
         # bigger buffer, so the old one cannot be donated (XLA would warn and copy).
-        self._chunk_fn = jax.jit(
-            fn, static_argnames=("cap_out",), donate_argnames=("cache_k", "cache_v")
-        )
+        self._chunk_fn = jax.jit(fn, static_argnames=("cap_out",), donate_argnames=("cache",))
         self._chunk_fn_grow = jax.jit(fn, static_argnames=("cap_out",))
         self._vocode_fn = jax.jit(lambda p, mel, n: self.vocoder.apply({"params": p}, mel, n))
 
@@ -490,20 +489,25 @@ class Detokenizer:
     def _empty_cache(self) -> tuple[jax.Array, jax.Array]:
         """Two distinct zero buffers (K, V) of the smallest capacity (both may be donated)."""
         c = self.dit_cfg
-        shape = (c.depth, 1, self.streaming.cache_capacities()[0], c.num_heads, c.head_dim)
-        return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)
+        cap = self.streaming.cache_capacities()[0]
+        cache = KVCache.zeros(c.depth, 1, cap, c.num_heads, c.head_dim, self.dtype)
+        return cache.k, cache.v
 
     def _run_chunk(
         self, noise, tokens, n_valid, n_keep, start_pos, cache_k, cache_v, cache_len, refill,
         commit_ode, cap_out,
     ):  # fmt: skip
-        """`_chunk_fn` on the DiT params; donates the cache unless it grows to `cap_out`."""
+        """`_chunk_fn` on the DiT params; donates the cache unless it grows to `cap_out`.
+
+        Returns (x, cache_k, cache_v, cache_len) of the chunk's ODE result and updated cache.
+        """
         fn = self._chunk_fn if cap_out == cache_k.shape[2] else self._chunk_fn_grow
-        return fn(
+        cache = KVCache(k=cache_k, v=cache_v, length=np.full((1,), cache_len, np.int32))
+        x, cache = fn(
             self.params["dit"], noise, tokens, np.int32(n_valid), np.int32(n_keep),
-            np.int32(start_pos), cache_k, cache_v, np.int32(cache_len), np.bool_(refill),
-            np.bool_(commit_ode), cap_out=cap_out,
+            np.int32(start_pos), cache, np.bool_(refill), np.bool_(commit_ode), cap_out=cap_out,
         )  # fmt: skip
+        return x, cache.k, cache.v, cache.length[0]
 
     def _bucket(self, n: int) -> int:
         for b in self._buckets:
@@ -575,27 +579,24 @@ def _chunk_fn(
     n_valid: jax.Array,  # frames of this chunk (the rest is padding)
     n_keep: jax.Array,  # frames kept (n_valid - look-ahead)
     start_pos: jax.Array,
-    cache_k: jax.Array,  # [depth, 1, S, N, H]: S = capacity in (0 for an empty cache)
-    cache_v: jax.Array,
-    cache_len: jax.Array,
+    cache: KVCache,  # [depth, 1, S, N, H]: S = capacity in (0 for an empty cache)
     refill: jax.Array,  # bool: run the clean re-encode (t=999 on x[:n_keep]) and commit its K/V
     commit_ode: jax.Array,  # bool: commit the K/V of the last Euler evaluation (look-ahead 0)
     *,
     cap_out: int,  # capacity of the returned cache (>= S; holds the committed frames)
-):
+) -> tuple[jax.Array, KVCache]:
     """ODE over one chunk (29 Euler steps), the optional clean re-encode, and the cache commit.
 
     All in one `fori_loop` whose body holds the only copy of the DiT: iteration i < 29 is an Euler
     step; iteration 29 (only when `refill`) is the re-encode, with dt = 0 so x stays the ODE
     result and the key mask cut to the kept frames. The K/V of the last iteration are carried out
     and committed when asked. Chunk kinds are runtime flags, so one compile serves each bucket.
-    The DiT attends over the S cache slots (masked past cache_len) and the chunk's own frames;
-    the commit writes a buffer of `cap_out` slots, which is how the cache grows.
+    The DiT attends over the cache's valid slots and the chunk's own frames; the commit
+    (`KVCache.append`, a sliding window of max_kv frames) writes a buffer of `cap_out` slots,
+    which is how the cache grows.
     """
     lp = noise.shape[1]
-    s = cache_k.shape[2]
     positions = start_pos + jnp.arange(lp, dtype=jnp.int32)[None]
-    cache_mask = jnp.arange(s) < cache_len
     n_steps = len(dt)
     refill_t = int(np.float32(REFILL_T) * np.float32(1000.0))  # 999
     t_tab = jnp.asarray(np.append(t_int, refill_t), jnp.int32)
@@ -604,45 +605,16 @@ def _chunk_fn(
     def body(i, carry):
         x, _, _ = carry
         n = jnp.where(i < n_steps, n_valid, n_keep)
-        mask = jnp.concatenate([cache_mask, jnp.arange(lp) < n])[None]
+        frames = (jnp.arange(lp) < n)[None]
         t = jnp.full((1,), t_tab[i], jnp.int32)
-        v, k, vv = model.apply({"params": params}, x, tokens, t, positions, cache_k, cache_v, mask)
-        return x + dt_tab[i] * v, k.astype(cache_k.dtype), vv.astype(cache_v.dtype)
+        v, k, vv = model.apply({"params": params}, x, tokens, t, positions, cache, frames)
+        return x + dt_tab[i] * v, k.astype(cache.k.dtype), vv.astype(cache.v.dtype)
 
-    kv0 = jnp.zeros((cache_k.shape[0], 1, lp, *cache_k.shape[3:]), cache_k.dtype)
+    kv0 = jnp.zeros((cache.num_layers, 1, lp, *cache.k.shape[3:]), cache.k.dtype)
     n_iter = n_steps + refill.astype(jnp.int32)
     x, k_new, v_new = jax.lax.fori_loop(0, n_iter, body, (noise, kv0, kv0))
     n_new = jnp.where(refill, n_keep, n_valid)
-    ck, cv, clen = _commit(cache_k, cache_v, cache_len, k_new, v_new, n_new, max_kv, cap_out)
+    committed = cache.append(k_new, v_new, n_new, max_length=max_kv, capacity=cap_out)
     do = refill | commit_ode
-    pad = ((0, 0), (0, 0), (0, cap_out - s), (0, 0), (0, 0))
-    return (
-        x,
-        jnp.where(do, ck, jnp.pad(cache_k, pad)),
-        jnp.where(do, cv, jnp.pad(cache_v, pad)),
-        jnp.where(do, clen, cache_len),
-    )
-
-
-def _commit(cache_k, cache_v, cache_len, k_new, v_new, n_new, max_kv, cap_out=None):
-    """cache ++ new[:n_new], keeping the last `max_kv` frames, left-aligned in a `cap_out` buffer.
-
-    cache_k/v: [depth, 1, S, N, H] with cache_len valid frames; k_new/v_new: [depth, 1, L, N, H]
-    with n_new valid frames. cap_out (default S) must hold min(cache_len + n_new, max_kv) frames;
-    slots past the returned length are unspecified (masked by the caller).
-    """
-    s, lp = cache_k.shape[2], k_new.shape[2]
-    cap_out = s if cap_out is None else cap_out
-    # cache_len + L <= size, so the update never clamps; after a trim (total > max_kv, hence
-    # cap_out == max_kv) the window [total - max_kv, total) lies inside the buffer too.
-    size = max(s + lp, cap_out)
-
-    def one(cache, new):
-        tail = jnp.zeros((*cache.shape[:2], size - s, *cache.shape[3:]), cache.dtype)
-        buf = jnp.concatenate([cache, tail], axis=2)
-        buf = jax.lax.dynamic_update_slice_in_dim(buf, new.astype(cache.dtype), cache_len, axis=2)
-        total = cache_len + n_new
-        shift = jnp.maximum(total - max_kv, 0)
-        return jax.lax.dynamic_slice_in_dim(buf, shift, cap_out, axis=2)
-
-    return one(cache_k, k_new), one(cache_v, v_new), jnp.minimum(cache_len + n_new, max_kv)
+    kept = cache.resized(cap_out)
+    return x, jax.tree.map(lambda a, b: jnp.where(do, a, b), committed, kept)

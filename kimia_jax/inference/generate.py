@@ -22,7 +22,8 @@ from kimia_jax.configs import LlmConfig
 from kimia_jax.inference import stream_logic
 from kimia_jax.inference.sampler import Sampling, SamplingParams
 from kimia_jax.inference.stream_logic import StreamConfig, StreamState  # noqa: F401 (re-export)
-from kimia_jax.models.kimia_llm import KimiaLLM, KVCache, init_cache
+from kimia_jax.layers.kv_cache import KVCache
+from kimia_jax.models.kimia_llm import KimiaLLM, init_cache
 from kimia_jax.text.conversation import PromptBatch
 
 DEFAULT = Sampling()  # the official defaults: greedy text and audio

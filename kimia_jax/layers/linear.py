@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -66,3 +67,27 @@ class Linear(nn.Module):
             b = self.param("bias", b_init, (self.features,), self.param_dtype)
             y = y + b.astype(self.dtype)
         return y
+
+
+def dense(
+    features: int,
+    axes: tuple[str | None, str | None],
+    name: str,
+    dtype: Any,
+    *,
+    use_bias: bool = True,
+    param_dtype: Any = jnp.float32,
+) -> nn.Dense:
+    """flax `nn.Dense` (kernel [in, out], params `kernel`, `bias`) with logical names `axes`
+    (in, out) on the kernel and (out,) on the bias: the layout of checkpoints converted from
+    torch models whose weights are transposed once at conversion (DiT, whisper).
+    """
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)),
+        name=name,
+    )

@@ -20,29 +20,24 @@ import jax.numpy as jnp
 import numpy as np
 
 from kimia_jax.configs import DiTConfig  # re-exported: the config lives in kimia_jax.configs
+from kimia_jax.layers import rope
+from kimia_jax.layers.attention import AttentionMask, dot_product_attention
+from kimia_jax.layers.kv_cache import KVCache
+from kimia_jax.layers.linear import dense
+from kimia_jax.layers.mlp import MLP
+from kimia_jax.layers.norm import LayerNorm
 
 _FREQ_EMB = 256  # TimestepEmbedder frequency_embedding_size (official default, no config key)
 _LN_EPS = 1e-6
 
 
 def _dense(features: int, axes: tuple[str | None, str | None], name: str, dtype: Any) -> nn.Dense:
-    return nn.Dense(
-        features,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)),
-        precision=None,
-        name=name,
-    )
+    return dense(features, axes, name, dtype)
 
 
-def _layer_norm(x: jax.Array) -> jax.Array:
+def _layer_norm(dtype: Any) -> LayerNorm:
     """LayerNorm over the last axis, no affine, eps 1e-6, statistics in float32."""
-    xf = x.astype(jnp.float32)
-    mean = jnp.mean(xf, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-    return ((xf - mean) * jax.lax.rsqrt(var + _LN_EPS)).astype(x.dtype)
+    return LayerNorm(_LN_EPS, use_scale=False, use_bias=False, dtype=dtype)
 
 
 def timestep_frequencies() -> np.ndarray:
@@ -50,30 +45,6 @@ def timestep_frequencies() -> np.ndarray:
     half = _FREQ_EMB // 2
     arg = (np.float32(-math.log(10000.0)) * np.arange(half, dtype=np.float32)) / np.float32(half)
     return np.exp(arg.astype(np.float64)).astype(np.float32)
-
-
-def rope_inverse_frequencies(cfg: DiTConfig) -> np.ndarray:
-    """theta_j = base^(-2j/H) / interpolation, float32 (spec §2.4)."""
-    hd = cfg.head_dim
-    expo = np.arange(0, hd, 2, dtype=np.float32)[: hd // 2] / np.float32(hd)
-    theta = (1.0 / (np.float64(np.float32(cfg.rope_base)) ** expo.astype(np.float64))).astype(
-        np.float32
-    )
-    return theta
-
-
-def apply_rope(x: jax.Array, positions: jax.Array, theta: jax.Array, interp: float) -> jax.Array:
-    """Interleaved-pair (complex) rotary embedding in float32.  x [B, L, N, H], positions [B, L]."""
-    pos = positions.astype(jnp.float32)
-    if interp != 1.0:
-        pos = pos / jnp.float32(interp)
-    ang = pos[:, :, None] * theta[None, None, :]  # [B, L, H/2]; same float32 product as torch.outer
-    cos = jnp.cos(ang)[:, :, None, :]
-    sin = jnp.sin(ang)[:, :, None, :]
-    xf = x.astype(jnp.float32).reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
-    re, im = xf[..., 0], xf[..., 1]
-    out = jnp.stack([re * cos - im * sin, re * sin + im * cos], axis=-1)
-    return out.reshape(x.shape).astype(x.dtype)
 
 
 class TimestepEmbedder(nn.Module):
@@ -101,7 +72,7 @@ class Attention(nn.Module):
         self,
         x: jax.Array,  # [B, L, D]
         positions: jax.Array,  # [B, L]
-        cache_k: jax.Array,  # [B, S, N, H]
+        cache_k: jax.Array,  # [B, S, N, H] this layer's cached keys
         cache_v: jax.Array,  # [B, S, N, H]
         key_mask: jax.Array,  # [B, S + L] bool: which keys exist (valid cache, unpadded frames)
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -112,30 +83,17 @@ class Attention(nn.Module):
         qkv = _dense(3 * d, ("embed", "mlp"), "qkv", dt)(x)  # [B, L, 3D]: [q ; k ; v], head-major
         q, k, v = (qkv[..., i * d : (i + 1) * d].reshape(b, ln, n, hd) for i in range(3))
         if cfg.use_rope:
-            theta = jnp.asarray(rope_inverse_frequencies(cfg))
-            q = apply_rope(q, positions, theta, cfg.rope_interpolation_factor)
-            k = apply_rope(k, positions, theta, cfg.rope_interpolation_factor)
+            freqs = rope.inv_freq(hd, cfg.rope_base, table_dtype="float64")
+            q = rope.apply_interleaved(q, positions, freqs, cfg.rope_interpolation_factor)
+            k = rope.apply_interleaved(k, positions, freqs, cfg.rope_interpolation_factor)
         keys = jnp.concatenate([cache_k.astype(k.dtype), k], axis=1)  # [B, S+L, N, H]
         vals = jnp.concatenate([cache_v.astype(v.dtype), v], axis=1)
-        logits = jnp.einsum("blnh,bsnh->bnls", q, keys, preferred_element_type=jnp.float32)
-        logits = logits * jnp.float32(hd**-0.5)
-        logits = jnp.where(key_mask[:, None, None, :], logits, -jnp.inf)
-        probs = jax.nn.softmax(logits, axis=-1)
-        o = jnp.einsum("bnls,bsnh->blnh", probs.astype(vals.dtype), vals).reshape(b, ln, d)
+        # scores * hd^-0.5 in float32 as the official code; every query sees >= 1 key (its own
+        # chunk's first frame), so the masked value (finfo.min vs the official -inf) never shows.
+        o = dot_product_attention(
+            q, keys, vals, mask=AttentionMask.make_padding(key_mask), scale=float(hd**-0.5)
+        ).reshape(b, ln, d)
         return _dense(d, ("mlp", "embed"), "proj", dt)(o), k, v
-
-
-class Mlp(nn.Module):
-    """timm Mlp: fc2(GELU_tanh(fc1(x)))."""
-
-    cfg: DiTConfig
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        dt = jnp.dtype(self.cfg.dtype)
-        h = _dense(self.cfg.mlp_hidden, ("embed", "mlp"), "fc1", dt)(x)
-        h = nn.gelu(h, approximate=True)
-        return _dense(self.cfg.hidden_size, ("mlp", "embed"), "fc2", dt)(h)
 
 
 class DiTBlock(nn.Module):
@@ -149,20 +107,26 @@ class DiTBlock(nn.Module):
         dt = jnp.dtype(self.cfg.dtype)
         mod = _dense(6 * d, ("embed", "mlp"), "adaLN_modulation_1", dt)(nn.silu(c))
         sh_msa, sc_msa, g_msa, sh_mlp, sc_mlp, g_mlp = jnp.split(mod, 6, axis=-1)
-        u = _layer_norm(x) * (1 + sc_msa) + sh_msa
+        u = _layer_norm(dt)(x) * (1 + sc_msa) + sh_msa
         a, k, v = Attention(self.cfg, name="attn")(u, positions, cache_k, cache_v, key_mask)
         x = x + g_msa * a
-        u = _layer_norm(x) * (1 + sc_mlp) + sh_mlp
-        x = x + g_mlp * Mlp(self.cfg, name="mlp")(u)
+        u = _layer_norm(dt)(x) * (1 + sc_mlp) + sh_mlp
+        mlp = MLP(self.cfg.mlp_hidden, gated=False, activation="gelu_tanh", act_axes=None, dtype=dt,
+                  name="mlp")  # fmt: skip
+        x = x + g_mlp * mlp(u)
         return x, k, v
 
 
 class FlowDiT(nn.Module):
     """DiTPrefix forward: (x_t, tokens, integer t, positions, K/V cache) -> (velocity, new K/V).
 
+    The cache holds the post-RoPE keys/values of committed frames (`KVCache`, one layer per block,
+    `length` valid slots per row); attention runs over its valid slots and the chunk's valid
+    frames (`frame_mask`).
+
     Returns:
       out: [B, L, M] velocity; k, v: [depth, B, L, N, H] this call's post-RoPE keys/values (the
-      caller decides whether to commit them to the cache).
+      caller decides whether to commit them to the cache, `KVCache.append`).
     """
 
     cfg: DiTConfig
@@ -174,9 +138,8 @@ class FlowDiT(nn.Module):
         condition: jax.Array,  # [B, L] int token ids at the mel frame rate
         t: jax.Array,  # [B] int timesteps floor(1000 t)
         positions: jax.Array,  # [B, L] absolute frame positions
-        cache_k: jax.Array,  # [depth, B, S, N, H]
-        cache_v: jax.Array,  # [depth, B, S, N, H]
-        key_mask: jax.Array,  # [B, S + L] bool
+        cache: KVCache,  # depth layers, [depth, B, S, N, H]
+        frame_mask: jax.Array,  # [B, L] bool: frames of this call that are keys (not padding)
         return_hidden: bool = False,
     ):
         cfg = self.cfg
@@ -197,9 +160,10 @@ class FlowDiT(nn.Module):
         c = temb[:, None, :] + cond  # per-frame conditioning
         hidden = {"input_linear": h, "t_emb": temb}
         ks, vs = [], []
+        key_mask = jnp.concatenate([cache.valid(), frame_mask], axis=1)  # [B, S + L]
         for i in range(cfg.depth):  # unrolled: faster than scan for inference (perf-notes.md)
             h, k, v = DiTBlock(cfg, name=f"blocks_{i}")(
-                h, c, positions, cache_k[i], cache_v[i], key_mask
+                h, c, positions, cache.k[i], cache.v[i], key_mask
             )
             hidden[f"block{i}_out"] = h
             ks.append(k)
@@ -219,5 +183,19 @@ class _FinalLayer(nn.Module):
         dt = jnp.dtype(self.cfg.dtype)
         mod = _dense(2 * d, ("embed", "mlp"), "adaLN_modulation_1", dt)(nn.silu(c))
         shift, scale = jnp.split(mod, 2, axis=-1)  # shift first (spec §2.6)
-        u = _layer_norm(x) * (1 + scale) + shift
+        u = _layer_norm(dt)(x) * (1 + scale) + shift
         return _dense(self.cfg.input_size, ("embed", "mel"), "linear", dt)(u)
+
+
+def example_inputs(cfg: DiTConfig, frames: int = 2, cached: int = 2) -> tuple[Any, ...]:
+    """Positional inputs of `FlowDiT` for `init` / `eval_shape`: one row, `frames` chunk frames,
+    a cache of `cached` valid frames."""
+    cache = KVCache.zeros(cfg.depth, 1, cached, cfg.num_heads, cfg.head_dim, jnp.float32)
+    return (
+        jnp.zeros((1, frames, cfg.input_size)),
+        jnp.zeros((1, frames), jnp.int32),
+        jnp.zeros((1,), jnp.int32),
+        jnp.zeros((1, frames), jnp.int32),
+        cache.replace(length=jnp.full((1,), cached, jnp.int32)),
+        jnp.ones((1, frames), bool),
+    )

@@ -8,8 +8,14 @@ with the leading `model.` dropped and list indices as `layers_<i>`:
     vq_adaptor/layers_{0,3,4}/...             model.vq_adaptor.layers.{0,3,4}.*
     norm/weight, mimo_norm/weight             model.norm.weight, model.mimo_norm.weight
     lm_head/weight, mimo_output/weight        lm_head.weight, mimo_output.weight   [V, D]
-Layers are unrolled (one parameter set each): decode reads every weight once per token, and an
-unrolled stack decoded about 2x faster than `nn.scan` over stacked weights on CPU (perf-notes.md).
+That is the unrolled layout (`cfg.scan_layers=False`, the default): one parameter set per layer,
+which decodes fastest on CPU (decode reads every weight once per token). With
+`cfg.scan_layers=True` each stack is one `nn.scan` over stacked parameters `layers/...` and
+`mimo_layers/...` with a leading layer axis (logical name "layers"): one compiled layer per stack,
+so compile time does not grow with depth (training). `stack_layers` / `unstack_layers` convert a
+parameter tree between the two layouts (checkpoints hold the unrolled one; `to_layout` is what the
+loader applies). `cfg.remat_policy` rematerializes every layer in the backward pass
+(`REMAT_POLICIES`). Measured decode speed and compile time of both: tools/bench_layer_stack.py.
 """
 
 from __future__ import annotations
@@ -25,100 +31,108 @@ import numpy as np
 from kimia_jax import sharding
 from kimia_jax.configs import LlmConfig
 from kimia_jax.layers.attention import Attention, LayerKV
+from kimia_jax.layers.kv_cache import KVCache
 from kimia_jax.layers.linear import Linear, matmul_t
+from kimia_jax.layers.mlp import MLP
 from kimia_jax.layers.norm import LayerNorm, RMSNorm
 
 
-@flax.struct.dataclass
-class KVCache:
-    """Static-shape cache of all main then MIMO layers (the reference `past_key_values` order).
-
-    k[i], v[i]: [B, S, K, H]; slot = absolute position. How many slots are filled is tracked by
-    the caller (positions), so the cache itself stays a plain pytree of fixed shapes.
-    """
-
-    k: tuple[jax.Array, ...]
-    v: tuple[jax.Array, ...]
-
-    @property
-    def max_length(self) -> int:
-        return self.k[0].shape[1]
-
-    @property
-    def batch_size(self) -> int:
-        return self.k[0].shape[0]
-
-
-CACHE_AXES = ("cache_batch", "cache_length", "cache_kv_heads", "cache_head_dim")
-
-
 def init_cache(cfg: LlmConfig, batch: int, max_length: int, dtype: Any = None) -> KVCache:
-    """Zero cache for `batch` rows and `max_length` positions, in the compute dtype by default."""
+    """Zero cache of all main then MIMO layers (the reference `past_key_values` order) for `batch`
+    rows and `max_length` positions (slot = absolute position), in the compute dtype by default.
+    """
     dtype = jnp.dtype(dtype or cfg.dtype)
-    shape = (batch, max_length, cfg.num_key_value_heads, cfg.head_dim)
-    n = cfg.num_layers_total
-    return KVCache(
-        k=tuple(jnp.zeros(shape, dtype) for _ in range(n)),
-        v=tuple(jnp.zeros(shape, dtype) for _ in range(n)),
+    return KVCache.zeros(
+        cfg.num_layers_total, batch, max_length, cfg.num_key_value_heads, cfg.head_dim, dtype
     )
 
 
 def cache_logical_axes(cfg: LlmConfig) -> KVCache:
-    n = cfg.num_layers_total
-    return KVCache(k=(CACHE_AXES,) * n, v=(CACHE_AXES,) * n)
+    del cfg  # the same names for every size
+    return KVCache.logical_axes()
 
 
-class MLP(nn.Module):
-    """down(silu(gate(x)) * up(x)); twin of Qwen2MLP."""
+# Remat policies by name (`LlmConfig.remat_policy`). "none": no rematerialization; "full": save
+# nothing inside a layer (recompute it in the backward pass); the others save the named tensors
+# (`checkpoint_name` tags in layers/attention.py and layers/mlp.py) or every matmul output.
+_SAVE = jax.checkpoint_policies.save_only_these_names
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_qkv_proj": _SAVE("query_proj", "key_proj", "value_proj"),
+    "save_attn_out": _SAVE("query_proj", "key_proj", "value_proj", "out_proj"),
+    "save_mlp_hidden": _SAVE("mlp_hidden"),
+}
 
-    intermediate_size: int
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, D]
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        g = Linear(self.intermediate_size, ("mlp", "embed"), name="gate_proj", **kw)(x)
-        u = Linear(self.intermediate_size, ("mlp", "embed"), name="up_proj", **kw)(x)
-        h = sharding.constrain(nn.silu(g) * u, ("batch", "length", "act_mlp"))
-        return Linear(x.shape[-1], ("embed", "mlp"), name="down_proj", **kw)(h)
+def _remat_policy(name: str) -> Any:
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {name!r}")
+    return REMAT_POLICIES[name]
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm Qwen2 block: h = x + attn(norm1(x)); out = h + mlp(norm2(h))."""
+    """Pre-norm Qwen2 block: h = x + attn(norm1(x)); out = h + mlp(norm2(h)).
+
+    `layer` is this layer's index in the cache (a traced scalar inside a scan).
+    """
 
     cfg: LlmConfig
 
-    @nn.compact
-    def __call__(
+    def setup(self) -> None:
+        c = self.cfg
+        kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
+        self.self_attn = Attention(
+            c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rope_theta, **kw
+        )
+        self.mlp = MLP(c.intermediate_size, gated=True, activation="silu", **kw)
+        self.input_layernorm = RMSNorm(c.rms_norm_eps, **kw)
+        self.post_attention_layernorm = RMSNorm(c.rms_norm_eps, **kw)
+
+    def block(
         self,
         x: jax.Array,
         positions: jax.Array,
-        cache: LayerKV | None,
+        cache: KVCache | None,
+        layer: int | jax.Array,
         attend_cache: bool,
         segment_ids: jax.Array | None = None,
-    ) -> tuple[jax.Array, LayerKV]:
-        c = self.cfg
-        kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
-        h, kv = Attention(
-            c.num_attention_heads,
-            c.num_key_value_heads,
-            c.head_dim,
-            c.rope_theta,
-            name="self_attn",
-            **kw,
-        )(
-            RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x),
-            positions,
-            cache,
-            attend_cache,
-            segment_ids,
+    ) -> tuple[jax.Array, KVCache | LayerKV]:
+        h, kv = self.self_attn(
+            self.input_layernorm(x), positions, cache, layer, attend_cache, segment_ids
         )
         h = sharding.constrain(x + h, ("batch", "length", "act_embed"))
-        out = h + MLP(c.intermediate_size, name="mlp", **kw)(
-            RMSNorm(c.rms_norm_eps, name="post_attention_layernorm", **kw)(h)
-        )
+        out = h + self.mlp(self.post_attention_layernorm(h))
         return sharding.constrain(out, ("batch", "length", "act_embed")), kv
+
+    def __call__(self, x, positions, cache, layer, attend_cache, segment_ids=None):
+        return self.block(x, positions, cache, layer, attend_cache, segment_ids)
+
+
+class ScanStep(DecoderLayer):
+    """One step of `nn.scan` over a layer stack (the same parameters as `DecoderLayer`).
+
+    carry: (x, seed, cache): the residual stream, the output of stack layer `seed_at` (it seeds
+    the MIMO branch) and the cache (or None). xs: the layer number j within the stack.
+    ys: (this layer's fresh (k, v) when there is no cache, else None; its output if `collect`).
+    """
+
+    cache_offset: int = 0  # cache index of the stack's first layer
+    seed_at: int = -1
+    attend_cache: bool = False
+    collect: bool = False
+
+    def __call__(self, carry, j, positions, segment_ids=None):  # type: ignore[override]
+        x, seed, cache = carry
+        x, kv = self.block(
+            x, positions, cache, self.cache_offset + j, self.attend_cache, segment_ids
+        )
+        seed = jnp.where(j == self.seed_at, x, seed)
+        if cache is not None:
+            cache, kv = kv, None
+        return (x, seed, cache), (kv, x if self.collect else None)
 
 
 class VQAdaptor(nn.Module):
@@ -162,8 +176,8 @@ class VocabParam(nn.Module):
 
 @flax.struct.dataclass
 class LlmOutput:
-    text_logits: jax.Array | None  # [B, T', V] fp32 (T' = T or 1); None with hidden_only
-    audio_logits: jax.Array | None  # [B, T', V] fp32
+    text_logits: jax.Array  # [B, T', V] fp32 (T' = T, or 1 with `logits_at`)
+    audio_logits: jax.Array  # [B, T', V] fp32
     cache: KVCache | tuple[LayerKV, ...]
     aux: dict[str, jax.Array]
 
@@ -175,11 +189,8 @@ class KimiaLLM(nn.Module):
 
     def setup(self) -> None:
         c = self.cfg
+        _remat_policy(c.remat_policy)  # fail early on a bad name
         self.embed_tokens = VocabParam(c.vocab_size, c.hidden_size, jnp.dtype(c.param_dtype))
-        self.layers = [DecoderLayer(c, name=f"layers_{i}") for i in range(c.num_hidden_layers)]
-        self.mimo_layers = [
-            DecoderLayer(c, name=f"mimo_layers_{j}") for j in range(c.kimia_mimo_layers)
-        ]
         kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
         self.norm = RMSNorm(c.rms_norm_eps, **kw)
         self.mimo_norm = RMSNorm(c.rms_norm_eps, **kw)
@@ -214,6 +225,61 @@ class KimiaLLM(nn.Module):
         x = jnp.where(use_text, a + self.embed_tokens.lookup(text_ids, dtype), a)
         return sharding.constrain(x, ("batch", "length", "act_embed")), aux
 
+    def _unrolled(
+        self, name: str, n: int, offset: int, x, positions, cache, attend_cache, seed_at=-1,
+        segment_ids=None,
+    ):  # fmt: skip
+        """Layers `{name}_{j}`, j < n -> (x, output of layer seed_at, kv, per-layer outputs).
+
+        kv: the updated cache, or without one this stack's fresh (k, v) stacked [n, B, T, K, H].
+        """
+        policy = _remat_policy(self.cfg.remat_policy)
+        cls = DecoderLayer
+        if policy is not None:  # self=0, x, positions, cache, layer=4, attend_cache=5
+            cls = nn.remat(DecoderLayer, policy=policy, static_argnums=(4, 5))
+        kvs, outs, seed = [], [], None
+        for j in range(n):
+            x, kv = cls(self.cfg, name=f"{name}_{j}")(
+                x, positions, cache, offset + j, attend_cache, segment_ids
+            )
+            if cache is not None:
+                cache = kv
+            else:
+                kvs.append(kv)
+            outs.append(x)
+            if j == seed_at:
+                seed = x
+        if cache is None:
+            cache = tuple(jnp.stack([kv[i] for kv in kvs]) for i in (0, 1))
+        return x, seed, cache, outs
+
+    def _scanned(
+        self, name: str, n: int, offset: int, x, positions, cache, attend_cache, collect,
+        seed_at=-1, segment_ids=None,
+    ):  # fmt: skip
+        """`nn.scan` over the stacked layers `name`; same returns as `_unrolled`."""
+        policy = _remat_policy(self.cfg.remat_policy)
+        step = ScanStep
+        if policy is not None:
+            step = nn.remat(ScanStep, policy=policy, prevent_cse=False)
+        stack = nn.scan(
+            step,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast),
+            length=n,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        module = stack(
+            self.cfg, cache_offset=offset, seed_at=seed_at, attend_cache=attend_cache,
+            collect=collect, name=name,
+        )  # fmt: skip
+        (x, seed, cache_out), (fresh, outs) = module(
+            (x, x, cache), jnp.arange(n, dtype=jnp.int32), positions, segment_ids
+        )
+        return x, seed, cache_out if cache is not None else fresh, list(outs) if collect else []
+
+    @nn.compact
     def __call__(
         self,
         audio_ids: jax.Array,
@@ -227,7 +293,6 @@ class KimiaLLM(nn.Module):
         logits_at: jax.Array | None = None,
         collect: bool = False,
         segment_ids: jax.Array | None = None,
-        hidden_only: bool = False,
     ) -> LlmOutput:
         """One forward call over T positions of both streams.
 
@@ -241,50 +306,49 @@ class KimiaLLM(nn.Module):
           logits_at: [B] int32 position index (within this call) whose logits to return; None
             returns logits for all T positions.
           collect: also return every layer output and norm output in `aux` (parity tests).
-          segment_ids: [B, T] int32 packed-example ids (training rows): attention stays within
-            equal ids (positions restart per example). None: one sequence per row.
-          hidden_only: skip both head matmuls (logits None) and return the final normed hidden
-            states as aux["norm_out"], aux["mimo_norm_out"] (training computes a chunked CE).
+          segment_ids: [B, T] packed-example ids (training rows, no cache): attention stays
+            within equal ids; positions restart per example.
         Returns:
-          LlmOutput with fp32 text and audio logits and the updated cache (or fresh per-layer kv).
+          LlmOutput with fp32 text and audio logits and the updated cache (without `cache`: a
+          cache holding this call's k/v of every layer, length T).
         """
         c = self.cfg
         x, aux = self.embed(audio_ids, text_ids, features, continuous_mask)
         if collect:
             aux["inputs_embeds"] = x
-        kvs: list[LayerKV] = []
-        main_outs, mimo_outs = [], []
-        m = None
-        for i, layer in enumerate(self.layers):
-            x, kv = layer(
-                x,
-                positions,
-                None if cache is None else (cache.k[i], cache.v[i]),
-                attend_cache,
-                segment_ids,
-            )
-            kvs.append(kv)
-            main_outs.append(x)
-            if i == c.kimia_mimo_transformer_from_layer_index:
-                m = x  # the un-normalised residual stream seeds the MIMO branch (§3.4)
-        for j, layer in enumerate(self.mimo_layers):
-            idx = c.num_hidden_layers + j
-            m, kv = layer(
-                m,
-                positions,
-                None if cache is None else (cache.k[idx], cache.v[idx]),
-                attend_cache,
-                segment_ids,
-            )
-            kvs.append(kv)
-            mimo_outs.append(m)
+        n, nm, seed_at = (
+            c.num_hidden_layers,
+            c.kimia_mimo_layers,
+            c.kimia_mimo_transformer_from_layer_index,
+        )
+        if c.scan_layers:
+            x, m, kv_main, main_outs = self._scanned(
+                "layers", n, 0, x, positions, cache, attend_cache, collect, seed_at,
+                segment_ids=segment_ids,
+            )  # fmt: skip
+            m, _, kv_all, mimo_outs = self._scanned(
+                "mimo_layers", nm, n, m, positions, kv_main if cache is not None else None,
+                attend_cache, collect, segment_ids=segment_ids,
+            )  # fmt: skip
+        else:
+            x, m, kv_main, main_outs = self._unrolled(
+                "layers", n, 0, x, positions, cache, attend_cache, seed_at,
+                segment_ids=segment_ids,
+            )  # fmt: skip
+            # the un-normalised residual stream of layer seed_at seeds the MIMO branch (§3.4)
+            m, _, kv_all, mimo_outs = self._unrolled(
+                "mimo_layers", nm, n, m, positions, kv_main if cache is not None else None,
+                attend_cache, segment_ids=segment_ids,
+            )  # fmt: skip
+        if cache is not None:
+            new_cache = kv_all
+        else:  # this call's k/v of every layer, main then MIMO
+            k, v = (jnp.concatenate([kv_main[i], kv_all[i]]) for i in (0, 1))
+            new_cache = KVCache(k=k, v=v, length=jnp.full(k.shape[1:2], k.shape[2], jnp.int32))
         if logits_at is not None:
             take = jax.vmap(lambda h, i: jax.lax.dynamic_slice_in_dim(h, i, 1, axis=0))
             x, m = take(x, logits_at), take(m, logits_at)
         h_text, h_audio = self.norm(x), self.mimo_norm(m)
-        if hidden_only:
-            aux.update(norm_out=h_text, mimo_norm_out=h_audio)
-            return LlmOutput(text_logits=None, audio_logits=None, cache=(), aux=aux)
         text_logits = sharding.constrain(
             self.lm_head.logits(h_text), ("batch", "length", "act_vocab")
         )
@@ -298,14 +362,56 @@ class KimiaLLM(nn.Module):
                 norm_out=h_text,
                 mimo_norm_out=h_audio,
             )
-        new_cache = (
-            KVCache(k=tuple(k for k, _ in kvs), v=tuple(v for _, v in kvs))
-            if cache is not None
-            else tuple(kvs)
-        )
         return LlmOutput(
             text_logits=text_logits, audio_logits=audio_logits, cache=new_cache, aux=aux
         )
+
+
+# --- parameter layouts: unrolled (`layers_<i>`) <-> stacked (`layers` with a leading axis) ---
+
+_STACKS = (("layers", "num_hidden_layers"), ("mimo_layers", "kimia_mimo_layers"))
+
+
+def stack_layers(params: Any, cfg: LlmConfig) -> dict[str, Any]:
+    """Unrolled tree (`layers_<i>/...`) -> stacked (`layers/...` [L, ...]); other entries kept."""
+    out = dict(params)
+    for name, attr in _STACKS:
+        n = getattr(cfg, attr)
+        keys = [f"{name}_{i}" for i in range(n)]
+        missing = [k for k in keys if k not in out]
+        if missing:
+            raise KeyError(f"stack_layers: unrolled params lack {missing}")
+        out[name] = jax.tree.map(lambda *xs: jnp.stack(xs), *(out.pop(k) for k in keys))
+    return out
+
+
+def unstack_layers(params: Any, cfg: LlmConfig) -> dict[str, Any]:
+    """Stacked tree (`layers/...` [L, ...]) -> unrolled (`layers_<i>/...`); inverse of stack."""
+    out = dict(params)
+    for name, attr in _STACKS:
+        n = getattr(cfg, attr)
+        if name not in out:
+            raise KeyError(f"unstack_layers: params lack the stacked {name!r}")
+        stacked = out.pop(name)
+        for i in range(n):
+            out[f"{name}_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    return out
+
+
+def to_layout(params: Any, cfg: LlmConfig, mesh: Any = None) -> dict[str, Any]:
+    """`params` in either layout -> the layout of `cfg.scan_layers`.
+
+    With a mesh, converted leaves are placed by the target layout's logical axes (the stacked
+    layer axis is replicated).
+    """
+    stacked = "layers" in params
+    if stacked == cfg.scan_layers:
+        return params
+    out = stack_layers(params, cfg) if cfg.scan_layers else unstack_layers(params, cfg)
+    if mesh is not None:
+        shardings = sharding.shardings_for(abstract_params(cfg), mesh)
+        out = jax.device_put(out, shardings)
+    return out
 
 
 def example_inputs(cfg: LlmConfig, batch: int = 1, length: int = 2) -> dict[str, jax.Array]:

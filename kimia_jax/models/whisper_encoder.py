@@ -4,9 +4,12 @@
 Both share the pre-LN encoder layer (LayerNorm eps 1e-5, k_proj without bias, q scaled by
 head_dim^-0.5 before the dot, exact erf GELU). They differ in the conv front end (symmetric
 padding 1 vs causal left padding 2), the attention mask (none vs block-causal + key padding), the
-final LayerNorm (whisper only) and the pooling + VQ stage (GLM only).
+final LayerNorm (whisper only) and the pooling + VQ stage (GLM only). Attention, LayerNorm and the
+projections are the shared layers (`layers.attention.dot_product_attention` with an
+`AttentionMask`, `layers.norm.LayerNorm`, `layers.linear.Linear`).
 
-Parameter paths mirror the Hugging Face names: `conv1/kernel`, `layers_3/self_attn/q_proj/kernel`,
+Parameter paths mirror the Hugging Face names and layouts: `front/conv1/kernel` ([3, in, out]),
+`layers_3/self_attn/q_proj/weight` ([out, in], as HF), `layers_3/final_layer_norm/weight`,
 `embed_positions`, `codebook`, ...
 """
 
@@ -19,30 +22,20 @@ import jax
 import jax.numpy as jnp
 
 from kimia_jax.configs import WhisperConfig  # re-exported: the config lives in kimia_jax.configs
+from kimia_jax.layers.attention import AttentionMask, dot_product_attention
+from kimia_jax.layers.linear import Linear
+from kimia_jax.layers.norm import LayerNorm
 
 _HI = jax.lax.Precision.HIGHEST
 
 
-def _dense(n: int, axes: tuple[str, str], name: str, use_bias: bool, dtype: Any) -> nn.Dense:
-    return nn.Dense(
-        n,
-        use_bias=use_bias,
-        dtype=dtype,
-        precision=_HI,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)),
-        name=name,
-    )
+def _linear(n: int, axes: tuple[str, str], name: str, use_bias: bool, dtype: Any) -> Linear:
+    """Linear with the HF [out, in] weight; axes are the logical names of (out, in)."""
+    return Linear(n, axes, use_bias=use_bias, dtype=dtype, name=name)
 
 
-def _layer_norm(name: str, dtype: Any) -> nn.LayerNorm:
-    return nn.LayerNorm(
-        epsilon=1e-5,  # torch default; flax's is 1e-6
-        dtype=dtype,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
-        name=name,
-    )
+def _layer_norm(name: str, dtype: Any) -> LayerNorm:
+    return LayerNorm(eps=1e-5, dtype=dtype, name=name)  # torch default eps
 
 
 class SelfAttention(nn.Module):
@@ -51,70 +44,19 @@ class SelfAttention(nn.Module):
     cfg: WhisperConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, allowed: jax.Array | None) -> jax.Array:
-        """x [B, T, D]; allowed bool [B, T, T] (query, key) or None (full attention)."""
+    def __call__(self, x: jax.Array, mask: AttentionMask | None) -> jax.Array:
+        """x [B, T, D]; mask: which keys each query sees (None: full attention)."""
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         b, t, d = x.shape
         h, k = cfg.encoder_attention_heads, cfg.head_dim
-        q = _dense(d, ("embed", "heads"), "q_proj", True, dt)(x) * (k**-0.5)
-        kk = _dense(d, ("embed", "heads"), "k_proj", False, dt)(x)
-        v = _dense(d, ("embed", "heads"), "v_proj", True, dt)(x)
+        q = _linear(d, ("heads", "embed"), "q_proj", True, dt)(x) * (k**-0.5)
+        kk = _linear(d, ("heads", "embed"), "k_proj", False, dt)(x)
+        v = _linear(d, ("heads", "embed"), "v_proj", True, dt)(x)
         q, kk, v = (a.reshape(b, t, h, k) for a in (q, kk, v))  # [B, T, N, H]
-        o = attention(q, kk, v, allowed, self.cfg.attention_chunk).reshape(b, t, d)
-        return _dense(d, ("heads", "embed"), "out_proj", True, dt)(o)
-
-
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array | None) -> jax.Array:
-    """Softmax attention. q [B, C, N, H], k/v [B, T, N, H], allowed [B, C, T] -> [B, C, N, H]."""
-    s = jnp.einsum("bqnh,bknh->bnqk", q, k, precision=_HI).astype(jnp.float32)
-    if allowed is not None:
-        # the reference adds finfo(f32).min to masked scores; a where gives the same softmax
-        s = jnp.where(allowed[:, None], s, jnp.finfo(jnp.float32).min)
-    p = jax.nn.softmax(s, axis=-1).astype(q.dtype)
-    return jnp.einsum("bnqk,bknh->bqnh", p, v, precision=_HI)
-
-
-def attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array | None, chunk: int | None
-) -> jax.Array:
-    """Exact softmax attention. q/k/v [B, T, N, H], allowed bool [B, T, T] or None -> [B, T, N, H].
-
-    With `chunk` on the CPU backend the work is looped over (batch, head, query chunk) so each
-    [chunk, T] score block stays in cache: XLA:CPU's head-batched dots over the full 1500 x 1500
-    scores were 7x slower than this loop (2x slower than torch's fused SDPA) on 2 cores. On
-    accelerators (or chunk=None) it is one batched einsum. Same math row by row either way.
-    """
-    b, t, n, h = q.shape
-    if not chunk or t <= chunk or jax.default_backend() != "cpu":
-        return _attend(q, k, v, allowed)
-    nc = -(-t // chunk)
-    pad = nc * chunk - t
-    qc = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, nc, chunk, n, h)
-    qc = qc.transpose(0, 3, 1, 2, 4)  # [B, N, nc, C, H]
-    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, N, T, H]
-    if allowed is None:
-        allowed = jnp.ones((b, 1, 1), bool)  # broadcast: every key visible
-        ac = jnp.broadcast_to(allowed[:, None], (b, nc, 1, 1))
-    else:
-        ac = jnp.pad(allowed, ((0, 0), (0, pad), (0, 0)), constant_values=True)
-        ac = ac.reshape(b, nc, chunk, t)  # [B, nc, C, T]
-
-    qf = qc.reshape(b * n * nc, -1, h)  # item i = (batch, head, chunk) in row-major order
-    kf, vf = kt.reshape(b * n, t, h), vt.reshape(b * n, t, h)
-    af = ac.reshape(b * nc, *ac.shape[2:])
-
-    def item(xs: tuple[jax.Array, jax.Array]) -> jax.Array:
-        qq, i = xs  # [C, H], scalar index
-        bn, c = i // nc, i % nc
-        kk, vv, aa = kf[bn], vf[bn], af[(bn // n) * nc + c]
-        s = jnp.dot(qq, kk.T, precision=_HI).astype(jnp.float32)  # [C, T]
-        s = jnp.where(aa, s, jnp.finfo(jnp.float32).min)
-        return jnp.dot(jax.nn.softmax(s, axis=-1).astype(vv.dtype), vv, precision=_HI)
-
-    # One flat loop (not nested maps): same speed, much faster to compile.
-    out = jax.lax.map(item, (qf, jnp.arange(b * n * nc)))  # [B*N*nc, C, H]
-    out = out.reshape(b, n, nc, chunk, h)
-    return out.transpose(0, 2, 3, 1, 4).reshape(b, nc * chunk, n, h)[:, :t]
+        o = dot_product_attention(
+            q, kk, v, mask=mask, scale=1.0, q_chunk=cfg.attention_chunk, precision=_HI
+        )
+        return _linear(d, ("embed", "heads"), "out_proj", True, dt)(o.reshape(b, t, d))
 
 
 class EncoderLayer(nn.Module):
@@ -123,16 +65,16 @@ class EncoderLayer(nn.Module):
     cfg: WhisperConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, allowed: jax.Array | None) -> jax.Array:  # [B, T, D]
+    def __call__(self, x: jax.Array, mask: AttentionMask | None) -> jax.Array:  # [B, T, D]
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         x = x + SelfAttention(cfg, name="self_attn")(
-            _layer_norm("self_attn_layer_norm", dt)(x), allowed
+            _layer_norm("self_attn_layer_norm", dt)(x), mask
         )
         h = _layer_norm("final_layer_norm", dt)(x)
         h = jax.nn.gelu(
-            _dense(cfg.encoder_ffn_dim, ("embed", "mlp"), "fc1", True, dt)(h), approximate=False
+            _linear(cfg.encoder_ffn_dim, ("mlp", "embed"), "fc1", True, dt)(h), approximate=False
         )
-        return x + _dense(cfg.d_model, ("mlp", "embed"), "fc2", True, dt)(h)
+        return x + _linear(cfg.d_model, ("embed", "mlp"), "fc2", True, dt)(h)
 
 
 class ConvFrontEnd(nn.Module):
@@ -196,13 +138,13 @@ class WhisperEncoder(nn.Module):
         return _layer_norm("layer_norm", jnp.dtype(cfg.dtype))(x).astype(jnp.float32)
 
 
-def block_causal_allowed(valid: jax.Array, block: int) -> jax.Array:
-    """GLM-4 mask (spec 4.4): (j <= i or same block) and key j valid. valid [B, T] -> [B, T, T]."""
-    t = valid.shape[1]
-    i = jnp.arange(t)[:, None]
-    j = jnp.arange(t)[None, :]
-    pattern = (j <= i) | (i // block == j // block)
-    return pattern[None] & valid[:, None, :].astype(bool)
+def vq_attention_mask(valid: jax.Array, block: int | None) -> AttentionMask:
+    """GLM-4 mask (spec 4.4): key j visible to query i iff j valid and (j <= i or same block).
+
+    valid [B, T] bool (frames inside the clip); block None: key padding only.
+    """
+    pad = AttentionMask.make_padding(valid)
+    return pad if block is None else AttentionMask.make_block_causal(block) & pad
 
 
 class WhisperVQEncoder(nn.Module):
@@ -229,23 +171,17 @@ class WhisperVQEncoder(nn.Module):
         x = x + pos[:t50].astype(x.dtype)
         valid = frame_mask[:, ::2].astype(bool)  # conv1 stride 1 x conv2 stride 2
         block = cfg.quantize_causal_block_size
-
-        def mask_for(v: jax.Array, blk: int | None) -> jax.Array:
-            if blk is None:
-                return jnp.broadcast_to(v[:, None, :], (v.shape[0], v.shape[1], v.shape[1]))
-            return block_causal_allowed(v, blk)
-
-        allowed = mask_for(valid, block)
+        mask = vq_attention_mask(valid, block)
         out: dict[str, jax.Array] = {}
         for i in range(cfg.quantize_position):
-            x = EncoderLayer(cfg, name=f"layers_{i}")(x, allowed)
+            x = EncoderLayer(cfg, name=f"layers_{i}")(x, mask)
             if i + 1 == cfg.pooling_position:
                 if x.shape[1] % pk:  # reference right-pads with zeros and still divides by pk
                     x = jnp.pad(x, ((0, 0), (0, pk - x.shape[1] % pk), (0, 0)))
                 grouped = x.reshape(x.shape[0], x.shape[1] // pk, pk, x.shape[2])
                 x = grouped.mean(axis=2) if cfg.pooling_type == "avg" else grouped.max(axis=2)
                 valid = valid[:, ::pk]
-                allowed = mask_for(valid, None if block is None else block // pk)
+                mask = vq_attention_mask(valid, None if block is None else block // pk)
         prequant = x.astype(jnp.float32)  # [B, T/8, D]
         codebook = self.param(
             "codebook",
@@ -298,6 +234,6 @@ __all__ = [
     "WhisperEncoder",
     "WhisperVQEncoder",
     "abstract_params",
-    "block_causal_allowed",
+    "vq_attention_mask",
     "init_params",
 ]

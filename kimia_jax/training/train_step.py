@@ -154,8 +154,7 @@ def forward_loss(
         batch["positions"],
         feats,
         batch["is_continuous"],
-        collect=collect,
-        hidden_only=True,
+        collect=True,  # the final normed hidden states (aux norm_out / mimo_norm_out)
         **kw,
     )
     chunk = loss_cfg.ce_chunk

@@ -168,7 +168,7 @@ def test_sharded_params_and_bf16_whisper(audio_dir, wavs):
 
     mesh = make_mesh(data=1, fsdp=2, tensor=4)
     tok = GlmTokenizer.from_pretrained(audio_dir / "glm-4-voice-tokenizer", mesh=mesh)
-    kernel = tok.params["layers_0"]["fc1"]["kernel"]
+    kernel = tok.params["layers_0"]["fc1"]["weight"]
     assert len(kernel.sharding.device_set) == 8
     want = np.load(audio_dir / "glm4_case_a.npz")["token_ids"][0]
     np.testing.assert_array_equal(tok.tokenize([wavs["a"]])[0], want)

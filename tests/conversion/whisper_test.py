@@ -107,7 +107,7 @@ def test_conversion_errors_name_the_tensor(tmp_path, fixtures_dir):
     with pytest.raises(
         CheckpointError,
         match=r"1 model parameter\(s\) have no tensor in the checkpoint: "
-        r"layers_1/fc2/kernel",
+        r"layers_1/fc2/weight",
     ):
         conv.load(missing)
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from kimia_jax.detokenizer import euler_schedule, plan_chunks, torch_linspace_f32
+from kimia_jax.layers.kv_cache import KVCache
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +29,10 @@ def _call(detok, dit_apply, x, cond, t, pos, cache):
     condp[0, :n] = cond
     posp = np.arange(_LP, dtype=np.int32)[None] + int(pos[0])
     np.testing.assert_array_equal(posp[0, :n], pos)
-    mask = np.concatenate([np.arange(_SP) < s, np.arange(_LP) < n])[None]
+    kv = KVCache(k=ckp, v=cvp, length=jnp.asarray([s], jnp.int32))
+    frames = (np.arange(_LP) < n)[None]
     out, k, v, hid = dit_apply(
-        detok.params["dit"], xp, condp, jnp.asarray([t], jnp.int32), posp, ckp, cvp, mask
+        detok.params["dit"], xp, condp, jnp.asarray([t], jnp.int32), posp, kv, frames
     )
     hid = {kk: np.asarray(vv[0, :n] if vv.ndim == 3 else vv[0]) for kk, vv in hid.items()}
     return np.asarray(out[0, :n]), (k[:, :, :n], v[:, :, :n]), hid
@@ -153,55 +155,3 @@ def test_ode_and_mel_after_streamed_chunks(runs, cases):
         assert err <= 1e-4 and rel <= 1e-4, (
             f"case {name} mel_full: max abs {err:.2e}, rel L2 {rel:.2e}"
         )
-
-
-def test_cache_commit_keeps_the_last_max_kv_frames():
-    """Sliding 900-frame window (spec §4.2), not reached by the fixtures: marked frames."""
-    from kimia_jax.detokenizer.detokenizer import _commit
-
-    max_kv, lp = 8, 5
-    cache = np.zeros((1, 1, max_kv, 1, 1), np.float32)
-    cache[0, 0, :6, 0, 0] = np.arange(6)  # 6 valid frames 0..5, then garbage-free padding
-    new = np.zeros((1, 1, lp, 1, 1), np.float32)
-    new[0, 0, :, 0, 0] = 100 + np.arange(lp)  # 4 valid (100..103), one padded frame (104)
-    k, v, n = _commit(
-        jnp.asarray(cache),
-        jnp.asarray(cache),
-        jnp.int32(6),
-        jnp.asarray(new),
-        jnp.asarray(new),
-        jnp.int32(4),
-        max_kv,
-    )
-    assert int(n) == 8
-    np.testing.assert_array_equal(np.asarray(k)[0, 0, :, 0, 0], [2, 3, 4, 5, 100, 101, 102, 103])
-    k, v, n = _commit(
-        jnp.asarray(cache),
-        jnp.asarray(cache),
-        jnp.int32(2),
-        jnp.asarray(new),
-        jnp.asarray(new),
-        jnp.int32(3),
-        max_kv,
-    )
-    assert int(n) == 5
-    np.testing.assert_array_equal(np.asarray(k)[0, 0, :5, 0, 0], [0, 1, 100, 101, 102])
-
-
-def test_cache_commit_grows_the_buffer():
-    """Commit into a bigger capacity (cap_out): from an empty cache, and growing with a trim."""
-    from kimia_jax.detokenizer.detokenizer import _commit
-
-    new = np.zeros((1, 1, 5, 1, 1), np.float32)
-    new[0, 0, :, 0, 0] = 100 + np.arange(5)
-    empty = jnp.zeros((1, 1, 0, 1, 1))
-    k, v, n = _commit(empty, empty, jnp.int32(0), new, new, jnp.int32(4), 8, 8)
-    assert k.shape == v.shape == (1, 1, 8, 1, 1) and int(n) == 4
-    np.testing.assert_array_equal(np.asarray(v)[0, 0, :4, 0, 0], [100, 101, 102, 103])
-    cache = jnp.asarray(np.arange(4, dtype=np.float32).reshape(1, 1, 4, 1, 1))
-    k, v, n = _commit(cache, cache, jnp.int32(4), new, new, jnp.int32(5), 8, 8)
-    assert k.shape == (1, 1, 8, 1, 1) and int(n) == 8  # 9 frames, the oldest one dropped
-    np.testing.assert_array_equal(np.asarray(k)[0, 0, :, 0, 0], [1, 2, 3, 100, 101, 102, 103, 104])
-    k, v, n = _commit(cache, cache, jnp.int32(3), new, new, jnp.int32(2), 8, 6)
-    assert k.shape == (1, 1, 6, 1, 1) and int(n) == 5
-    np.testing.assert_array_equal(np.asarray(k)[0, 0, :5, 0, 0], [0, 1, 2, 100, 101])

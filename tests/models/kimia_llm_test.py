@@ -70,9 +70,10 @@ def test_every_layer_output_matches_reference(prefill):
 def test_kv_cache_matches_reference(prefill):
     _, _, out = prefill
     d = fixture()
-    # ours: tuple over layers (main then MIMO) of [B, T, K, H]; reference [L, B, K, T, H].
+    # ours: KVCache k/v [L, B, T, K, H] (main then MIMO layers); reference [L, B, K, T, H].
+    np.testing.assert_array_equal(out.cache.length, [out.cache.k.shape[2]])
     for idx, ref in ((0, "prefill_kv_k"), (1, "prefill_kv_v")):
-        got = np.stack([np.asarray(kv[idx]) for kv in out.cache]).transpose(0, 1, 3, 2, 4)
+        got = np.asarray((out.cache.k, out.cache.v)[idx]).transpose(0, 1, 3, 2, 4)
         err = rel_err(got, d[ref])
         assert err <= 1e-5, f"{ref} max rel err {err:.2e}"  # measured 3.5e-7
 
