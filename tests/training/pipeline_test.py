@@ -193,3 +193,30 @@ def test_official_sft_jsonl_source():
     want = sum(len(h.builder().official(r, h.TRAIN_FIX)) for r in h.records())
     assert sum(int((r["segment_ids"] > 0).sum()) for r in rows) == want
     assert sum(int(r["num_examples"]) for r in rows) == len(h.records())
+
+
+def test_multiprocess_prefetch_same_batches_and_state(files):
+    """`prefetch_workers=1` (a Grain worker process): the same batches as in-process, and its
+    iterator state restores exactly."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()  # grain reads its absl flags (experiments.train parses them)
+
+    def make(workers):
+        return iter(
+            data.batches(
+                _tasks(files), SPEC, 2, process_index=0, process_count=1, buffer_size=8,
+                prefetch_workers=workers,
+            )
+        )  # fmt: skip
+
+    ref = _take(make(0), 5)
+    it = make(1)
+    got = _take(it, 3)
+    state = it.get_state()
+    got += _take(it, 2)
+    _same(got, ref)
+    it2 = make(1)
+    it2.set_state(state)
+    _same(_take(it2, 2), ref[3:])
