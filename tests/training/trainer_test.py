@@ -238,3 +238,21 @@ def test_two_processes_equal_one(tmp_path):
     print("1x8", la, "2x4", lb, "max diff", np.abs(la - lb).max())
     np.testing.assert_allclose(lb, la, rtol=0, atol=1e-5)
     assert (two / "checkpoints" / "5").is_dir()  # saved from both processes
+
+
+def test_metric_writer_and_progress(tmp_path, capsys):
+    """Scalars reach TensorBoard event files and metrics.jsonl (a resumed step's last line wins);
+    the progress line carries loss, rate and ETA."""
+    from kimia_jax.training.metrics import MetricWriter, Progress
+
+    w = MetricWriter(tmp_path)
+    w.write(1, {"loss": 3.0, "lr": 1e-3})
+    w.write(2, {"loss": 2.0, "lr": 1e-3})
+    w.write(2, {"loss": 1.5, "lr": 1e-3})  # the step again after a restart
+    w.close()
+    assert read_metrics(tmp_path) == {1: {"loss": 3.0, "lr": 1e-3}, 2: {"loss": 1.5, "lr": 1e-3}}
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    p = Progress(total=10, start=0, every=5)
+    p.update(5, 1.25, " | 100 tok/s")
+    out = capsys.readouterr().out
+    assert "step 5/10 | loss 1.2500" in out and "100 tok/s" in out and "ETA" in out
