@@ -2,9 +2,10 @@
 
     python -m experiments.train --config=experiments/configs/tiny_demo.py --workdir=/tmp/tiny_demo
 
-Cost: about a minute of compilation plus ~0.3 s per step on 2 CPU cores (tiny model: whisper
-d_model 24, LLM hidden 64; rows of 512 positions, 2 windows); no accelerator needed. Also the
-config of the resumption tests (kill -9 / SIGTERM + restart) and of `make finetune-demo`.
+Cost (measured on a shared 2-core AMD EPYC, other jobs running): ~1 min of start-up and
+compilation, then 2.3-5 s per step (2 rows of 512 positions, one 30 s Whisper window each); no
+accelerator needed. `make finetune-demo` (this config, constant lr) reached WER 0 on both clips
+after 80 steps, 511 s in all. Also the config of the resumption tests (kill -9 / SIGTERM).
 """
 
 from experiments.configs import common
