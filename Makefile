@@ -4,7 +4,7 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast demo lint format bench clean
+.PHONY: test test-fast demo finetune-demo lint format bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) on PATH (set PY=...)"; exit 1; }
@@ -48,3 +48,8 @@ bench: $(STAMP)
 
 clean:
 	rm -rf demo_out .pytest_cache
+
+# Fine-tunes the tiny model on two real LibriSpeech clips until greedy ASR returns their
+# transcripts (WER before / after, steps, seconds, exported checkpoint). Minutes on 2 cores.
+finetune-demo: $(STAMP)
+	$(PYTHON) -m experiments.finetune_demo --workdir finetune_demo_out
