@@ -116,6 +116,7 @@ def _start(workdir: Path, shared_model: Path) -> subprocess.Popen:
     )
 
 
+@pytest.mark.nightly
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_restart_after_kill_equals_uninterrupted(reference, tmp_path, sig):
@@ -137,6 +138,7 @@ def test_restart_after_kill_equals_uninterrupted(reference, tmp_path, sig):
     _assert_same_run(reference, w)
 
 
+@pytest.mark.nightly
 @pytest.mark.slow
 def test_corrupt_latest_checkpoint_is_reported_and_skipped(reference, tmp_path):
     w = tmp_path / "run"
@@ -164,6 +166,7 @@ def test_corrupt_latest_checkpoint_is_reported_and_skipped(reference, tmp_path):
     ]
 
 
+@pytest.mark.nightly
 @pytest.mark.slow
 def test_export_loads_in_both_layouts(reference):
     """The exported released and Orbax folders load through the LLM / whisper loaders with the
@@ -190,6 +193,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.nightly
 @pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
     """2 processes x 4 CPU devices (jax.distributed on localhost) vs 1 process x 8 devices, 5
