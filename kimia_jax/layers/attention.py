@@ -455,8 +455,10 @@ class Attention(nn.Module):
         cache: KVCache | None = None,
         layer: int | jax.Array = 0,
         attend_cache: bool = False,
+        segment_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | LayerKV]:
-        """Returns (output [B, T, D], kv).
+        """Returns (output [B, T, D], kv). `segment_ids` [B, T]: packed rows, attention stays
+        within equal ids (no cache attention).
 
         With `cache` the new k/v are written into its layer `layer` at `positions[:, 0]` and kv is
         the updated cache; without, kv is the fresh (k, v) of this call. `attend_cache` selects
@@ -484,12 +486,16 @@ class Attention(nn.Module):
         if attend_cache:
             if cache is None:
                 raise ValueError("attend_cache=True needs a cache")
+            if segment_ids is not None:
+                raise ValueError("segment_ids (packed rows) cannot attend over a cache")
             ck, cv = kv.layer(layer)
             k_pos = jnp.arange(ck.shape[1], dtype=jnp.int32)[None, :]
             mask = AttentionMask.make_causal(positions, k_pos)
             out = dot_product_attention(q, ck, cv, mask=mask)
         else:
             mask = AttentionMask.make_causal(positions, positions)
+            if segment_ids is not None:
+                mask = mask & AttentionMask.make_segments(segment_ids)
             out = dot_product_attention(q, k, v, mask=mask)
         out = out.reshape(b, t, n * h)
         out = Linear(d, ("embed", "heads"), name="o_proj", **kw)(out)

@@ -98,14 +98,17 @@ class DecoderLayer(nn.Module):
         cache: KVCache | None,
         layer: int | jax.Array,
         attend_cache: bool,
+        segment_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | LayerKV]:
-        h, kv = self.self_attn(self.input_layernorm(x), positions, cache, layer, attend_cache)
+        h, kv = self.self_attn(
+            self.input_layernorm(x), positions, cache, layer, attend_cache, segment_ids
+        )
         h = sharding.constrain(x + h, ("batch", "length", "act_embed"))
         out = h + self.mlp(self.post_attention_layernorm(h))
         return sharding.constrain(out, ("batch", "length", "act_embed")), kv
 
-    def __call__(self, x, positions, cache, layer, attend_cache):
-        return self.block(x, positions, cache, layer, attend_cache)
+    def __call__(self, x, positions, cache, layer, attend_cache, segment_ids=None):
+        return self.block(x, positions, cache, layer, attend_cache, segment_ids)
 
 
 class ScanStep(DecoderLayer):
@@ -121,9 +124,11 @@ class ScanStep(DecoderLayer):
     attend_cache: bool = False
     collect: bool = False
 
-    def __call__(self, carry, j, positions):  # type: ignore[override]
+    def __call__(self, carry, j, positions, segment_ids=None):  # type: ignore[override]
         x, seed, cache = carry
-        x, kv = self.block(x, positions, cache, self.cache_offset + j, self.attend_cache)
+        x, kv = self.block(
+            x, positions, cache, self.cache_offset + j, self.attend_cache, segment_ids
+        )
         seed = jnp.where(j == self.seed_at, x, seed)
         if cache is not None:
             cache, kv = kv, None
@@ -221,8 +226,9 @@ class KimiaLLM(nn.Module):
         return sharding.constrain(x, ("batch", "length", "act_embed")), aux
 
     def _unrolled(
-        self, name: str, n: int, offset: int, x, positions, cache, attend_cache, seed_at=-1
-    ):
+        self, name: str, n: int, offset: int, x, positions, cache, attend_cache, seed_at=-1,
+        segment_ids=None,
+    ):  # fmt: skip
         """Layers `{name}_{j}`, j < n -> (x, output of layer seed_at, kv, per-layer outputs).
 
         kv: the updated cache, or without one this stack's fresh (k, v) stacked [n, B, T, K, H].
@@ -233,7 +239,9 @@ class KimiaLLM(nn.Module):
             cls = nn.remat(DecoderLayer, policy=policy, static_argnums=(4, 5))
         kvs, outs, seed = [], [], None
         for j in range(n):
-            x, kv = cls(self.cfg, name=f"{name}_{j}")(x, positions, cache, offset + j, attend_cache)
+            x, kv = cls(self.cfg, name=f"{name}_{j}")(
+                x, positions, cache, offset + j, attend_cache, segment_ids
+            )
             if cache is not None:
                 cache = kv
             else:
@@ -246,8 +254,9 @@ class KimiaLLM(nn.Module):
         return x, seed, cache, outs
 
     def _scanned(
-        self, name: str, n: int, offset: int, x, positions, cache, attend_cache, collect, seed_at=-1
-    ):
+        self, name: str, n: int, offset: int, x, positions, cache, attend_cache, collect,
+        seed_at=-1, segment_ids=None,
+    ):  # fmt: skip
         """`nn.scan` over the stacked layers `name`; same returns as `_unrolled`."""
         policy = _remat_policy(self.cfg.remat_policy)
         step = ScanStep
@@ -257,7 +266,7 @@ class KimiaLLM(nn.Module):
             step,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(0, nn.broadcast),
+            in_axes=(0, nn.broadcast, nn.broadcast),
             length=n,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
@@ -266,7 +275,7 @@ class KimiaLLM(nn.Module):
             collect=collect, name=name,
         )  # fmt: skip
         (x, seed, cache_out), (fresh, outs) = module(
-            (x, x, cache), jnp.arange(n, dtype=jnp.int32), positions
+            (x, x, cache), jnp.arange(n, dtype=jnp.int32), positions, segment_ids
         )
         return x, seed, cache_out if cache is not None else fresh, list(outs) if collect else []
 
@@ -283,6 +292,7 @@ class KimiaLLM(nn.Module):
         attend_cache: bool = False,
         logits_at: jax.Array | None = None,
         collect: bool = False,
+        segment_ids: jax.Array | None = None,
     ) -> LlmOutput:
         """One forward call over T positions of both streams.
 
@@ -296,6 +306,8 @@ class KimiaLLM(nn.Module):
           logits_at: [B] int32 position index (within this call) whose logits to return; None
             returns logits for all T positions.
           collect: also return every layer output and norm output in `aux` (parity tests).
+          segment_ids: [B, T] packed-example ids (training rows, no cache): attention stays
+            within equal ids; positions restart per example.
         Returns:
           LlmOutput with fp32 text and audio logits and the updated cache (without `cache`: a
           cache holding this call's k/v of every layer, length T).
@@ -311,20 +323,22 @@ class KimiaLLM(nn.Module):
         )
         if c.scan_layers:
             x, m, kv_main, main_outs = self._scanned(
-                "layers", n, 0, x, positions, cache, attend_cache, collect, seed_at
-            )
+                "layers", n, 0, x, positions, cache, attend_cache, collect, seed_at,
+                segment_ids=segment_ids,
+            )  # fmt: skip
             m, _, kv_all, mimo_outs = self._scanned(
                 "mimo_layers", nm, n, m, positions, kv_main if cache is not None else None,
-                attend_cache, collect,
+                attend_cache, collect, segment_ids=segment_ids,
             )  # fmt: skip
         else:
             x, m, kv_main, main_outs = self._unrolled(
-                "layers", n, 0, x, positions, cache, attend_cache, seed_at
-            )
+                "layers", n, 0, x, positions, cache, attend_cache, seed_at,
+                segment_ids=segment_ids,
+            )  # fmt: skip
             # the un-normalised residual stream of layer seed_at seeds the MIMO branch (§3.4)
             m, _, kv_all, mimo_outs = self._unrolled(
                 "mimo_layers", nm, n, m, positions, kv_main if cache is not None else None,
-                attend_cache,
+                attend_cache, segment_ids=segment_ids,
             )  # fmt: skip
         if cache is not None:
             new_cache = kv_all

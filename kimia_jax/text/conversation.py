@@ -22,6 +22,14 @@ not depend on the audio package:
 * `whisper_features_fn(audio) -> float array [N', D]` (D = 5120 for the 7B: four 1280-d Whisper
   frames per 12.5 Hz step); N' >= N is required, extra frames are dropped as in the LLM forward.
 Both receive the message's audio content unchanged (path or waveform).
+
+Training additions (defaults keep every inference prompt unchanged):
+* a message may carry `"audio_tokens"`: precomputed ids already shifted by `kimia_token_offset`,
+  as the official `extract_semantic_codes` writes them; `audio_tokens_fn` is then not called;
+* a message may carry `"loss": False` to switch the loss flags of an assistant message off;
+* `audio_text_layout="target"`: an assistant "audio-text" message is laid out as a speech-output
+  target (training.md §4.4, `delayed_speech_block`): text ids + `text_eos` with text loss, audio 6
+  blanks + codes + the turn's `msg_end` with audio loss.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from kimia_jax.text.tokenizer import ExtraTokens, TextTokenizer
 
 AudioInput = str | os.PathLike[str] | np.ndarray | tuple
 BuilderVersion = Literal["349251e", "2607d51"]
+AudioTextLayout = Literal["official", "target"]
 
 ROLES = ("user", "assistant")
 VERSIONS = ("349251e", "2607d51")
@@ -214,6 +223,42 @@ def batch(
     return PromptBatch(audio, text, cont, feats, lengths, padding=padding)
 
 
+def delayed_speech_block(
+    codes: Sequence[int],
+    text_ids: Sequence[int],
+    tokens: ExtraTokens,
+    *,
+    end_id: int,
+    end_at_last: bool,
+    delay: int = AUDIO_DELAY,
+) -> tuple[list[int], list[int], list[bool], list[bool]]:
+    """Audio and text of one speech-output span in parallel (training.md §3.3 ADT, §4.4).
+
+    Text stream: the text ids, `text_eos`, then blanks. Audio stream: `delay` blanks, the codes
+    (already offset), the end marker `end_id`, blanks where the text is longer. Length
+    L = max(n + 1, N + delay + 1). The end marker sits right after the codes, or on the last row
+    when `end_at_last` (an SFT turn's `msg_end`, which must close the turn). Loss flags: text ids
+    and `text_eos` (text), codes and the end marker (audio); blanks have none.
+
+    Returns:
+      (audio ids, text ids, audio loss flags, text loss flags), each of length L.
+    """
+    n, m = len(text_ids), len(codes)
+    length = max(n + 1, m + delay + 1)
+    end = length - 1 if end_at_last else m + delay
+    audio = [tokens.kimia_text_blank] * length
+    audio[delay : delay + m] = [int(c) for c in codes]
+    audio[end] = end_id
+    a_loss = [False] * length
+    for j in range(delay, delay + m):
+        a_loss[j] = True
+    a_loss[end] = True
+    text = [int(i) for i in text_ids] + [tokens.kimia_text_eos]
+    text += [tokens.kimia_text_blank] * (length - len(text))
+    t_loss = [True] * (n + 1) + [False] * (length - n - 1)
+    return audio, text, a_loss, t_loss
+
+
 class _Stream:
     """Accumulates the parallel lists of `KimiAContent` (kimia_infer/utils/data.py)."""
 
@@ -252,6 +297,8 @@ class PromptBuilder:
         num_audio_codes: codebook size (16384 for the 7B), to reject out-of-range codes; None
             skips the check.
         version: "349251e" (default, post PR #100) or "2607d51" (see module docstring).
+        audio_text_layout: "official" (default: the released history form of an assistant
+            "audio-text" message) or "target" (the training layout, module docstring).
     """
 
     def __init__(
@@ -264,9 +311,15 @@ class PromptBuilder:
         kimia_token_offset: int,
         num_audio_codes: int | None = None,
         version: BuilderVersion = "349251e",
+        audio_text_layout: AudioTextLayout = "official",
     ) -> None:
         if version not in VERSIONS:
             raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
+        if audio_text_layout not in ("official", "target"):
+            raise ValueError(
+                f"audio_text_layout must be 'official' or 'target', got {audio_text_layout!r}"
+            )
+        self.audio_text_layout = audio_text_layout
         self.tokens = extra_tokens
         self.text_encode_fn = text_encode_fn
         self.audio_tokens_fn = audio_tokens_fn
@@ -285,6 +338,7 @@ class PromptBuilder:
         kimia_token_offset: int,
         num_audio_codes: int | None = None,
         version: BuilderVersion = "349251e",
+        audio_text_layout: AudioTextLayout = "official",
     ) -> PromptBuilder:
         """Builder using `tokenizer.encode` and `tokenizer.extra_tokens` (the official wiring)."""
         if tokenizer.vocab_size > kimia_token_offset:
@@ -300,6 +354,7 @@ class PromptBuilder:
             kimia_token_offset=kimia_token_offset,
             num_audio_codes=num_audio_codes,
             version=version,
+            audio_text_layout=audio_text_layout,
         )
 
     def with_audio(
@@ -389,7 +444,23 @@ class PromptBuilder:
             f"(array, sample_rate) tuple, got {type(content).__name__}"
         )
 
-    def _codes(self, i: int, audio: AudioInput) -> list[int]:
+    def _codes(self, i: int, audio: AudioInput, precomputed: Any = None) -> list[int]:
+        if precomputed is not None:  # official schema: ids already shifted by the offset
+            ids = np.asarray(precomputed)
+            if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+                raise PromptError(
+                    f"message {i}: audio_tokens must be a non-empty list of ints, got "
+                    f"{ids.dtype} {ids.shape}"
+                )
+            lo = self.kimia_token_offset
+            hi = None if self.num_audio_codes is None else lo + self.num_audio_codes
+            if ids.min() < lo or (hi is not None and ids.max() >= hi):
+                raise PromptError(
+                    f"message {i}: audio_tokens outside [{lo}, {hi}) (they must already include "
+                    f"kimia_token_offset, as extract_semantic_codes writes them): min {ids.min()}, "
+                    f"max {ids.max()}"
+                )
+            return ids.astype(np.int64).tolist()
         codes = np.asarray(self.audio_tokens_fn(audio))
         codes = codes.reshape(-1) if codes.ndim == 2 and codes.shape[0] == 1 else codes
         if codes.ndim != 1 or codes.size == 0 or not np.issubdtype(codes.dtype, np.integer):
@@ -432,7 +503,7 @@ class PromptBuilder:
         t = self.tokens
         role = m["role"]
         new = self.version == "349251e"
-        has_loss = new and role == "assistant"
+        has_loss = new and role == "assistant" and bool(m.get("loss", True))
         if role_marker:
             start = t.kimia_user_msg_start if role == "user" else t.kimia_assistant_msg_start
             s.pair(start, t.kimia_text_blank)
@@ -446,7 +517,7 @@ class PromptBuilder:
                 s.audio_extend([t.kimia_text_blank])
         elif kind == "audio":
             audio = self.check_audio(i, m["content"])
-            codes = self._codes(i, audio)
+            codes = self._codes(i, audio, m.get("audio_tokens"))
             s.audio_extend([t.media_begin])
             s.audio_extend(codes, cont=True, loss=has_loss)
             s.audio_extend([t.media_end], loss=has_loss)
@@ -464,10 +535,25 @@ class PromptBuilder:
             content = m["content"]
             if not isinstance(content, (tuple, list)) or len(content) != 2:
                 raise PromptError(f"message {i}: 'audio-text' content must be a pair (audio, text)")
-            audio = self.check_audio(i, content[0])
+            # with precomputed tokens the waveform is not needed (no features on this span)
+            pre = m.get("audio_tokens")
+            audio = content[0] if pre is not None else self.check_audio(i, content[0])
             text = self._check_text(i, content[1])
-            codes = self._codes(i, audio)
+            codes = self._codes(i, audio, pre)
             ids = list(self.text_encode_fn(text))
+            if self.audio_text_layout == "target" and role == "assistant":
+                if not turn_end:
+                    raise PromptError(
+                        f"message {i}: a target 'audio-text' message must end its turn (its "
+                        "msg_end is the audio end marker)"
+                    )
+                a, x, la, lt = delayed_speech_block(
+                    codes, ids, t, end_id=t.msg_end, end_at_last=True
+                )
+                for j in range(len(a)):
+                    s.audio_extend([a[j]], loss=has_loss and la[j])
+                    s.text_extend([x[j]], loss=has_loss and lt[j])
+                return
             n_pad = AUDIO_DELAY + len(codes) - len(ids)
             if n_pad < 0:
                 raise PromptError(
