@@ -55,7 +55,7 @@ def _prefill(cfg, params):
     pos = jnp.arange(p.audio_ids.shape[1], dtype=jnp.int32)[None]
     return jax.jit(
         lambda prm: kimia_llm.KimiaLLM(cfg).apply(
-            {"params": prm}, p.audio_ids, p.text_ids, pos, p.features, p.continuous_mask,
+            {"params": prm}, p.audio_ids, p.text_ids, pos, p.features, p.is_continuous,
             collect=True,
         )
     )(params)  # fmt: skip
@@ -110,7 +110,7 @@ def test_gradients_with_remat_equal_unrolled(loaded, policy):
 
     def loss(prm, c):
         o = kimia_llm.KimiaLLM(c).apply(
-            {"params": prm}, p.audio_ids, p.text_ids, pos, p.features, p.continuous_mask
+            {"params": prm}, p.audio_ids, p.text_ids, pos, p.features, p.is_continuous
         )
         lt = jax.nn.log_softmax(o.text_logits) + jax.nn.log_softmax(o.audio_logits)
         return -jnp.mean(jnp.take_along_axis(lt, target[..., None], axis=-1))
