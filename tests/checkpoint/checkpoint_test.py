@@ -50,7 +50,8 @@ def test_save_restore_round_trip_and_overwrite(tmp_path):
     assert checkpoint.is_orbax_dir(out) and (out / "config.json").read_text() == "{}"
     meta = checkpoint.read_meta(out)
     assert {k: meta[k] for k in ("format_version", "x")} == {
-        "format_version": checkpoint.FORMAT_VERSION, "x": 1
+        "format_version": checkpoint.FORMAT_VERSION,
+        "x": 1,
     }
     # the file table `verify` checks: every file with its size
     assert "params/_METADATA" in meta["files"] and "config.json" not in meta["files"]
