@@ -48,6 +48,7 @@ import numpy as np
 from absl import logging
 
 from kimia_jax.configs import LlmConfig
+from kimia_jax.configs import base as configs_base
 from kimia_jax.conversion import common
 from kimia_jax.conversion.llm import _LAYER_PARTS
 from kimia_jax.errors import CheckpointError
@@ -313,7 +314,7 @@ def init_from_qwen(
         if not overwrite:
             raise CheckpointError(f"out_dir {out_dir} exists; pass overwrite=True to replace it")
         shutil.rmtree(out_dir)
-    qwen = common.read_json(qwen_dir / "config.json")
+    qwen = configs_base.read_file(qwen_dir / "config.json")
     config = kimia_config(qwen, opts, str(qwen_dir / "config.json"))
     cfg = LlmConfig.from_json(config, str(qwen_dir / "config.json"))
     source = common.SafetensorsSource(qwen_dir)
