@@ -209,7 +209,8 @@ def plan(
         )
     t0 = time.perf_counter()
     jitted = jax.jit(fn, out_shardings=(state_sh, None), donate_argnums=0)
-    lowered = jitted.lower(abstract_state, abstract_batch)
+    with sharding.mesh_context(mesh):  # what `sharding.constrain` reads while tracing
+        lowered = jitted.lower(abstract_state, abstract_batch)
     if lower_only:
         return {"lowered": lowered}
     compiled = lowered.compile()

@@ -42,6 +42,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kimia_jax import sharding
 from kimia_jax.layers.linear import Linear, matmul_t
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -517,20 +518,17 @@ class LoraTrainStep:
         """The un-jitted step (state, batch) -> (state, metrics), for AOT lowering."""
         import optax
 
-        from kimia_jax import sharding
         from kimia_jax.training import optim
         from kimia_jax.training.train_step import TrainState
 
         tx = self.optimizer()
         sched = optim.schedule(self.cfg.optim)
-        mesh = self.mesh
 
         def step(state: Any, batch: dict[str, jax.Array]) -> Any:
-            with sharding.use_mesh(mesh):
-                ad, frozen = state.params["lora"], state.params["frozen"]
-                loss, metrics, grads = self.loss_and_grads(ad, frozen, batch)
-                updates, opt_state = tx.update(grads, state.opt_state, ad)
-                ad = optax.apply_updates(ad, updates)
+            ad, frozen = state.params["lora"], state.params["frozen"]
+            loss, metrics, grads = self.loss_and_grads(ad, frozen, batch)
+            updates, opt_state = tx.update(grads, state.opt_state, ad)
+            ad = optax.apply_updates(ad, updates)
             metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=sched(state.step))
             return TrainState(
                 step=state.step + 1,
@@ -554,7 +552,9 @@ class LoraTrainStep:
             self._step = jax.jit(self.step_fn(), donate_argnums=0, **kw)
         if self.mesh is not None:
             batch = jax.device_put(batch, batch_shardings(batch, self.mesh))
-        return self._step(state, batch)
+        # The mesh context (which `sharding.constrain` reads) is part of what jit traces for.
+        with sharding.mesh_context(self.mesh):
+            return self._step(state, batch)
 
     def merged(self, state: Any, dtype: Any = None) -> Any:
         """Full LLM weights of a state (base + scale * B @ A): the released layout."""
