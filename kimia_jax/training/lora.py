@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping
 from typing import Any
 
 import flax
@@ -43,6 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from kimia_jax import sharding
+from kimia_jax.conversion.common import flatten, unflatten
 from kimia_jax.layers.linear import Linear, matmul_t
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -141,34 +141,13 @@ def quantize(params: Any, kind: str | None, group: int | None = None) -> Any:
     biases and the adaptor are kept as they are. kind None or "none": params unchanged."""
     if kind in (None, "none"):
         return params
-    flat = _flatten(params)
+    flat = flatten(params)
     q = {k: quantize_weight(v, kind, group) for k, v in flat.items() if _is_layer_matrix(k, v)}
-    return _unflatten({**flat, **q})
+    return unflatten({**flat, **q})
 
 
 # ----------------------------------------------------------------------------------------------
 # Adapters in the param tree
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for path, v in flat.items():
-        node = out
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return out
 
 
 def target_paths(params: Any, cfg: LoraConfig) -> list[str]:
@@ -176,7 +155,7 @@ def target_paths(params: Any, cfg: LoraConfig) -> list[str]:
     rx = re.compile(cfg.select)
     return sorted(
         k
-        for k, v in _flatten(params).items()
+        for k, v in flatten(params).items()
         if _is_layer_matrix(k, v) and k.split("/")[-2] in cfg.targets and rx.search(k)
     )
 
@@ -189,7 +168,7 @@ def add_adapters(params: Any, cfg: LoraConfig, key: jax.Array, dtype: Any = jnp.
         raise ValueError(
             f"LoRA select={cfg.select!r} targets={cfg.targets} matches no projection weight"
         )
-    flat = _flatten(params)
+    flat = flatten(params)
     for i, p in enumerate(paths):
         *lead, out, n_in = flat[p].shape
         bound = 1.0 / math.sqrt(n_in)
@@ -199,7 +178,7 @@ def add_adapters(params: Any, cfg: LoraConfig, key: jax.Array, dtype: Any = jnp.
             k, (*lead, cfg.rank, n_in), dtype, -bound, bound
         )
         flat[f"{base}/lora_b"] = jnp.zeros((*lead, out, cfg.rank), dtype)
-    return _unflatten(flat)
+    return unflatten(flat)
 
 
 def is_adapter(path: str) -> bool:
@@ -208,27 +187,27 @@ def is_adapter(path: str) -> bool:
 
 def split(params: Any) -> tuple[Any, Any]:
     """(adapters, frozen base) as two trees; `combine` is the inverse."""
-    flat = _flatten(params)
+    flat = flatten(params)
     return (
-        _unflatten({k: v for k, v in flat.items() if is_adapter(k)}),
-        _unflatten({k: v for k, v in flat.items() if not is_adapter(k)}),
+        unflatten({k: v for k, v in flat.items() if is_adapter(k)}),
+        unflatten({k: v for k, v in flat.items() if not is_adapter(k)}),
     )
 
 
 def combine(adapters: Any, frozen: Any) -> Any:
-    return _unflatten({**_flatten(frozen), **_flatten(adapters)})
+    return unflatten({**flatten(frozen), **flatten(adapters)})
 
 
 def trainable_mask(params: Any) -> Any:
     """Bool tree: True on adapters (for optax.masked / multi_transform)."""
-    return _unflatten({k: is_adapter(k) for k in _flatten(params)})
+    return unflatten({k: is_adapter(k) for k in flatten(params)})
 
 
 def merge(params: Any, cfg: LoraConfig, dtype: Any = None) -> Any:
     """Full weights: W + scale * B @ A for every adapted projection (the product in fp32, then
     cast to `dtype`, default the base weight's dtype; a quantized base is dequantized first).
     The result has no adapters and no QWeight: the released layout, loadable and exportable."""
-    flat = _flatten(params)
+    flat = flatten(params)
     out = {}
     for k, v in flat.items():
         if is_adapter(k):
@@ -244,7 +223,7 @@ def merge(params: Any, cfg: LoraConfig, dtype: Any = None) -> Any:
             w = w.astype(jnp.float32) + cfg.scale * delta
         target = dtype or (jnp.float32 if isinstance(v, QWeight) else v.dtype)
         out[k] = w.astype(target) if hasattr(w, "astype") else w
-    return _unflatten(out)
+    return unflatten(out)
 
 
 def export(
@@ -345,7 +324,7 @@ def logical_axes(llm_cfg: Any, params: Any) -> Any:
     QWeight q like the weight and its scales (lead, out, None)."""
     from kimia_jax.models import kimia_llm
 
-    declared = _flatten(
+    declared = flatten(
         jax.tree.map(
             lambda x: x.names if isinstance(x, nn.Partitioned) else None,
             kimia_llm.abstract_params(llm_cfg),
@@ -353,7 +332,7 @@ def logical_axes(llm_cfg: Any, params: Any) -> Any:
         )
     )
     out = {}
-    for k, v in _flatten(params).items():
+    for k, v in flatten(params).items():
         base = k.rsplit("/", 1)[0]
         w = declared.get(f"{base}/weight")
         if k.endswith("/lora_a"):
@@ -365,15 +344,15 @@ def logical_axes(llm_cfg: Any, params: Any) -> Any:
             out[k] = QWeight(q=w, scale=(*w[:-1], None))
         else:
             out[k] = declared[k]
-    return _unflatten(out)
+    return unflatten(out)
 
 
 def shardings(llm_cfg: Any, params: Any, mesh: Any) -> Any:
     """NamedShardings of an adapted LLM param tree (see `logical_axes`)."""
     from kimia_jax import sharding
 
-    axes = _flatten(logical_axes(llm_cfg, params))
-    flat = _flatten(params)
+    axes = flatten(logical_axes(llm_cfg, params))
+    flat = flatten(params)
     out = {}
     for k, v in flat.items():
         if isinstance(v, QWeight):
@@ -383,7 +362,7 @@ def shardings(llm_cfg: Any, params: Any, mesh: Any) -> Any:
             )
         else:
             out[k] = sharding.named_sharding(axes[k], v.shape, mesh)
-    return _unflatten(out)
+    return unflatten(out)
 
 
 class LoraTrainStep:
@@ -433,8 +412,8 @@ class LoraTrainStep:
         if self.mesh is None:
             return None
         adapters, base = split(params["llm"])
-        ad_sh = _unflatten(
-            {k: v for k, v in _flatten(shardings(self.llm_cfg, params["llm"], self.mesh)).items()
+        ad_sh = unflatten(
+            {k: v for k, v in flatten(shardings(self.llm_cfg, params["llm"], self.mesh)).items()
              if is_adapter(k)}
         )  # fmt: skip
         base_sh = shardings(self.llm_cfg, base, self.mesh)
