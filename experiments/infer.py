@@ -56,6 +56,12 @@ _OUT_WAV = flags.DEFINE_string(
 _GLM = flags.DEFINE_string("glm_tokenizer", None, "GLM-4-Voice tokenizer folder.")
 _MESH = flags.DEFINE_string("mesh", None, "Device mesh, e.g. data=1,fsdp=1,tensor=8.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.")
+_QUANTIZE = flags.DEFINE_enum(
+    "quantize",
+    "none",
+    ["none", "int8", "int4"],
+    "Weight-only quantization of the LLM on load (int8: per output channel; compute in --dtype).",
+)
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling / detokenizer noise seed.", lower_bound=0)
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Requests per compiled call.", lower_bound=1)
 _LOG_LEVEL = flags.DEFINE_enum(
@@ -183,7 +189,7 @@ def _load_model(progress: Bars):
     mesh = sharding.parse_mesh(_MESH.value) if _MESH.value else None
     return KimiAudio(root, load_detokenizer=both, dtype=_DTYPE.value, mesh=mesh,
                      glm_tokenizer_path=glm, max_batch=_BATCH.value,
-                     progress=progress)  # fmt: skip
+                     progress=progress, quantize=_QUANTIZE.value)  # fmt: skip
 
 
 def format_answer(path: str, text: str) -> str:

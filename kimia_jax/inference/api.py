@@ -38,6 +38,7 @@ from kimia_jax.errors import CheckpointNotFoundError, OutputError, PromptError
 from kimia_jax.inference import pipeline
 from kimia_jax.inference.sampler import Sampling
 from kimia_jax.inference.stream_logic import StreamConfig
+from kimia_jax.layers import quant
 from kimia_jax.models.kimia_llm import KimiaLLM
 from kimia_jax.text import conversation as prompt_lib
 from kimia_jax.text.conversation import AUDIO_DELAY
@@ -97,6 +98,11 @@ class KimiAudio:
       max_batch: rows per compiled generation call in `generate_batch`.
       progress: optional `progress(stage, done, total)` callback (loading, encoding, decoding
         steps, detokenizing; see `pipeline.Progress`); settable later as `.progress`.
+      quantize: None, or "int8" (int4: "int4") weight-only quantization of the LLM, applied on
+        load (`layers.quant.quantize`, `modules=quant.DECODE`): every layer projection, both
+        vocabulary heads and the embedding table, per output channel; compute stays in `dtype`.
+        The float weights are replaced one by one, so loading needs the `dtype` model plus one
+        weight of memory. Measured agreement with the float model: tests/inference/quant_test.py.
 
     Every argument and the model folder are checked before any weight is read
     (`conversion.kimia.check_model_folder`): a missing part or a damaged converted checkpoint
@@ -116,6 +122,7 @@ class KimiAudio:
         prompt_version: str = "349251e",
         max_batch: int = 8,
         progress: pipeline.Progress | None = None,
+        quantize: str | None = None,
     ):
         from kimia_jax.audio.tokenizer import GlmTokenizer, WhisperFeatureExtractor
 
@@ -126,6 +133,8 @@ class KimiAudio:
                 + ("is a file, not a model folder" if root.exists() else "does not exist")
             )
         _check_int("max_batch", max_batch, 1)
+        if quantize not in (None, "none", *quant.KINDS):
+            raise ValueError(f"quantize must be None or one of {quant.KINDS}, got {quantize!r}")
         glm_path = Path(glm_tokenizer_path or root / layout.GLM_TOKENIZER_DIR)
         check_model_folder(
             root, glm_path, load_detokenizer=load_detokenizer,
@@ -137,6 +146,8 @@ class KimiAudio:
         self._report("load", 0, parts)
         t0 = time.perf_counter()
         self.cfg, self.params = llm_conv.load(root, dtype=dtype, mesh=mesh)
+        self.quantize = None if quantize in (None, "none") else quantize
+        self.params = quant.quantize(self.params, self.quantize, modules=quant.DECODE, consume=True)
         self._report("load", 1, parts)
         self.model = KimiaLLM(self.cfg)
         self.tokenizer = TextTokenizer.from_pretrained(root)
