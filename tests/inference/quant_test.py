@@ -85,6 +85,7 @@ def _random_batch(cfg, b=100, t=40, seed=0):
     )  # fmt: skip
 
 
+@pytest.mark.slow  # ~45 s on 2 loaded cores (two B=100 decode compiles)
 def test_hundred_random_prompts(loaded):
     cfg, params, q, model = loaded
     batch = _random_batch(cfg)
