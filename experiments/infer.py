@@ -53,6 +53,12 @@ _OUTPUT = flags.DEFINE_enum(
 _OUT_WAV = flags.DEFINE_string(
     "out_wav", None, "Where to write the 24 kHz reply (needed by, and only for, output_type both)."
 )
+_VOICE = flags.DEFINE_string(
+    "voice_prompt",
+    None,
+    "Reference clip whose voice the spoken replies take (the detokenizer's prefill); needs "
+    "--output_type both.",
+)
 _GLM = flags.DEFINE_string("glm_tokenizer", None, "GLM-4-Voice tokenizer folder.")
 _MESH = flags.DEFINE_string("mesh", None, "Device mesh, e.g. data=1,fsdp=1,tensor=8.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.")
@@ -134,6 +140,12 @@ def check_flags() -> None:
         parent = Path(_OUT_WAV.value).absolute().parent
         if not parent.is_dir() or not os.access(parent, os.W_OK):
             raise app.UsageError(f"--out_wav: cannot write into {parent}")
+    if _VOICE.value:
+        if not both:
+            raise app.UsageError("--voice_prompt sets the voice of spoken replies: it needs "
+                                 "--output_type both")  # fmt: skip
+        if not Path(_VOICE.value).is_file():
+            raise app.UsageError(f"--voice_prompt {_VOICE.value} is not an audio file")
     if _MESH.value:
         from kimia_jax import sharding
 
@@ -261,6 +273,8 @@ def main(argv: list[str]) -> None:
     _BARS.enabled = not _QUIET.value
     model = _load_model(_BARS)
     load_s = time.perf_counter() - t0
+    if _VOICE.value:  # built once (GLM tokens + mel + DiT prefill), used by every reply
+        sampling["voice_prompt"] = model.voice_prompt(_VOICE.value)
     if requests is not None:
         _run_manifest(model, sampling, requests, log, _QUIET.value)
     else:
