@@ -16,8 +16,8 @@ the prompt-only VQ adaptor excluded), i.e. the memory traffic that bounds batch-
 the effective bandwidth at batch 1.
 
 The import chain is jax + flax + absl only (no grain, ml_collections, tensorboardX, librosa,
-soundfile), so it runs on a bare accelerator machine with jax/flax installed; `--platform` is set
-before jax is imported.
+soundfile), so it runs on a bare accelerator machine with jax/flax installed; `--platform=cpu`
+sets JAX_PLATFORMS before jax is imported, `--platform=gpu` checks that jax found the GPU.
 """
 
 from __future__ import annotations
@@ -102,8 +102,13 @@ def paper(cfg) -> dict[str, float]:
 
 def main(argv):
     del argv
-    os.environ["JAX_PLATFORMS"] = _PLATFORM.value
+    if _PLATFORM.value == "cpu":
+        os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
+
+    if jax.default_backend() != _PLATFORM.value:
+        raise app.UsageError(f"--platform={_PLATFORM.value}, but jax runs on "
+                             f"{jax.default_backend()} ({jax.devices()})")  # fmt: skip
 
     from tools.timing import best_of, jax_generate_runner
 
