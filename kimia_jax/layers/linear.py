@@ -32,9 +32,9 @@ def matmul_t(
 ) -> jax.Array:
     """`x @ w.T` for x [..., in] and w [out, in] -> [..., out], oriented for the backend.
 
-    A per-row quantized `w` (layers/quant.py, int8) stays integer in the dot: (x @ q.T) * scale,
-    the integers converted to x's dtype as the dot's operand (fused; no dequantized matrix is
-    written). Grouped (int4) weights are dequantized to x's dtype first.
+    A per-row quantized `w` (layers/quant.py, int8) is multiplied as (x @ q.T) * scale (the
+    integers converted to x's dtype as the dot's operand, the product scaled in float32); grouped
+    (int4) weights are dequantized to x's dtype first.
     """
     if isinstance(w, QWeight):
         if not w.per_row:
