@@ -70,39 +70,6 @@ def _devices(target: str):
     return topologies.get_topology_desc(target, "tpu").devices
 
 
-def _state_shardings(state_shape, param_shardings, mesh):
-    """Shardings of a TrainState by key path: every optimizer leaf whose path ends with a param's
-    path (and has its shape) is placed like that param; counts and masked leaves are replicated.
-    (TrainStep.state_shardings maps optax.tree_map_params over multi_transform states, which fails
-    on their MaskedNode leaves.)"""
-    import jax
-
-    from kimia_jax import sharding
-
-    def names(path):
-        return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-    by_path = {
-        names(p): (s, sh)
-        for (p, s), sh in zip(
-            jax.tree_util.tree_leaves_with_path(state_shape.params),
-            jax.tree.leaves(param_shardings),
-            strict=True,
-        )
-    }
-    rep = sharding.replicated(mesh)
-
-    def one(path, leaf):
-        n = names(path)
-        for i in range(len(n)):
-            hit = by_path.get(n[i:])
-            if hit is not None and tuple(hit[0].shape) == tuple(leaf.shape):
-                return hit[1]
-        return rep
-
-    return jax.tree_util.tree_map_with_path(one, state_shape)
-
-
 def plan(
     target: str,
     mesh_spec: str,
@@ -127,13 +94,11 @@ def plan(
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding
 
     from kimia_jax import configs, sharding
     from kimia_jax.models import kimia_llm
     from kimia_jax.models import whisper_encoder as wenc
     from kimia_jax.training import lora as lora_lib
-    from kimia_jax.training import optim
     from kimia_jax.training import train_step as ts
     from kimia_jax.training.examples import WINDOW_SAMPLES
     from kimia_jax.training.loss import LossConfig
@@ -174,18 +139,9 @@ def plan(
         state_sh = step.state_shardings(params)
         fn = step.step_fn()
     else:
-        # Labels as a tree, not the default callable: optax.tree_map_params (state shardings) calls
-        # a callable label fn on placeholders.
-        step = ts.TrainStep(llm_cfg, wcfg, tcfg, mesh, labels=optim.param_labels(params))
-        tx = step.optimizer(whisper_trainable)
-        state_shape = jax.eval_shape(
-            lambda p: ts.TrainState(
-                step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
-                whisper_trainable=whisper_trainable,
-            ),
-            params,
-        )  # fmt: skip
-        state_sh = _state_shardings(state_shape, step.param_shardings(), mesh)
+        step = ts.TrainStep(llm_cfg, wcfg, tcfg, mesh)
+        state_shape = step.abstract_state(params, whisper_trainable=whisper_trainable)
+        state_sh = step.state_shardings(state_shape)
         fn = step._step_fn(whisper_trainable)  # noqa: SLF001 - the real step, un-jitted
     abstract_state = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shape, state_sh
@@ -212,7 +168,7 @@ def plan(
     with sharding.mesh_context(mesh):  # what `sharding.constrain` reads while tracing
         lowered = jitted.lower(abstract_state, abstract_batch)
     if lower_only:
-        return {"lowered": lowered}
+        return {"lowered": lowered, "state": abstract_state}
     compiled = lowered.compile()
     seconds = time.perf_counter() - t0
     ma = compiled.memory_analysis()
@@ -240,7 +196,6 @@ def plan(
         code=ma.generated_code_size_in_bytes,
     )
     out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
-    del NamedSharding
     return out
 
 

@@ -249,16 +249,35 @@ def _dict_keys(path: Any) -> tuple[Any, ...]:
     return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
+def _is_sharding(x: Any) -> bool:
+    return isinstance(x, jax.sharding.Sharding)
+
+
 def like_params(tree: Any, params: Any, param_shardings: Any, default: Any) -> Any:
-    """Shardings for an optimizer-state-like tree: a leaf whose dict-key path ends with a
-    parameter's path and has its shape gets that parameter's sharding; anything else `default`."""
+    """Shardings for an optimizer-state-like tree (the one code path for every optimizer state:
+    `TrainStep`, `LoraTrainStep`, `tools/plan_memory`).
+
+    A leaf whose dict-key path ends with a parameter's path and has that parameter's shape gets the
+    parameter's sharding; every other leaf (step counts, scalars) gets `default`. Works on any optax
+    state, `multi_transform` / `masked` included: a group's `MaskedNode` placeholders are empty
+    pytree nodes and stay as they are (they hold no array, so need no sharding), and the path of a
+    leaf inside a group (`inner_states["llm"].inner_state[0].mu["llm"]["norm"]["weight"]`) still
+    ends with its parameter's path. Paths come from `param_shardings` itself and shapes from
+    `params` (arrays or ShapeDtypeStructs of the same tree).
+    """
+    shapes = {
+        _dict_keys(path): np.shape(p) for path, p in jax.tree_util.tree_leaves_with_path(params)
+    }
     by_path = {}
-    for (path, p), sh in zip(
-        jax.tree_util.tree_flatten_with_path(params)[0],
-        jax.tree.leaves(param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding)),
-        strict=True,
-    ):
-        by_path[_dict_keys(path)] = (np.shape(p), sh)
+    for path, sh in jax.tree_util.tree_leaves_with_path(param_shardings, is_leaf=_is_sharding):
+        keys = _dict_keys(path)
+        if keys not in shapes:
+            raise ValueError(
+                f"parameter shardings name {'/'.join(map(str, keys))}, which the params lack: "
+                "the params and the model config disagree (layer layout scan_layers, LoRA "
+                "adapters?); convert the params with kimia_llm.to_layout first"
+            )
+        by_path[keys] = (shapes[keys], sh)
 
     def pick(path: Any, leaf: Any) -> Any:
         keys = _dict_keys(path)
@@ -332,7 +351,8 @@ class TrainStep:
         }
 
     def state_shardings(self, state: TrainState) -> Any:
-        """Shardings of a TrainState: params by logical names, optimizer leaves like their params,
+        """Shardings of a TrainState (or its `abstract_state`): params by logical names, optimizer
+        leaves like their params (`like_params`, any optax state incl. multi_transform groups),
         scalars (counts) replicated."""
         if self.mesh is None:
             return None
@@ -343,8 +363,8 @@ class TrainStep:
             step=rep, params=ps, opt_state=opt, whisper_trainable=state.whisper_trainable
         )
 
-    def init(self, params: Any, *, whisper_trainable: bool = True) -> TrainState:
-        """Fresh state (step 0, zero moments) around `params` {"llm": ..., "whisper": ...}."""
+    def init_fn(self, whisper_trainable: bool) -> Any:
+        """params -> fresh TrainState (step 0, zero moments); un-jitted, for `jax.eval_shape`."""
         tx = self.optimizer(whisper_trainable)
 
         def make(p: Any) -> TrainState:
@@ -355,10 +375,18 @@ class TrainStep:
                 whisper_trainable=whisper_trainable,
             )
 
+        return make
+
+    def abstract_state(self, params: Any, *, whisper_trainable: bool = True) -> TrainState:
+        """The TrainState of `params` as ShapeDtypeStructs (params may be abstract themselves)."""
+        return jax.eval_shape(self.init_fn(whisper_trainable), params)
+
+    def init(self, params: Any, *, whisper_trainable: bool = True) -> TrainState:
+        """Fresh state (step 0, zero moments) around `params` {"llm": ..., "whisper": ...}."""
+        make = self.init_fn(whisper_trainable)
         if self.mesh is None:
             return jax.jit(make)(params)
-        shape = jax.eval_shape(make, params)
-        out = self.state_shardings(shape)
+        out = self.state_shardings(self.abstract_state(params, whisper_trainable=whisper_trainable))
         ps = self.param_shardings()
         return jax.jit(make, in_shardings=(ps,), out_shardings=out)(params)
 
