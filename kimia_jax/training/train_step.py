@@ -110,11 +110,14 @@ def whisper_features(
     """[B, W, 480000] windows -> per-position features [B, T, 4 d_model] (zeros where cont_src<0).
 
     Each window is zero-padded to 30 s (host), reflect-centered and log-mel'd over all 3000 frames
-    (official continuous path), encoded, and viewed as 375 rows of 4 frames.
+    (official continuous path), encoded, and viewed as 375 rows of 4 frames. A batch without
+    windows (W = 0: text-only rows, every `cont_src` < 0) gives zero features and runs no encoder.
     """
     b, w, s = wav.shape
     if s != WINDOW_SAMPLES:
         raise ValueError(f"whisper_wav windows must have {WINDOW_SAMPLES} samples, got {s}")
+    if w == 0:  # static: nothing to encode or gather from (cont_src is all -1 in such rows)
+        return jnp.zeros((*cont_src.shape, 4 * cfg.d_model), jnp.float32)
     x = wav.reshape(b * w, s)
     x = x.astype(jnp.float32) / 32768.0 if x.dtype == jnp.int16 else x.astype(jnp.float32)
     pad = mel_lib.N_FFT // 2
