@@ -37,6 +37,9 @@ _DTYPE = flags.DEFINE_enum("compute_dtype", "bfloat16", ["bfloat16", "float32"],
 _WHISPER = flags.DEFINE_bool("whisper_trainable", True, "Train the Whisper encoder.")
 _REMAT = flags.DEFINE_string("remat", None, "LlmConfig.remat_policy (e.g. full), if supported.")
 _SCAN = flags.DEFINE_bool("scan", None, "LlmConfig.scan_layers, if supported.")
+_WREMAT = flags.DEFINE_string(
+    "whisper_remat", "full", "Whisper encoder per-layer remat (TrainConfig.whisper_remat_policy)."
+)
 _CE_CHUNK = flags.DEFINE_integer("ce_chunk", None, "LossConfig.ce_chunk override.")
 _LORA = flags.DEFINE_integer("lora_rank", 0, "LoRA rank (0: full fine-tuning).")
 _QUANT = flags.DEFINE_enum("base_quant", "none", ["none", "int8", "int4"], "LoRA base weights.")
@@ -83,14 +86,13 @@ def plan(
     whisper_trainable: bool = True,
     remat: str | None = None,
     scan: bool | None = None,
+    whisper_remat: str = "full",
     ce_chunk: int | None = None,
     lora_rank: int = 0,
     base_quant: str = "none",
     lower_only: bool = False,
 ) -> dict:
     """Lowers and compiles the step for `target`; returns the per-device memory numbers."""
-    import dataclasses
-
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -106,13 +108,8 @@ def plan(
     devices = _devices(target)
     mesh = sharding.parse_mesh(mesh_spec, devices)
     llm_cfg = configs.PRESETS[model](param_dtype="float32")
-    for field, value in (("remat_policy", remat), ("scan_layers", scan)):
-        if value is not None:
-            if field not in {f.name for f in dataclasses.fields(llm_cfg)}:
-                raise ValueError(
-                    f"this build's LlmConfig has no {field!r} (the layers issue adds it)"
-                )
-            llm_cfg = llm_cfg.replace(**{field: value})
+    if scan is not None:  # the abstract params in the step's layer layout
+        llm_cfg = llm_cfg.replace(scan_layers=scan)
     if llm_cfg.kimia_adaptor_input_dim == 5120:  # whisper-large-v3
         wcfg = wenc.WhisperConfig(
             d_model=1280, encoder_attention_heads=20, encoder_ffn_dim=5120, encoder_layers=32
@@ -123,7 +120,13 @@ def plan(
             d_model=d, encoder_attention_heads=4, encoder_ffn_dim=2 * d, encoder_layers=2
         )
     loss = LossConfig() if ce_chunk is None else LossConfig(ce_chunk=ce_chunk)
-    tcfg = ts.TrainConfig(compute_dtype=compute_dtype, loss=loss)
+    tcfg = ts.TrainConfig(
+        compute_dtype=compute_dtype,
+        loss=loss,
+        scan_layers=scan,
+        remat_policy=remat,
+        whisper_remat_policy=whisper_remat,
+    )
     params = {
         "llm": nn.unbox(kimia_llm.abstract_params(llm_cfg)),
         "whisper": nn.unbox(wenc.abstract_params(wcfg)),
@@ -188,6 +191,8 @@ def plan(
         compute_dtype=compute_dtype,
         remat=remat,
         scan=scan,
+        whisper_remat=whisper_remat,
+        whisper_trainable=whisper_trainable,
         compile_s=seconds,
         argument=ma.argument_size_in_bytes,
         output=ma.output_size_in_bytes,
@@ -205,7 +210,9 @@ def report(r: dict) -> str:
         f"{r['target']} ({r['device_kind']}), mesh {r['mesh']}, {r['model']} "
         f"({r['params'] / 1e9:.2f} B params), lora_rank {r['lora_rank']} base {r['base_quant']}, "
         f"batch {r['batch']} (accum {r['accum']}) x {r['seq']}, W={r['windows']}, "
-        f"{r['compute_dtype']}, remat {r['remat']}, scan {r['scan']}; compiled in "
+        f"{r['compute_dtype']}, remat {r['remat']}, scan {r['scan']}, whisper "
+        f"{'trained' if r['whisper_trainable'] else 'frozen'} (remat {r['whisper_remat']}); "
+        "compiled in "
         f"{r['compile_s']:.0f} s\n"
         f"  per device: argument {r['argument'] / GB:.2f} GB, output {r['output'] / GB:.2f} GB "
         f"(aliased {r['alias'] / GB:.2f}), temp {r['temp'] / GB:.2f} GB -> peak "
@@ -227,6 +234,7 @@ def main(argv: list[str]) -> None:
         whisper_trainable=_WHISPER.value,
         remat=_REMAT.value,
         scan=_SCAN.value,
+        whisper_remat=_WREMAT.value,
         ce_chunk=_CE_CHUNK.value,
         lora_rank=_LORA.value,
         base_quant=_QUANT.value,

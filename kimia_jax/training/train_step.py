@@ -71,18 +71,45 @@ class TrainConfig:
       optim: optimizer and schedule; loss: reduction and CE chunking.
       compute_dtype: "float32" or "bfloat16" (parameters keep their own dtype: fp32 master).
       packed: batches carry several examples per row (needs the LLM's segment-id attention).
+      scan_layers: LLM layer stacks as one `nn.scan` each (one compiled layer per stack: faster
+        compiles for deep models) instead of unrolled; None keeps the LlmConfig's. Params are
+        converted to the layout on `init` (`kimia_llm.to_layout`); the state keeps it.
+      remat_policy: LLM per-layer rematerialization, a name of `kimia_llm.REMAT_POLICIES`
+        ("none", "full", "dots_saveable", ...); None keeps the LlmConfig's.
+      whisper_remat_policy: the Whisper encoder's per-layer remat (same names). Only the trained
+        phase differentiates through the encoder; "full" keeps one [B*W, 1500, d_model] residual
+        per layer instead of every layer's attention and MLP activations.
     """
 
     optim: optim.OptimConfig = dataclasses.field(default_factory=optim.OptimConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     compute_dtype: str = "float32"
     packed: bool = False
+    scan_layers: bool | None = None
+    remat_policy: str | None = None
+    whisper_remat_policy: str = "full"
 
     def __post_init__(self) -> None:
         if self.compute_dtype not in ("float32", "bfloat16"):
             raise ValueError(
                 f"compute_dtype must be float32 or bfloat16, got {self.compute_dtype!r}"
             )
+        for name in ("remat_policy", "whisper_remat_policy"):
+            value = getattr(self, name)
+            if value is not None and value not in kimia_llm.REMAT_POLICIES:
+                raise ValueError(
+                    f"TrainConfig.{name} must be one of {sorted(kimia_llm.REMAT_POLICIES)}, "
+                    f"got {value!r}"
+                )
+
+    def llm_overrides(self) -> dict[str, Any]:
+        """The LlmConfig fields this config sets (compute dtype, layer layout, remat)."""
+        out: dict[str, Any] = {"dtype": self.compute_dtype}
+        if self.scan_layers is not None:
+            out["scan_layers"] = self.scan_layers
+        if self.remat_policy is not None:
+            out["remat_policy"] = self.remat_policy
+        return out
 
 
 @flax.struct.dataclass
@@ -321,8 +348,8 @@ class TrainStep:
                 "train with one example per row (TrainConfig(packed=False))"
             )
         dt = self.cfg.compute_dtype
-        self.llm_cfg = llm_cfg.replace(dtype=dt)
-        wkw: dict[str, Any] = {"dtype": dt}
+        self.llm_cfg = llm_cfg.replace(**self.cfg.llm_overrides())
+        wkw: dict[str, Any] = {"dtype": dt, "remat_policy": self.cfg.whisper_remat_policy}
         fields = {f.name for f in dataclasses.fields(whisper_cfg)}
         if mesh is not None and "attention_chunk" in fields:
             # the CPU query-chunk loop indexes heads/rows dynamically, which the partitioner can
@@ -366,6 +393,12 @@ class TrainStep:
             step=rep, params=ps, opt_state=opt, whisper_trainable=state.whisper_trainable
         )
 
+    def to_layout(self, params: Any) -> Any:
+        """{"llm", "whisper"} params with the LLM in this step's layer layout (`scan_layers`);
+        the same object when it already is."""
+        llm = kimia_llm.to_layout(params["llm"], self.llm_cfg, self.mesh)
+        return params if llm is params["llm"] else {**params, "llm": llm}
+
     def init_fn(self, whisper_trainable: bool) -> Any:
         """params -> fresh TrainState (step 0, zero moments); un-jitted, for `jax.eval_shape`."""
         tx = self.optimizer(whisper_trainable)
@@ -385,7 +418,9 @@ class TrainStep:
         return jax.eval_shape(self.init_fn(whisper_trainable), params)
 
     def init(self, params: Any, *, whisper_trainable: bool = True) -> TrainState:
-        """Fresh state (step 0, zero moments) around `params` {"llm": ..., "whisper": ...}."""
+        """Fresh state (step 0, zero moments) around `params` {"llm": ..., "whisper": ...} (either
+        LLM layer layout: converted to this step's)."""
+        params = self.to_layout(params)
         make = self.init_fn(whisper_trainable)
         if self.mesh is None:
             return jax.jit(make)(params)
@@ -471,7 +506,9 @@ class TrainStep:
         whisper_trainable: bool = True,
         collect: bool = False,
     ) -> tuple[jax.Array, dict[str, Any], Any]:
-        """Jitted loss, metrics (+ activations with collect) and raw gradients, no update."""
+        """Jitted loss, metrics (+ activations with collect) and raw gradients, no update.
+        `params` in either LLM layer layout; gradients come in this step's layout."""
+        params = self.to_layout(params)
         key = (whisper_trainable, collect)
         if key not in self._grads:
             fn = functools.partial(
