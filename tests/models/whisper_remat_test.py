@@ -3,7 +3,7 @@
 same gradients as without remat, and the backward really recomputes (fewer saved residuals).
 
 Measured (CPU, fp32, random 3-layer d_model 32 encoder over 200 mel frames): loss 0 difference,
-gradients 0 relative difference ("full" and "dots_saveable" vs "none").
+gradients 3.4e-7 relative to each tensor's largest entry ("full" and "dots_saveable" vs "none").
 """
 
 from __future__ import annotations

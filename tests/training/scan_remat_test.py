@@ -2,9 +2,11 @@
 a train step with scanned layer stacks and per-layer remat equals the unrolled step without
 remat, from the same (unrolled) checkpoint params.
 
-Measured (CPU, fp32, tiny fixture model, text-only rows): loss 0 difference, gradients 1.1e-7
-relative to each tensor's largest entry (scan + dots_saveable vs unrolled); after two AdamW steps
-losses 0 and params 3.0e-8.
+Measured (CPU, fp32, tiny fixture model, text-only rows, scan + dots_saveable vs unrolled without
+remat): loss 0 difference, gradients 2.9e-6 relative to each tensor's largest entry; after two
+AdamW steps (lr 1e-3, eps 1e-6) losses 0 difference, params 2.2e-6 (eps 1e-3: 1.0e-7). Before the
+decay mask ignored the stack axis, the stacked norm scales and biases were decayed: the second
+loss differed by 1.5e-5 and the params by 2.0e-4.
 """
 
 from __future__ import annotations
