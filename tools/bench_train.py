@@ -244,7 +244,8 @@ def _best(fn, repeats: int) -> float:
 def main(argv: list[str]) -> None:
     del argv
     platform, dtype = _PLATFORM.value, _DTYPE.value
-    os.environ["JAX_PLATFORMS"] = platform  # before jax is imported (libtpu, if any, stays idle)
+    # before jax is imported (libtpu, if installed, stays idle)
+    os.environ["JAX_PLATFORMS"] = "cuda" if platform == "gpu" else "cpu"
     if platform == "gpu":  # JAX and torch share the GPU: no 75 % preallocation by JAX
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax
