@@ -359,11 +359,9 @@ class LoraTrainStep:
 
     def state_shardings(self, params: Any) -> Any:
         """Shardings of the state built around `params` (as `init` takes them)."""
-        import optax
-
         from kimia_jax import sharding
         from kimia_jax.models import whisper_encoder as wenc
-        from kimia_jax.training.train_step import TrainState
+        from kimia_jax.training.train_step import TrainState, like_params
 
         if self.mesh is None:
             return None
@@ -377,10 +375,7 @@ class LoraTrainStep:
         rep = sharding.replicated(self.mesh)
         tx = self.optimizer()
         opt_abs = jax.eval_shape(tx.init, adapters)
-        opt = optax.tree_map_params(
-            tx, lambda _, s: s, opt_abs, ad_sh, transform_non_params=lambda _: rep,
-            is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding),
-        )  # fmt: skip
+        opt = like_params(opt_abs, adapters, ad_sh, rep)
         return TrainState(
             step=rep,
             params={"lora": ad_sh, "frozen": {"llm": base_sh, "whisper": wsh}},
