@@ -16,8 +16,9 @@ the prompt-only VQ adaptor excluded), i.e. the memory traffic that bounds batch-
 the effective bandwidth at batch 1.
 
 The import chain is jax + flax + absl only (no grain, ml_collections, tensorboardX, librosa,
-soundfile), so it runs on a bare accelerator machine with jax/flax installed; `--platform=cpu`
-sets JAX_PLATFORMS before jax is imported, `--platform=gpu` checks that jax found the GPU.
+soundfile; tests/tools/bench_quant_test.py runs it with them blocked), so it runs on a bare
+accelerator machine with jax/flax installed; `--platform` sets JAX_PLATFORMS (gpu: cuda) before
+jax is imported.
 """
 
 from __future__ import annotations
@@ -102,8 +103,7 @@ def paper(cfg) -> dict[str, float]:
 
 def main(argv):
     del argv
-    if _PLATFORM.value == "cpu":
-        os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ["JAX_PLATFORMS"] = {"gpu": "cuda"}.get(_PLATFORM.value, _PLATFORM.value)
     import jax
 
     if jax.default_backend() != _PLATFORM.value:
@@ -137,7 +137,7 @@ def main(argv):
                 tn = best_of(lambda run=run: run(_STEPS.value + 1), _REPEATS.value)
                 sps = _STEPS.value / (tn - t1) if tn > t1 else float("nan")
                 print(f"{size:>5} {name:>8} batch {b}: {sps:8.1f} steps/s "
-                      f"({b * sps:8.1f} tokens/s), weights read/step {nbytes / 1e6:8.1f} MB, "
+                      f"({b * sps:8.1f} tokens/s), weights read/step {nbytes / 1e6:9.3f} MB, "
                       f"{nbytes * sps / 1e9:6.1f} GB/s", flush=True)  # fmt: skip
             del params
 
