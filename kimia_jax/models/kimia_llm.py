@@ -35,6 +35,7 @@ from kimia_jax.layers.kv_cache import KVCache
 from kimia_jax.layers.linear import Linear, matmul_t
 from kimia_jax.layers.mlp import MLP
 from kimia_jax.layers.norm import LayerNorm, RMSNorm
+from kimia_jax.layers.quant import QWeight
 from kimia_jax.layers.remat import REMAT_POLICIES, remat_policy  # noqa: F401 (re-export)
 
 
@@ -152,10 +153,13 @@ class VocabParam(nn.Module):
         )
 
     def lookup(self, ids: jax.Array, dtype: jnp.dtype) -> jax.Array:  # [B, T] -> [B, T, D]
+        if isinstance(self.weight, QWeight):
+            return self.weight.rows(ids, dtype)
         return jnp.take(self.weight, ids, axis=0).astype(dtype)
 
     def logits(self, h: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, V] fp32
-        return matmul_t(h, self.weight.astype(h.dtype), preferred_element_type=jnp.float32)
+        w = self.weight if isinstance(self.weight, QWeight) else self.weight.astype(h.dtype)
+        return matmul_t(h, w, preferred_element_type=jnp.float32)
 
 
 @flax.struct.dataclass
