@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ import grain
 import numpy as np
 from flax import serialization
 
+from kimia_jax import fileio
 from kimia_jax.errors import PromptError
 from kimia_jax.training.examples import (
     Example,
@@ -63,18 +64,76 @@ def decode_record(data: bytes) -> dict[str, Any]:
     return dict(serialization.msgpack_restore(data))
 
 
-def write_records(path: str | os.PathLike[str], records: Sequence[Mapping[str, Any]]) -> str:
-    """Writes one ArrayRecord file of msgpack records (random access: group_size 1)."""
+def write_records(path: str | os.PathLike[str], records: Iterable[Mapping[str, Any]]) -> str:
+    """Writes one ArrayRecord file of msgpack records (random access: group_size 1).
+
+    Atomic: the records go to a staging name next to `path` (`fileio.staging_name`), which is
+    renamed over `path` once the writer is closed; an interrupted write leaves no `path`."""
+    import tempfile
+
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    path = str(path)
-    w = ArrayRecordWriter(path, "group_size:1")
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=fileio.staging_name(final), dir=final.parent)
+    os.close(fd)
     try:
-        for r in records:
-            w.write(encode_record(r))
-    finally:
-        w.close()
-    return path
+        w = ArrayRecordWriter(tmp, "group_size:1")
+        try:
+            for r in records:
+                w.write(encode_record(r))
+        finally:
+            w.close()
+        os.chmod(tmp, 0o666 & ~fileio.current_umask())
+        os.replace(tmp, final)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return str(final)
+
+
+class AudioShards:
+    """Waveforms of the `audio-XXXXX-of-YYYYY.array_record` family (training.md §2.3), fetched by
+    the `(audio shard, record index)` refs of `pt_docs` records (`audio_ref_orig` rows): mono 16 kHz
+    16-bit FLAC -> float32 (int16 / 32768, what the official loader gives for such a file).
+
+    `AudioShards(folder)` (or a glob); usable as `pretrain_builder(..., audio=AudioShards(out))`.
+    """
+
+    def __init__(self, paths: str | os.PathLike[str] | Sequence[str]) -> None:
+        import glob
+        import re
+
+        if isinstance(paths, (str, os.PathLike)):
+            p = Path(paths)
+            pattern = str(p / "audio-*.array_record") if p.is_dir() else str(p)
+            paths = sorted(glob.glob(pattern))
+            if not paths:
+                raise FileNotFoundError(f"AudioShards: no audio shard matches {pattern!r}")
+        self._paths: dict[int, str] = {}
+        for q in paths:
+            m = re.search(r"audio-(\d+)-of-\d+\.array_record$", str(q))
+            if not m:
+                raise ValueError(f"AudioShards: {q} is not named audio-XXXXX-of-YYYYY.array_record")
+            self._paths[int(m.group(1))] = str(q)
+        self._open: dict[int, Any] = {}
+
+    def record(self, shard: int, index: int) -> dict[str, Any]:
+        if shard not in self._paths:
+            raise KeyError(f"AudioShards: no audio shard {shard} (have {sorted(self._paths)})")
+        if shard not in self._open:
+            self._open[shard] = grain.sources.ArrayRecordDataSource([self._paths[shard]])
+        return decode_record(self._open[shard][int(index)])
+
+    def __call__(self, ref: Any) -> np.ndarray:
+        import io
+
+        import soundfile as sf
+
+        shard, index = (int(x) for x in np.asarray(ref).reshape(-1)[:2])
+        rec = self.record(shard, index)
+        wav, _ = sf.read(io.BytesIO(rec["flac_16k"]), dtype="float32")
+        return wav
 
 
 class ArrayRecordSource(grain.sources.RandomAccessDataSource):
