@@ -534,12 +534,13 @@ def _write_if_changed(path: Path, text: str) -> bool:
 
 
 def run(
-    input_path: str,
+    input_path: str | Sequence[str],
     cfg: PrepareConfig,
     beam_args: Sequence[str] = (),
     stages: Sequence[ModelStage] = (),
 ) -> dict[str, Any]:
-    """Prepares `input_path` into `cfg.output`; returns {"card", "written", "counters"}."""
+    """Prepares `input_path` (one or several inputs) into `cfg.output`; returns {"card",
+    "shards_written", "counters", "card_written"}."""
     from apache_beam.options.pipeline_options import PipelineOptions
 
     out = Path(cfg.output)
@@ -547,7 +548,10 @@ def run(
         raise FileNotFoundError(f"--glm_tokenizer {cfg.glm_tokenizer} does not exist")
     if cfg.text_tokenizer and not (Path(cfg.text_tokenizer) / "tiktoken.model").is_file():
         raise FileNotFoundError(f"--text_tokenizer {cfg.text_tokenizer}: no tiktoken.model there")
-    rows = read_input(input_path, cfg.input_kind)
+    inputs = [input_path] if isinstance(input_path, (str, os.PathLike)) else list(input_path)
+    rows = [r for i in inputs for r in read_input(i, cfg.input_kind)]
+    if len({r.row_id for r in rows}) != len(rows):
+        raise ManifestError(f"--input {inputs}: row ids repeat across the inputs")
     if not rows:
         raise ManifestError(f"--input {input_path}: no rows")
     if cfg.text_tokenizer is None and any(r.text is not None or r.family == "sft" for r in rows):

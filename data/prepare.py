@@ -17,7 +17,7 @@ import sys
 
 from absl import app, flags, logging
 
-_INPUT = flags.DEFINE_string("input", None, "manifest (.jsonl) or corpus folder", required=True)
+_INPUT = flags.DEFINE_list("input", None, "manifests (.jsonl) / corpus folders", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "output folder (shards, markers, card)", required=True)
 _KIND = flags.DEFINE_enum(
     "input_kind", None, ["sft", "audio_jsonl", "librispeech", "aishell", "wenetspeech"],

@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +158,10 @@ class ArrayRecordSource(grain.sources.RandomAccessDataSource):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         return decode_record(self._src[i])
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        # explicit: the underlying source ends with ValueError, not the IndexError `for` expects
+        return (self[i] for i in range(len(self)))
 
     def __repr__(self) -> str:
         return f"ArrayRecordSource({self.paths})"
