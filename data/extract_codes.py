@@ -71,7 +71,7 @@ def extract(
                 keep.append(m)
             except (AudioError, FileNotFoundError, IsADirectoryError) as e:
                 if not skip_bad:
-                    raise AudioError(f"line {i + 1}: {e}") from e
+                    raise type(e)(f"line {i + 1}: {e}") from e
                 bad[i] = str(e)
         for m, codes in zip(keep, tokenizer.tokenize(wavs) if wavs else [], strict=True):
             m["audio_tokens"] = (np.asarray(codes, np.int64) + offset).tolist()
