@@ -1,6 +1,6 @@
 """Drop-in for the official `finetune_codes/extract_semantic_codes.py`, batched.
 
-    python -m data.extract_codes --input_file=data.jsonl --output_file=data_with_semantic_codes.jsonl \
+    python -m data.extract_codes --input_file=data.jsonl --output_file=data_codes.jsonl \
         --tokenizer=<glm-4-voice-tokenizer folder or Orbax dir> [--kimia_token_offset=152064]
 
 Reads the official SFT jsonl (`task_type`, `conversation`), runs the GLM-4-Voice tokenizer on every
@@ -27,7 +27,9 @@ from kimia_jax.errors import AudioError, ManifestError
 
 _IN = flags.DEFINE_string("input_file", None, "official SFT jsonl", required=True)
 _OUT = flags.DEFINE_string("output_file", None, "jsonl to write (with audio_tokens)", required=True)
-_TOK = flags.DEFINE_string("tokenizer", None, "glm-4-voice-tokenizer folder or Orbax dir", required=True)
+_TOK = flags.DEFINE_string(
+    "tokenizer", None, "glm-4-voice-tokenizer folder or Orbax dir", required=True
+)
 _OFFSET = flags.DEFINE_integer("kimia_token_offset", 152064, "id of audio code 0 (config.json)")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "clips per tokenizer call")
 _SKIP = flags.DEFINE_bool("skip_bad", False, "leave out lines whose audio cannot be read")
@@ -94,8 +96,9 @@ def main(argv: list[str]) -> None:
             except json.JSONDecodeError as e:
                 raise ManifestError(f"{src}:{n}: invalid JSON ({e})") from e
     tok = GlmTokenizer.from_pretrained(_TOK.value, max_batch=min(_BATCH.value, 8))
-    out, bad = extract(lines, tok, src.parent, offset=_OFFSET.value, batch_size=_BATCH.value,
-                       skip_bad=_SKIP.value)  # fmt: skip
+    out, bad = extract(
+        lines, tok, src.parent, offset=_OFFSET.value, batch_size=_BATCH.value, skip_bad=_SKIP.value
+    )
     for i, e in bad:
         logging.warning("line %d left out: %s", i + 1, e)
     fileio.write_text(_OUT.value, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out))

@@ -128,7 +128,9 @@ def _sft(path: Path) -> list[SourceRow]:
         if "conversation" not in rec or "task_type" not in rec:
             raise ManifestError(f"{path}:{lineno}: official SFT lines need task_type, conversation")
         rid = f"{path.stem}:{lineno}"
-        rows.append(SourceRow(rid, rid, path.stem, "sft", sft={**rec, "_base_dir": str(path.parent)}))
+        rows.append(
+            SourceRow(rid, rid, path.stem, "sft", sft={**rec, "_base_dir": str(path.parent)})
+        )
     return rows
 
 
@@ -166,9 +168,16 @@ def _librispeech(root: Path) -> list[SourceRow]:
             utt, _, text = line.strip().partition(" ")
             rows.append(
                 SourceRow(
-                    utt, doc, "librispeech", "pt", str(trans.parent / f"{utt}.flac"),
-                    text.strip().lower(), "en", utt.split("-")[0], order=order,
-                )  # fmt: skip
+                    utt,
+                    doc,
+                    "librispeech",
+                    "pt",
+                    str(trans.parent / f"{utt}.flac"),
+                    text.strip().lower(),
+                    "en",
+                    utt.split("-")[0],
+                    order=order,
+                )
             )
     return rows
 
@@ -186,9 +195,16 @@ def _aishell(root: Path) -> list[SourceRow]:
         spk = wav.parent.name
         rows.append(
             SourceRow(
-                utt, spk, "aishell", "pt", str(wav), texts.get(utt), "zh", spk,
+                utt,
+                spk,
+                "aishell",
+                "pt",
+                str(wav),
+                texts.get(utt),
+                "zh",
+                spk,
                 order=len(rows),
-            )  # fmt: skip
+            )
         )
     return rows
 
@@ -202,9 +218,18 @@ def _wenetspeech(root: Path) -> list[SourceRow]:
         for order, s in enumerate(segs):
             rows.append(
                 SourceRow(
-                    str(s["sid"]), aid, "wenetspeech", "pt", str(root / a["path"]), s.get("text"),
-                    "zh", "", float(s["begin_time"]), float(s["end_time"]), order,
-                )  # fmt: skip
+                    str(s["sid"]),
+                    aid,
+                    "wenetspeech",
+                    "pt",
+                    str(root / a["path"]),
+                    s.get("text"),
+                    "zh",
+                    "",
+                    float(s["begin_time"]),
+                    float(s["end_time"]),
+                    order,
+                )
             )
     return rows
 

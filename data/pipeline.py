@@ -51,9 +51,19 @@ from kimia_jax.errors import AudioError, ManifestError
 SR = 16000
 MARKERS = "_shards"
 DROP_REASONS = (
-    "missing_file", "empty", "nan", "corrupt", "wrong_sample_rate", "bad_timestamps",
-    "unsupported_language", "too_long", "too_short", "no_speech", "bad_sft_record", "error",
-)  # fmt: skip
+    "missing_file",
+    "empty",
+    "nan",
+    "corrupt",
+    "wrong_sample_rate",
+    "bad_timestamps",
+    "unsupported_language",
+    "too_long",
+    "too_short",
+    "no_speech",
+    "bad_sft_record",
+    "error",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,16 +167,24 @@ class LoadDoFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput("drop", _drop(row, shard, "wrong_sample_rate", str(e)))
             return
         except Exception as e:  # noqa: BLE001 - every bad row is reported, none stops the run
-            yield beam.pvalue.TaggedOutput("drop", _drop(row, shard, classify_audio_error(e), str(e)))
+            yield beam.pvalue.TaggedOutput(
+                "drop", _drop(row, shard, classify_audio_error(e), str(e))
+            )
             return
         offset = 0
         if row.start_s is not None or row.end_s is not None:
             a = int(round((row.start_s or 0.0) * SR))
             b = len(wav) if row.end_s is None else int(round(row.end_s * SR))
             if not 0 <= a < b <= len(wav) + SR // 100:  # 10 ms slack for rounded end times
-                yield beam.pvalue.TaggedOutput("drop", _drop(
-                    row, shard, "bad_timestamps",
-                    f"[{row.start_s}, {row.end_s}] s outside the {len(wav) / SR:.2f} s file"))  # fmt: skip
+                yield beam.pvalue.TaggedOutput(
+                    "drop",
+                    _drop(
+                        row,
+                        shard,
+                        "bad_timestamps",
+                        f"[{row.start_s}, {row.end_s}] s outside the {len(wav) / SR:.2f} s file",
+                    ),
+                )
                 return
             wav, offset = wav[a:b], a
         Metrics.counter("load", "audio_ms_in").inc(int(len(wav) * 1000 / SR))
@@ -200,13 +218,21 @@ class SegmentDoFn(beam.DoFn):
                 return
         for k, reg in enumerate(regions):
             seg = {
-                "kind": "seg", "shard": shard, "row_id": row.row_id, "doc_id": row.doc_id,
-                "source": row.source, "order": row.order, "sub": k,
-                "start_s": (r["offset"] + reg.start) / SR, "end_s": (r["offset"] + reg.end) / SR,
-                "speaker": reg.speaker, "text": row.text, "language": r["language"],
+                "kind": "seg",
+                "shard": shard,
+                "row_id": row.row_id,
+                "doc_id": row.doc_id,
+                "source": row.source,
+                "order": row.order,
+                "sub": k,
+                "start_s": (r["offset"] + reg.start) / SR,
+                "end_s": (r["offset"] + reg.end) / SR,
+                "speaker": reg.speaker,
+                "text": row.text,
+                "language": r["language"],
                 "asr_model": "manifest" if row.text is not None else "",
                 "wav": wav[reg.start : reg.end],
-            }  # fmt: skip
+            }
             if r.get("wav_enh") is not None:
                 seg["wav_enh"] = r["wav_enh"][reg.start : reg.end]
             Metrics.counter("segment", "segments_out").inc()
@@ -244,7 +270,9 @@ class TokenizeDoFn(beam.DoFn):
     def setup(self) -> None:
         from kimia_jax.audio import GlmTokenizer
 
-        self.tok = GlmTokenizer.from_pretrained(self.cfg.glm_tokenizer, max_batch=self.cfg.batch_size)
+        self.tok = GlmTokenizer.from_pretrained(
+            self.cfg.glm_tokenizer, max_batch=self.cfg.batch_size
+        )
         self.text = None
         if self.cfg.text_tokenizer:
             from kimia_jax.text.tokenizer import TextTokenizer
@@ -264,7 +292,9 @@ class TokenizeDoFn(beam.DoFn):
             text, lang = s.get("text"), s.get("language")
             if text and lang in self.cfg.languages:
                 if self.text is None:
-                    raise ManifestError("transcripts need --text_tokenizer (a tiktoken.model folder)")
+                    raise ManifestError(
+                        "transcripts need --text_tokenizer (a tiktoken.model folder)"
+                    )
                 s["text_ids"] = np.asarray(self.text.encode(text), np.int32)
             else:
                 s["text_ids"] = None
@@ -292,23 +322,32 @@ class SftDoFn(beam.DoFn):
         for i, m in enumerate(rec.get("conversation", [])):
             mt = m.get("message_type")
             if mt not in ("text", "audio") or not isinstance(m.get("content"), str):
-                yield beam.pvalue.TaggedOutput("drop", _drop(
-                    row, shard, "bad_sft_record", f"message {i}: message_type {mt!r}"))  # fmt: skip
+                yield beam.pvalue.TaggedOutput(
+                    "drop", _drop(row, shard, "bad_sft_record", f"message {i}: message_type {mt!r}")
+                )
                 return
             if mt == "text":
                 if self.text is None:
                     raise ManifestError("SFT conversations need --text_tokenizer")
                 ids = np.asarray(self.text.encode(m["content"]), np.int32)
-                msgs.append({"role": m.get("role"), "kind": "text", "text": m["content"], "text_ids": ids})
+                msgs.append(
+                    {"role": m.get("role"), "kind": "text", "text": m["content"], "text_ids": ids}
+                )
             else:
                 p = Path(m["content"])
                 try:
-                    wav = load_clip(str(p if p.is_absolute() else base / p), self.cfg.min_sample_rate)
+                    wav = load_clip(
+                        str(p if p.is_absolute() else base / p), self.cfg.min_sample_rate
+                    )
                 except _RateError as e:
-                    yield beam.pvalue.TaggedOutput("drop", _drop(row, shard, "wrong_sample_rate", str(e)))
+                    yield beam.pvalue.TaggedOutput(
+                        "drop", _drop(row, shard, "wrong_sample_rate", str(e))
+                    )
                     return
                 except Exception as e:  # noqa: BLE001
-                    yield beam.pvalue.TaggedOutput("drop", _drop(row, shard, classify_audio_error(e), str(e)))
+                    yield beam.pvalue.TaggedOutput(
+                        "drop", _drop(row, shard, classify_audio_error(e), str(e))
+                    )
                     return
                 msgs.append({"role": m.get("role"), "kind": "audio", "audio": wav})
                 wavs.append(wav)
@@ -318,10 +357,19 @@ class SftDoFn(beam.DoFn):
             if m["kind"] == "audio":
                 m["codes"] = next(it).astype(np.int32)
         out_type = "text" if rec.get("task_type") == "understanding" else "both"
-        conv = {"row_id": row.row_id, "task": str(rec.get("task_type", "sft")), "output_type": out_type,
-                "messages": msgs}  # fmt: skip
+        conv = {
+            "row_id": row.row_id,
+            "task": str(rec.get("task_type", "sft")),
+            "output_type": out_type,
+            "messages": msgs,
+        }
         Metrics.counter("sft", "conversations").inc()
-        yield {"kind": "sft", "shard": shard, "row_id": row.row_id, "record": rec_lib.sft_record(conv)}
+        yield {
+            "kind": "sft",
+            "shard": shard,
+            "row_id": row.row_id,
+            "record": rec_lib.sft_record(conv),
+        }
 
 
 class WriteShardDoFn(beam.DoFn):
@@ -366,22 +414,33 @@ class WriteShardDoFn(beam.DoFn):
             nseg[lang] += 1
         rows = sorted({s["row_id"] for s in segs} | {x["row_id"] for x in sfts})
         stats = {
-            "shard": shard, "num_shards": self.n, "files": files,
-            "segments": len(segs), "conversations": len(sfts),
+            "shard": shard,
+            "num_shards": self.n,
+            "files": files,
+            "segments": len(segs),
+            "conversations": len(sfts),
             "seconds": round(sum(secs.values()), 3),
             "seconds_by_language": {k: round(v, 3) for k, v in sorted(secs.items())},
             "segments_by_language": dict(sorted(nseg.items())),
             "segments_with_text": sum(s.get("text_ids") is not None for s in segs),
             "sources": dict(sorted(Counter(s["source"] for s in segs).items())),
             "segments_dropped_too_short": short,
-            "rows": rows, "drops": sorted(drops, key=lambda d: d["row_id"]),
-        }  # fmt: skip
+            "rows": rows,
+            "drops": sorted(drops, key=lambda d: d["row_id"]),
+        }
         write_marker(marker_path(out, shard, self.n), stats)
         Metrics.counter("write", "shards").inc()
         done = len(glob.glob(str(out / MARKERS / f"*-of-{self.n:05d}.json")))
-        logging.info("shard %d/%d written: %d segments, %d conversations, %d drops "
-                     "(%d/%d shards finished)", shard, self.n, len(segs), len(sfts), len(drops),
-                     done, self.n)  # fmt: skip
+        logging.info(
+            "shard %d/%d written: %d segments, %d conversations, %d drops (%d/%d shards finished)",
+            shard,
+            self.n,
+            len(segs),
+            len(sfts),
+            len(drops),
+            done,
+            self.n,
+        )
         yield stats
 
 
@@ -415,14 +474,20 @@ def plan_shards(rows: Sequence[SourceRow], cfg: PrepareConfig) -> int:
                 "use the same count to resume, or a new --output folder"
             )
         return int(plan["num_shards"])
-    fileio.write_text(plan_file, json.dumps(
-        {"num_shards": n, "input_fingerprint": fp, "rows": len(rows)}, indent=1))  # fmt: skip
+    fileio.write_text(
+        plan_file,
+        json.dumps({"num_shards": n, "input_fingerprint": fp, "rows": len(rows)}, indent=1),
+    )
     return n
 
 
 def remove_staging(out: Path) -> list[Path]:
     """Staging files of interrupted writes (`.<name>.tmp-*`) in the output folders."""
-    found = [Path(p) for d in (out, out / MARKERS) for p in glob.glob(str(d / f".*{fileio.STAGING_MARK}*"))]
+    found = [
+        Path(p)
+        for d in (out, out / MARKERS)
+        for p in glob.glob(str(d / f".*{fileio.STAGING_MARK}*"))
+    ]
     for p in found:
         p.unlink(missing_ok=True)
     return found
@@ -442,21 +507,36 @@ def build(
     loaded = pt | "Load" >> beam.ParDo(LoadDoFn(cfg)).with_outputs("drop", main="rec")
     recs = loaded.rec
     for s in (s for s in stages if s.level == "recording"):
-        recs = (recs | f"Batch-{s.name}" >> beam.BatchElements(min_batch_size=1, max_batch_size=cfg.batch_size)
-                | f"Stage-{s.name}" >> beam.ParDo(StageDoFn(s)))  # fmt: skip
+        recs = (
+            recs
+            | f"Batch-{s.name}"
+            >> beam.BatchElements(min_batch_size=1, max_batch_size=cfg.batch_size)
+            | f"Stage-{s.name}" >> beam.ParDo(StageDoFn(s))
+        )
     segd = recs | "Segment" >> beam.ParDo(SegmentDoFn(cfg)).with_outputs("drop", main="seg")
     segs = segd.seg | "OnlySegs" >> beam.Filter(lambda x: x.get("kind") == "seg")
     shorts = segd.seg | "OnlyShort" >> beam.Filter(lambda x: x.get("kind") == "short")
     for s in (s for s in stages if s.level == "segment"):
-        segs = (segs | f"Batch-{s.name}" >> beam.BatchElements(min_batch_size=1, max_batch_size=cfg.batch_size)
-                | f"Stage-{s.name}" >> beam.ParDo(StageDoFn(s)))  # fmt: skip
+        segs = (
+            segs
+            | f"Batch-{s.name}"
+            >> beam.BatchElements(min_batch_size=1, max_batch_size=cfg.batch_size)
+            | f"Stage-{s.name}" >> beam.ParDo(StageDoFn(s))
+        )
     toks = (
         segs
         | "BatchTok" >> beam.BatchElements(min_batch_size=1, max_batch_size=cfg.batch_size)
         | "Tokenize" >> beam.ParDo(TokenizeDoFn(cfg))
     )
     sftd = sft | "Conversations" >> beam.ParDo(SftDoFn(cfg)).with_outputs("drop", main="conv")
-    everything = (toks, shorts, sftd.conv, loaded.drop, segd.drop, sftd.drop) | "All" >> beam.Flatten()
+    everything = (
+        toks,
+        shorts,
+        sftd.conv,
+        loaded.drop,
+        segd.drop,
+        sftd.drop,
+    ) | "All" >> beam.Flatten()
     return (
         everything
         | "ByShard" >> beam.Map(lambda x: (x["shard"], x))
@@ -507,14 +587,18 @@ def card(out: Path, num_shards: int) -> dict[str, Any]:
 
 def card_markdown(c: dict[str, Any]) -> str:
     lines = [
-        "# Dataset card", "",
+        "# Dataset card",
+        "",
         f"Shards: {c['finished_shards']}/{c['num_shards']} finished. Rows: {c['rows_in']} in, "
-        f"{c['rows_written']} written, {c['rows_dropped']} dropped.", "",
+        f"{c['rows_written']} written, {c['rows_dropped']} dropped.",
+        "",
         f"Audio: {c['hours']:.4f} h in {c['segments']} segments ({c['segments_with_text']} with "
         f"transcript); {c['conversations']} SFT conversations; "
-        f"{c['segments_dropped_too_short']} VAD segments shorter than the minimum left out.", "",
-        "| language | hours | segments |", "|---|---|---|",
-    ]  # fmt: skip
+        f"{c['segments_dropped_too_short']} VAD segments shorter than the minimum left out.",
+        "",
+        "| language | hours | segments |",
+        "|---|---|---|",
+    ]
     for lang, h in c["hours_by_language"].items():
         lines.append(f"| {lang} | {h:.4f} | {c['segments_by_language'].get(lang, 0)} |")
     lines += ["", "| drop reason | rows |", "|---|---|"]
@@ -522,7 +606,11 @@ def card_markdown(c: dict[str, Any]) -> str:
     lines += ["", "| family | files | records |", "|---|---|---|"]
     for fam, fs in c["files"].items():
         lines.append(f"| {fam} | {len(fs)} | {sum(f['records'] for f in fs)} |")
-    lines += ["", "Sources: " + ", ".join(f"{k} ({v} segments)" for k, v in c["sources"].items()), ""]
+    lines += [
+        "",
+        "Sources: " + ", ".join(f"{k} ({v} segments)" for k, v in c["sources"].items()),
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -566,16 +654,38 @@ def run(
         by_shard.setdefault(shard_of(r, n), []).append(r)
     for k in range(n):  # shards that no row maps to are finished by definition
         if k not in by_shard and not marker_path(out, k, n).is_file():
-            write_marker(marker_path(out, k, n), {
-                "shard": k, "num_shards": n, "files": {}, "segments": 0, "conversations": 0,
-                "seconds": 0.0, "seconds_by_language": {}, "segments_by_language": {},
-                "segments_with_text": 0, "sources": {}, "segments_dropped_too_short": 0,
-                "rows": [], "drops": []})  # fmt: skip
-    todo = [(k, r) for k, rs in sorted(by_shard.items()) if not marker_path(out, k, n).is_file()
-            for r in rs]  # fmt: skip
-    logging.info("%d rows in %d shards; %d shards to write (%d rows), %d already finished",
-                 len(rows), n, len({k for k, _ in todo}), len(todo),
-                 n - len({k for k, _ in todo}))  # fmt: skip
+            write_marker(
+                marker_path(out, k, n),
+                {
+                    "shard": k,
+                    "num_shards": n,
+                    "files": {},
+                    "segments": 0,
+                    "conversations": 0,
+                    "seconds": 0.0,
+                    "seconds_by_language": {},
+                    "segments_by_language": {},
+                    "segments_with_text": 0,
+                    "sources": {},
+                    "segments_dropped_too_short": 0,
+                    "rows": [],
+                    "drops": [],
+                },
+            )
+    todo = [
+        (k, r)
+        for k, rs in sorted(by_shard.items())
+        if not marker_path(out, k, n).is_file()
+        for r in rs
+    ]
+    logging.info(
+        "%d rows in %d shards; %d shards to write (%d rows), %d already finished",
+        len(rows),
+        n,
+        len({k for k, _ in todo}),
+        len(todo),
+        n - len({k for k, _ in todo}),
+    )
     counters: dict[str, int] = {}
     if todo:
         p = beam.Pipeline(options=PipelineOptions(list(beam_args)))
@@ -595,8 +705,12 @@ def run(
     written |= _write_if_changed(out / "DATASET_CARD.md", card_markdown(c))
     index = {"num_shards": n, "files": c["files"]}
     written |= _write_if_changed(out / "index.json", json.dumps(index, indent=1, sort_keys=True))
-    return {"card": c, "shards_written": len({k for k, _ in todo}), "counters": counters,
-            "card_written": written}  # fmt: skip
+    return {
+        "card": c,
+        "shards_written": len({k for k, _ in todo}),
+        "counters": counters,
+        "card_written": written,
+    }
 
 
 def shard_files(out: str | os.PathLike[str], family: str) -> list[str]:

@@ -18,13 +18,21 @@ import sys
 from absl import app, flags, logging
 
 _INPUT = flags.DEFINE_list("input", None, "manifests (.jsonl) / corpus folders", required=True)
-_OUTPUT = flags.DEFINE_string("output", None, "output folder (shards, markers, card)", required=True)
+_OUTPUT = flags.DEFINE_string(
+    "output", None, "output folder (shards, markers, card)", required=True
+)
 _KIND = flags.DEFINE_enum(
-    "input_kind", None, ["sft", "audio_jsonl", "librispeech", "aishell", "wenetspeech"],
+    "input_kind",
+    None,
+    ["sft", "audio_jsonl", "librispeech", "aishell", "wenetspeech"],
     "input format (default: detected from the path)",
-)  # fmt: skip
-_GLM = flags.DEFINE_string("glm_tokenizer", None, "glm-4-voice-tokenizer folder or Orbax dir", required=True)
-_TEXT = flags.DEFINE_string("text_tokenizer", None, "folder with tiktoken.model (+ tokenizer_config.json)")
+)
+_GLM = flags.DEFINE_string(
+    "glm_tokenizer", None, "glm-4-voice-tokenizer folder or Orbax dir", required=True
+)
+_TEXT = flags.DEFINE_string(
+    "text_tokenizer", None, "folder with tiktoken.model (+ tokenizer_config.json)"
+)
 _SHARDS = flags.DEFINE_integer("num_shards", 0, "shards (0: ceil(rows / rows_per_shard))")
 _ROWS_PER_SHARD = flags.DEFINE_integer("rows_per_shard", 1000, "rows per shard when num_shards=0")
 _LANGS = flags.DEFINE_list("languages", ["en", "zh"], "transcript languages kept (others: dropped)")
@@ -32,12 +40,24 @@ _MIN_RATE = flags.DEFINE_integer("min_sample_rate", 16000, "files below this rat
 _BATCH = flags.DEFINE_integer("batch_size", 8, "segments per tokenizer / model-stage call")
 _MAX_S = flags.DEFINE_float("max_segment_s", 27.0, "segment cap (report: 27 s)")
 _MIN_S = flags.DEFINE_float("min_segment_s", 1.0, "shorter segments are dropped")
-_GAP_S = flags.DEFINE_float("max_gap_s", 2.0, "merge segments across silences up to this (report: 2 s)")
-_ENH = flags.DEFINE_string("enhancement_model", None, "DeepFilterNet model folder (stage off if unset)")
-_DIAR = flags.DEFINE_string("diarization_model", None, "pyannote pipeline folder (stage off if unset)")
-_ASR = flags.DEFINE_enum("transcription", None, ["kimi-audio", "paraformer-zh"],
-                         "transcribe untranscribed segments (stage off if unset)")  # fmt: skip
-_ASR_MODEL = flags.DEFINE_string("transcription_model", None, "model folder of the transcription stage")
+_GAP_S = flags.DEFINE_float(
+    "max_gap_s", 2.0, "merge segments across silences up to this (report: 2 s)"
+)
+_ENH = flags.DEFINE_string(
+    "enhancement_model", None, "DeepFilterNet model folder (stage off if unset)"
+)
+_DIAR = flags.DEFINE_string(
+    "diarization_model", None, "pyannote pipeline folder (stage off if unset)"
+)
+_ASR = flags.DEFINE_enum(
+    "transcription",
+    None,
+    ["kimi-audio", "paraformer-zh"],
+    "transcribe untranscribed segments (stage off if unset)",
+)
+_ASR_MODEL = flags.DEFINE_string(
+    "transcription_model", None, "model folder of the transcription stage"
+)
 _DTYPE = flags.DEFINE_enum("model_dtype", "float32", ["float32", "bfloat16"], "KimiAudio ASR dtype")
 
 
@@ -74,11 +94,28 @@ def main(argv: list[str]) -> None:
     )
     res = pipeline.run(_INPUT.value, config(), beam_args, st)
     c = res["card"]
-    logging.info("card: %s", json.dumps({k: c[k] for k in ("rows_in", "rows_written",
-                 "rows_dropped", "drops_by_reason", "hours", "segments")}))  # fmt: skip
-    print(f"{res['shards_written']} shards written; {c['finished_shards']}/{c['num_shards']} finished; "
-          f"{c['hours']:.4f} h, {c['segments']} segments, {c['conversations']} conversations, "
-          f"{c['rows_dropped']} rows dropped {c['drops_by_reason']}")  # fmt: skip
+    logging.info(
+        "card: %s",
+        json.dumps(
+            {
+                k: c[k]
+                for k in (
+                    "rows_in",
+                    "rows_written",
+                    "rows_dropped",
+                    "drops_by_reason",
+                    "hours",
+                    "segments",
+                )
+            }
+        ),
+    )
+    print(
+        f"{res['shards_written']} shards written; "
+        f"{c['finished_shards']}/{c['num_shards']} finished; "
+        f"{c['hours']:.4f} h, {c['segments']} segments, {c['conversations']} conversations, "
+        f"{c['rows_dropped']} rows dropped {c['drops_by_reason']}"
+    )
 
 
 def _parse(argv: list[str]) -> list[str]:

@@ -64,13 +64,26 @@ def pt_records(
         refs_orig, refs_enh = [], []
         for i, s in enumerate(ss):
             refs_orig.append((shard, len(audio)))
-            audio.append({"doc_id": doc_id, "seg_index": np.int32(i), "version": "orig",
-                          "flac_16k": flac_16k(s["wav"]), "num_samples": np.int64(len(s["wav"]))})  # fmt: skip
+            audio.append(
+                {
+                    "doc_id": doc_id,
+                    "seg_index": np.int32(i),
+                    "version": "orig",
+                    "flac_16k": flac_16k(s["wav"]),
+                    "num_samples": np.int64(len(s["wav"])),
+                }
+            )
             if s.get("wav_enh") is not None:
                 refs_enh.append((shard, len(audio)))
-                audio.append({"doc_id": doc_id, "seg_index": np.int32(i), "version": "enh",
-                              "flac_16k": flac_16k(s["wav_enh"]),
-                              "num_samples": np.int64(len(s["wav_enh"]))})  # fmt: skip
+                audio.append(
+                    {
+                        "doc_id": doc_id,
+                        "seg_index": np.int32(i),
+                        "version": "enh",
+                        "flac_16k": flac_16k(s["wav_enh"]),
+                        "num_samples": np.int64(len(s["wav_enh"])),
+                    }
+                )
         chunk: list[int] = []
         chunks: list[list[int]] = []
         dur = 0.0
@@ -83,9 +96,15 @@ def pt_records(
             dur += d
         chunks.append(chunk)
         for ci, idx in enumerate(chunks):
-            docs.append(_doc_record(doc_id, ci, [ss[i] for i in idx],
-                                    [refs_orig[i] for i in idx],
-                                    [refs_enh[i] for i in idx] if refs_enh else None))  # fmt: skip
+            docs.append(
+                _doc_record(
+                    doc_id,
+                    ci,
+                    [ss[i] for i in idx],
+                    [refs_orig[i] for i in idx],
+                    [refs_enh[i] for i in idx] if refs_enh else None,
+                )
+            )
     return docs, audio
 
 

@@ -90,7 +90,9 @@ def energy_regions(wav: np.ndarray, cfg: SegmentationConfig = SegmentationConfig
     return out
 
 
-def merge_regions(regions: Sequence[Region], cfg: SegmentationConfig = SegmentationConfig()) -> list[Region]:
+def merge_regions(
+    regions: Sequence[Region], cfg: SegmentationConfig = SegmentationConfig()
+) -> list[Region]:
     """Report rule E: merge adjacent same-speaker regions while <= max_s and gap <= max_gap_s."""
     max_len, max_gap = int(cfg.max_s * SR), int(cfg.max_gap_s * SR)
     out: list[Region] = []
@@ -104,7 +106,9 @@ def merge_regions(regions: Sequence[Region], cfg: SegmentationConfig = Segmentat
     return out
 
 
-def split_long(wav: np.ndarray, region: Region, cfg: SegmentationConfig = SegmentationConfig()) -> list[Region]:
+def split_long(
+    wav: np.ndarray, region: Region, cfg: SegmentationConfig = SegmentationConfig()
+) -> list[Region]:
     """Splits a region longer than max_s at its quietest 10 ms frame in (max_s/2, max_s]."""
     max_len = int(cfg.max_s * SR)
     out, start = [], region.start

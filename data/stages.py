@@ -78,8 +78,14 @@ class KimiAsrStage(ModelStage):
     name = "kimi-audio-asr"
     flag = "--transcription_model"
 
-    def __init__(self, weights: str | None, *, dtype: str = "float32", max_new_tokens: int = 256,
-                 prompt: str = ASR_PROMPT) -> None:  # fmt: skip
+    def __init__(
+        self,
+        weights: str | None,
+        *,
+        dtype: str = "float32",
+        max_new_tokens: int = 256,
+        prompt: str = ASR_PROMPT,
+    ) -> None:
         super().__init__(weights)
         self.dtype, self.max_new_tokens, self.prompt = dtype, max_new_tokens, prompt
         self.model: Any = None
@@ -162,7 +168,7 @@ def punctuate_from_timestamps(chars: Sequence[str], spans: Sequence[tuple[float,
 
 
 class ParaformerAsr(ModelStage):
-    """Paraformer-zh (funasr) with character timestamps, punctuated by `punctuate_from_timestamps`."""
+    """Paraformer-zh (funasr), character timestamps punctuated by `punctuate_from_timestamps`."""
 
     name = "paraformer-zh"
     flag = "--transcription_model"
@@ -178,7 +184,11 @@ class ParaformerAsr(ModelStage):
             res = self.model.generate(input=it["wav"], sentence_timestamp=False)[0]
             chars = res["text"].split()
             spans = [(a / 1000.0, b / 1000.0) for a, b in res.get("timestamp", [])]
-            text = punctuate_from_timestamps(chars, spans) if len(spans) == len(chars) else "".join(chars)
+            text = (
+                punctuate_from_timestamps(chars, spans)
+                if len(spans) == len(chars)
+                else "".join(chars)
+            )
             it["text"], it["language"], it["asr_model"] = text, "zh", self.name
 
 
@@ -231,7 +241,11 @@ def build_stages(
                 f"--transcription={transcription!r}: choose one of {sorted(TRANSCRIPTION)}"
             )
         cls = TRANSCRIPTION[transcription]
-        stages.append(cls(transcription_model, dtype=dtype) if cls is KimiAsrStage else cls(transcription_model))
+        stages.append(
+            cls(transcription_model, dtype=dtype)
+            if cls is KimiAsrStage
+            else cls(transcription_model)
+        )
     for s in stages:
         s.check()
     return stages

@@ -60,15 +60,27 @@ def _long_recording(path: Path) -> dict[str, float]:
     wav = np.concatenate([qa, z1, dg, z3, l5])
     sf.write(path, wav, 16000, subtype="FLOAT")
     s = 1 / 16000
-    return {"qa_end": len(qa) * s, "dg_start": (len(qa) + 16000) * s,
-            "gap3_start": (len(qa) + 16000 + len(dg)) * s,
-            "l5_start": (len(qa) + 16000 + len(dg) + 48000) * s, "end": len(wav) * s}  # fmt: skip
+    return {
+        "qa_end": len(qa) * s,
+        "dg_start": (len(qa) + 16000) * s,
+        "gap3_start": (len(qa) + 16000 + len(dg)) * s,
+        "l5_start": (len(qa) + 16000 + len(dg) + 48000) * s,
+        "end": len(wav) * s,
+    }
 
 
 def make_inputs(d: Path) -> dict:
     d.mkdir(parents=True, exist_ok=True)
-    rows = [{"id": k, "audio": str(a), "text": t, "language": "en", "doc_id": "book" if k.startswith("libri") else k}
-            for k, (a, t) in GOOD.items()]  # fmt: skip
+    rows = [
+        {
+            "id": k,
+            "audio": str(a),
+            "text": t,
+            "language": "en",
+            "doc_id": "book" if k.startswith("libri") else k,
+        }
+        for k, (a, t) in GOOD.items()
+    ]
     (d / "empty.wav").write_bytes(b"")
     (d / "corrupt.wav").write_bytes(b"RIFF not really audio" * 10)
     nan = np.zeros(16000, np.float32)
@@ -76,10 +88,23 @@ def make_inputs(d: Path) -> dict:
     sf.write(d / "nan.wav", nan, 16000, subtype="FLOAT")
     sf.write(d / "low.wav", np.full(8000, 0.1, np.float32), 8000)
     sf.write(d / "long.wav", np.random.default_rng(0).uniform(-0.1, 0.1, 16000 * 28), 16000)
-    bad_audio = {"empty": "empty.wav", "corrupt": "corrupt.wav", "nan": "nan.wav",
-                 "lowrate": "low.wav", "missing": "nope.wav", "toolong": "long.wav"}  # fmt: skip
+    bad_audio = {
+        "empty": "empty.wav",
+        "corrupt": "corrupt.wav",
+        "nan": "nan.wav",
+        "lowrate": "low.wav",
+        "missing": "nope.wav",
+        "toolong": "long.wav",
+    }
     rows += [{"id": k, "audio": str(d / a), "text": "some words"} for k, a in bad_audio.items()]
-    rows.append({"id": "french", "audio": str(CLIPS / "en_digits_16k.flac"), "text": "bonjour", "language": "fr"})
+    rows.append(
+        {
+            "id": "french",
+            "audio": str(CLIPS / "en_digits_16k.flac"),
+            "text": "bonjour",
+            "language": "fr",
+        }
+    )
     regions = _long_recording(d / "recording.wav")
     rows.append({"id": "recording", "audio": str(d / "recording.wav")})
     (d / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -120,13 +145,21 @@ def _segments(out: Path) -> list[dict]:
         codes = np.split(np.asarray(rec["codes_orig_flat"]), np.cumsum(rec["codes_len"])[:-1])
         texts = np.split(np.asarray(rec["text_ids_flat"]), np.cumsum(rec["text_ids_len"])[:-1])
         for i in range(n):
-            segs.append({
-                "row_id": rec["row_id"][i], "codes": codes[i], "text_ids": texts[i],
-                "text": rec["text"][i], "has_text": bool(rec["seg_has_text"][i]),
-                "start": float(rec["seg_start_s"][i]), "end": float(rec["seg_end_s"][i]),
-                "ref": np.asarray(rec["audio_ref_orig"])[i], "n": int(rec["num_samples_16k"][i]),
-                "lang": rec["seg_lang"][i], "doc_id": rec["doc_id"],
-            })  # fmt: skip
+            segs.append(
+                {
+                    "row_id": rec["row_id"][i],
+                    "codes": codes[i],
+                    "text_ids": texts[i],
+                    "text": rec["text"][i],
+                    "has_text": bool(rec["seg_has_text"][i]),
+                    "start": float(rec["seg_start_s"][i]),
+                    "end": float(rec["seg_end_s"][i]),
+                    "ref": np.asarray(rec["audio_ref_orig"])[i],
+                    "n": int(rec["num_samples_16k"][i]),
+                    "lang": rec["seg_lang"][i],
+                    "doc_id": rec["doc_id"],
+                }
+            )
     return segs
 
 
@@ -193,8 +226,11 @@ def test_sft_records_equal_the_official_extract_and_builder(prepared):
     b = h.builder()
     for i, official in enumerate(h.records(), start=1):
         r = by_id[f"sft:{i}"]
-        want_codes = [np.asarray(m["audio_tokens"]) - h.OFFSET
-                      for m in official["conversation"] if m["message_type"] == "audio"]  # fmt: skip
+        want_codes = [
+            np.asarray(m["audio_tokens"]) - h.OFFSET
+            for m in official["conversation"]
+            if m["message_type"] == "audio"
+        ]
         got_codes = [np.asarray(m["codes"]) for m in r["messages"] if m["kind"] == "audio"]
         for g, w in zip(got_codes, want_codes, strict=True):
             np.testing.assert_array_equal(g, w)
@@ -225,8 +261,11 @@ def test_interrupted_shard_is_redone_byte_identical(prepared, tmp_path):
     uninterrupted run byte for byte. (The real SIGKILL of the CLI: the nightly test below.)"""
     out = tmp_path / "out"
     shutil.copytree(prepared["out"], out)
-    k = next(k for k in range(NUM_SHARDS)
-             if json.loads(pipeline.marker_path(out, k, NUM_SHARDS).read_text())["segments"])  # fmt: skip
+    k = next(
+        k
+        for k in range(NUM_SHARDS)
+        if json.loads(pipeline.marker_path(out, k, NUM_SHARDS).read_text())["segments"]
+    )
     pipeline.marker_path(out, k, NUM_SHARDS).unlink()
     docs = out / f"pt_docs-{k:05d}-of-{NUM_SHARDS:05d}.array_record"
     docs.write_bytes(docs.read_bytes()[: docs.stat().st_size // 2])
@@ -254,8 +293,9 @@ def test_grain_pipeline_reads_the_shards_and_a_train_step_runs(prepared):
     from kimia_jax.training.train_step import TrainConfig, TrainStep
 
     spec = tdata.RowSpec(length=384, max_windows=2, pad_id=h.PAD, max_segments=4, wav_dtype="int16")
-    pt = PretrainExampleBuilder(h.tokenizer().extra_tokens, kimia_token_offset=h.OFFSET,
-                                truncation=Truncation(spec.length))  # fmt: skip
+    pt = PretrainExampleBuilder(
+        h.tokenizer().extra_tokens, kimia_token_offset=h.OFFSET, truncation=Truncation(spec.length)
+    )
     docs = tdata.ArrayRecordSource(pipeline.shard_files(prepared["out"], "pt_docs"))
     audio = tdata.AudioShards(prepared["out"])
     transcribed = [r for r in docs if np.all(r["seg_has_text"])]  # ASR needs every transcript
@@ -290,12 +330,23 @@ def test_cli_killed_mid_run_then_rerun_is_byte_identical(prepared, tmp_path):
     import time
 
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "data.prepare", "--input=" + ",".join(prepared["inputs"]),
-           f"--output={out}", f"--glm_tokenizer={GLM}", f"--text_tokenizer={TEXT_TOK}",
-           f"--num_shards={NUM_SHARDS}", "--batch_size=4", "--runner=DirectRunner"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "data.prepare",
+        "--input=" + ",".join(prepared["inputs"]),
+        f"--output={out}",
+        f"--glm_tokenizer={GLM}",
+        f"--text_tokenizer={TEXT_TOK}",
+        f"--num_shards={NUM_SHARDS}",
+        "--batch_size=4",
+        "--runner=DirectRunner",
+    ]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     repo = Path(__file__).parents[2]
-    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     deadline = time.time() + 600
     killed = False
     while proc.poll() is None and time.time() < deadline:

@@ -30,7 +30,9 @@ def test_librispeech_aishell_wenetspeech_readers(tmp_path):
     ls.mkdir(parents=True)
     for u in ("0001", "0002"):
         shutil.copy(LIBRI / f"librispeech_1263-139804-{u}.flac", ls / f"1263-139804-{u}.flac")
-    (ls / "1263-139804.trans.txt").write_text("1263-139804-0001 HELLO THERE\n1263-139804-0002 SECOND ONE\n")
+    (ls / "1263-139804.trans.txt").write_text(
+        "1263-139804-0001 HELLO THERE\n1263-139804-0002 SECOND ONE\n"
+    )
     rows = manifests.read_input(tmp_path / "LibriSpeech")
     assert [(r.row_id, r.doc_id, r.text, r.language, r.order) for r in rows] == [
         ("1263-139804-0001", "1263-139804", "hello there", "en", 0),
@@ -42,23 +44,43 @@ def test_librispeech_aishell_wenetspeech_readers(tmp_path):
     (ai / "transcript").mkdir(parents=True)
     (ai / "wav" / "train" / "S0002").mkdir(parents=True)
     sf.write(ai / "wav" / "train" / "S0002" / "BAC009S0002W0122.wav", np.zeros(SR), SR)
-    (ai / "transcript" / "aishell_transcript_v0.8.txt").write_text("BAC009S0002W0122 而 对 楼市 成交\n")
+    (ai / "transcript" / "aishell_transcript_v0.8.txt").write_text(
+        "BAC009S0002W0122 而 对 楼市 成交\n"
+    )
     (r,) = manifests.read_input(ai)
-    assert (r.row_id, r.doc_id, r.text, r.language) == ("BAC009S0002W0122", "S0002", "而对楼市成交", "zh")
+    assert (r.row_id, r.doc_id, r.text, r.language) == (
+        "BAC009S0002W0122",
+        "S0002",
+        "而对楼市成交",
+        "zh",
+    )
 
     ws = tmp_path / "wenet"
     (ws / "audio").mkdir(parents=True)
-    meta = {"audios": [{"aid": "Y0001", "path": "audio/Y0001.wav", "segments": [
-        {"sid": "Y0001_S2", "begin_time": 3.0, "end_time": 4.5, "text": "第二"},
-        {"sid": "Y0001_S1", "begin_time": 0.5, "end_time": 2.0, "text": "第一"}]}]}  # fmt: skip
+    meta = {
+        "audios": [
+            {
+                "aid": "Y0001",
+                "path": "audio/Y0001.wav",
+                "segments": [
+                    {"sid": "Y0001_S2", "begin_time": 3.0, "end_time": 4.5, "text": "第二"},
+                    {"sid": "Y0001_S1", "begin_time": 0.5, "end_time": 2.0, "text": "第一"},
+                ],
+            }
+        ]
+    }
     (ws / "WenetSpeech.json").write_text(json.dumps(meta, ensure_ascii=False))
     rows = manifests.read_input(ws)
     assert [(r.row_id, r.doc_id, r.start_s, r.end_s, r.order) for r in rows] == [
-        ("Y0001_S1", "Y0001", 0.5, 2.0, 0), ("Y0001_S2", "Y0001", 3.0, 4.5, 1)]  # fmt: skip
+        ("Y0001_S1", "Y0001", 0.5, 2.0, 0),
+        ("Y0001_S2", "Y0001", 3.0, 4.5, 1),
+    ]
 
     with pytest.raises(ValueError, match="not a LibriSpeech"):
         manifests.read_input(tmp_path / "aishell" / "wav")
-    (tmp_path / "dup.jsonl").write_text('{"audio": "a.wav", "id": "x"}\n{"audio": "b.wav", "id": "x"}\n')
+    (tmp_path / "dup.jsonl").write_text(
+        '{"audio": "a.wav", "id": "x"}\n{"audio": "b.wav", "id": "x"}\n'
+    )
     with pytest.raises(ValueError, match="appears twice"):
         manifests.read_input(tmp_path / "dup.jsonl")
 
@@ -77,7 +99,9 @@ def test_merge_rules_of_the_report():
     s = SR
     cfg = SegmentationConfig()
     # same speaker: gap 1.5 s merged, gap 2.5 s not; a merge past 27 s is refused
-    got = merge_regions([Region(0, 5 * s), Region(int(6.5 * s), 10 * s), Region(int(12.5 * s), 14 * s)], cfg)
+    got = merge_regions(
+        [Region(0, 5 * s), Region(int(6.5 * s), 10 * s), Region(int(12.5 * s), 14 * s)], cfg
+    )
     assert got == [Region(0, 10 * s), Region(int(12.5 * s), 14 * s)]
     got = merge_regions([Region(0, 20 * s), Region(21 * s, 28 * s)], cfg)
     assert got == [Region(0, 20 * s), Region(21 * s, 28 * s)]
@@ -149,10 +173,14 @@ def test_kimi_audio_asr_stage_on_the_tiny_model(tmp_path):
     st.process(items)
     direct = KimiAudio(model, load_detokenizer=False, dtype="float32")
     _, want = direct.generate(
-        [{"role": "user", "message_type": "text", "content": stages.ASR_PROMPT},
-         {"role": "user", "message_type": "audio", "content": wav}],
-        "text", text_temperature=0.0, max_new_tokens=8,
-    )  # fmt: skip
+        [
+            {"role": "user", "message_type": "text", "content": stages.ASR_PROMPT},
+            {"role": "user", "message_type": "audio", "content": wav},
+        ],
+        "text",
+        text_temperature=0.0,
+        max_new_tokens=8,
+    )
     assert items[0]["text"] == want and items[0]["asr_model"] == "kimi-audio-asr"
     assert items[0]["language"] == manifests.guess_language(want)
 
@@ -172,8 +200,14 @@ def test_extract_codes_equals_the_official_output(tmp_path):
     tok = GlmTokenizer.from_pretrained(GLM, max_batch=4)
     got, bad = extract_codes.extract(lines, tok, FIX / "training", offset=h.OFFSET, batch_size=3)
     assert bad == [] and got == want
-    lines.append({"task_type": "understanding", "conversation": [
-        {"role": "user", "message_type": "audio", "content": "audios/missing.wav"}]})  # fmt: skip
+    lines.append(
+        {
+            "task_type": "understanding",
+            "conversation": [
+                {"role": "user", "message_type": "audio", "content": "audios/missing.wav"}
+            ],
+        }
+    )
     with pytest.raises(FileNotFoundError, match="missing.wav"):
         extract_codes.extract(lines, tok, FIX / "training", offset=h.OFFSET)
     got, bad = extract_codes.extract(lines, tok, FIX / "training", offset=h.OFFSET, skip_bad=True)
