@@ -14,7 +14,8 @@ each task keeps its own packer and iterator state, and the mixture can change on
 on any number of processes that divides it (1 x 8 devices == 2 x 4 devices, same seeds -> same
 batches), and no process reads another's records.
 
-Records (§2.1): ArrayRecord files of msgpack maps (`write_records` / `ArrayRecordSource`), or the
+Records (§2.1): ArrayRecord files of msgpack maps (`write_records` / `ArrayRecordSource`, waveforms
+of `audio-*` shards by `AudioShards`), the same records as a TFDS dataset (`TfdsSource`), or the
 official SFT jsonl (`JsonlSource`, audio paths resolved against the file's folder). Builders come
 from `kimia_jax.training.examples` (`sft_builder` / `pretrain_builder` adapt them to records).
 
@@ -165,6 +166,57 @@ class ArrayRecordSource(grain.sources.RandomAccessDataSource):
 
     def __repr__(self) -> str:
         return f"ArrayRecordSource({self.paths})"
+
+
+class TfdsSource(grain.sources.RandomAccessDataSource):
+    """Records of a TFDS dataset in ArrayRecord format (`as_data_source`; no TensorFlow), as the
+    dicts `ArrayRecordSource` gives, in TFDS's order (its writer shuffles by key hash): TFDS `Text`
+    features (bytes) become `str`, sequences of them `list[str]`; a dataset whose examples carry
+    one msgpack `record` (the `sft` config of `data.tfds_builder.KimiaPrepared`) is decoded to
+    that record.
+
+    `TfdsSource("kimia_prepared/pt_docs", data_dir=..., split="train")`: the dataset is found in
+    `data_dir` from its files (the builder class need not be imported).
+    """
+
+    BYTES_FIELDS = ("flac_16k", "record")
+
+    def __init__(self, name: str, *, data_dir: str | os.PathLike[str] | None = None,
+                 split: str = "train") -> None:  # fmt: skip
+        import tensorflow_datasets as tfds
+
+        try:
+            builder = tfds.builder(name, data_dir=None if data_dir is None else str(data_dir))
+            self._src = builder.as_data_source(split=split)
+        except Exception as e:  # tfds raises several types for a missing / unbuilt dataset
+            raise FileNotFoundError(
+                f"TfdsSource: no TFDS dataset {name!r} split {split!r} in data_dir={data_dir} "
+                f"({type(e).__name__}: {str(e).splitlines()[0]}); build it with "
+                "data.tfds_builder.KimiaPrepared"
+            ) from e
+        self.name, self.split = name, split
+
+    def __len__(self) -> int:
+        return len(self._src)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        ex = self._src[i]
+        if set(ex) == {"row_id", "task", "record"}:
+            return decode_record(ex["record"])
+        out: dict[str, Any] = {}
+        for k, v in ex.items():
+            if isinstance(v, bytes) and k not in self.BYTES_FIELDS:
+                v = v.decode("utf-8")
+            elif isinstance(v, list) or (isinstance(v, np.ndarray) and v.dtype == object):
+                v = [x.decode("utf-8") if isinstance(x, bytes) else x for x in list(v)]
+            out[k] = v
+        return out
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return (self[i] for i in range(len(self)))
+
+    def __repr__(self) -> str:
+        return f"TfdsSource({self.name!r}, split={self.split!r})"
 
 
 class JsonlSource(grain.sources.RandomAccessDataSource):

@@ -212,3 +212,62 @@ def test_extract_codes_equals_the_official_output(tmp_path):
         extract_codes.extract(lines, tok, FIX / "training", offset=h.OFFSET)
     got, bad = extract_codes.extract(lines, tok, FIX / "training", offset=h.OFFSET, skip_bad=True)
     assert got == want and [i for i, _ in bad] == [4]
+
+
+# -- TFDS ------------------------------------------------------------------------------------------
+
+
+def test_tfds_builder_and_source_give_the_prepared_records(tmp_path):
+    """KimiaPrepared (file_format=array_record, no TensorFlow) over a prepared folder; TfdsSource
+    reads it back (by name, from data_dir) as the same records ArrayRecordSource gives."""
+    from data.pipeline import shard_files
+    from data.tfds_builder import KimiaPrepared
+    from kimia_jax.training import data as tdata
+
+    prepared = tmp_path / "prepared"
+    recs = {
+        "pt_docs": [
+            {"doc_id": f"d{i}", "chunk_index": np.int32(0), "source": "s",
+             "num_segments": np.int32(2), "row_id": [f"r{i}a", f"r{i}b"],
+             "seg_start_s": np.array([0, 1], np.float32), "seg_end_s": np.array([1, 2], np.float32),
+             "seg_speaker": np.zeros(2, np.int32), "seg_lang": ["en", "zh"],
+             "seg_lang_prob": np.ones(2, np.float32), "seg_has_text": np.array([True, False]),
+             "text": ["hi", ""], "text_ids_flat": np.array([5, 6], np.int32),
+             "text_ids_len": np.array([2, 0], np.int32),
+             "asr_model": ["manifest", ""], "codes_orig_flat": np.arange(3 + i, dtype=np.uint16),
+             "codes_len": np.array([2, 1 + i], np.int32),
+             "audio_ref_orig": np.array([[0, 0], [0, 1]], np.int64),
+             "num_samples_16k": np.array([2000, 1000], np.int64)}
+            for i in range(3)
+        ],
+        "sft": [{"row_id": "x:1", "task": "asr", "output_type": "text", "messages": [
+            {"role": "user", "kind": "audio", "codes": np.arange(4, dtype=np.int32),
+             "audio": np.zeros(5000, np.float32)},
+            {"role": "assistant", "kind": "text", "text": "hi",
+             "text_ids": np.array([1], np.int32)}]}],
+    }  # fmt: skip
+    files = {}
+    for fam, rs in recs.items():
+        name = f"{fam}-00000-of-00001.array_record"
+        tdata.write_records(prepared / name, rs)
+        files[fam] = [{"file": name, "records": len(rs)}]
+    (prepared / "index.json").write_text(json.dumps({"num_shards": 1, "files": files}))
+    assert shard_files(prepared, "sft") == [str(prepared / "sft-00000-of-00001.array_record")]
+    for fam in recs:
+        b = KimiaPrepared(config=fam, prepared_dir=str(prepared), data_dir=str(tmp_path / "tfds"))
+        b.download_and_prepare(file_format="array_record")
+        got = sorted(tdata.TfdsSource(f"kimia_prepared/{fam}", data_dir=tmp_path / "tfds"),
+                     key=lambda r: r.get("doc_id", r.get("row_id")))  # fmt: skip
+        assert len(got) == len(recs[fam])
+        for g, w in zip(got, recs[fam], strict=True):
+            assert g.keys() == w.keys()
+            for k in w:
+                if fam == "sft" and k == "messages":
+                    for gm, wm in zip(g[k], w[k], strict=True):
+                        assert gm.keys() == wm.keys()
+                        for kk in wm:
+                            np.testing.assert_array_equal(gm[kk], wm[kk])
+                else:
+                    np.testing.assert_array_equal(g[k], w[k], err_msg=k)
+    with pytest.raises(FileNotFoundError, match="no TFDS dataset"):
+        tdata.TfdsSource("kimia_prepared/audio", data_dir=tmp_path / "tfds")
