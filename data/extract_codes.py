@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 from absl import app, flags, logging
 
+from data.sft_codes import extract
 from kimia_jax import fileio
-from kimia_jax.errors import AudioError, ManifestError
+from kimia_jax.errors import ManifestError
 
 _IN = flags.DEFINE_string("input_file", None, "official SFT jsonl", required=True)
 _OUT = flags.DEFINE_string("output_file", None, "jsonl to write (with audio_tokens)", required=True)
@@ -33,52 +32,6 @@ _TOK = flags.DEFINE_string(
 _OFFSET = flags.DEFINE_integer("kimia_token_offset", 152064, "id of audio code 0 (config.json)")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "clips per tokenizer call")
 _SKIP = flags.DEFINE_bool("skip_bad", False, "leave out lines whose audio cannot be read")
-
-
-def audio_path(content: str, base: Path) -> str:
-    p = Path(content)
-    return str(p if p.is_absolute() or p.exists() else base / p)
-
-
-def extract(
-    lines: list[dict[str, Any]],
-    tokenizer: Any,
-    base: Path,
-    *,
-    offset: int,
-    batch_size: int = 16,
-    skip_bad: bool = False,
-) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
-    """(lines with audio_tokens, [(line index, error)] of the lines left out)."""
-    from kimia_jax.audio import load_audio
-
-    slots: list[tuple[int, dict[str, Any], str]] = []
-    for i, rec in enumerate(lines):
-        if "conversation" not in rec:
-            raise ManifestError(f"line {i + 1}: no 'conversation' (official SFT schema)")
-        for m in rec["conversation"]:
-            if m.get("message_type") == "audio":
-                if not isinstance(m.get("content"), str):
-                    raise ManifestError(f"line {i + 1}: an audio message needs a path in 'content'")
-                slots.append((i, m, audio_path(m["content"], base)))
-    bad: dict[int, str] = {}
-    for start in range(0, len(slots), batch_size):
-        chunk = slots[start : start + batch_size]
-        wavs, keep = [], []
-        for i, m, p in chunk:
-            if i in bad:
-                continue
-            try:
-                wavs.append(load_audio(p))
-                keep.append(m)
-            except (AudioError, FileNotFoundError, IsADirectoryError) as e:
-                if not skip_bad:
-                    raise type(e)(f"line {i + 1}: {e}") from e
-                bad[i] = str(e)
-        for m, codes in zip(keep, tokenizer.tokenize(wavs) if wavs else [], strict=True):
-            m["audio_tokens"] = (np.asarray(codes, np.int64) + offset).tolist()
-    out = [rec for i, rec in enumerate(lines) if i not in bad]
-    return out, sorted(bad.items())
 
 
 def main(argv: list[str]) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from data import extract_codes, manifests, stages
+from data import manifests, sft_codes, stages
 from data.segmentation import Region, SegmentationConfig, energy_regions, merge_regions, split_long
 from kimia_jax.audio import GlmTokenizer
 from kimia_jax.errors import StageUnavailableError
@@ -198,7 +198,7 @@ def test_extract_codes_equals_the_official_output(tmp_path):
             m.pop("audio_tokens", None)
     lines[0]["conversation"][1]["audio_tokens"] = [1, 2, 3]  # stale tokens are recomputed
     tok = GlmTokenizer.from_pretrained(GLM, max_batch=4)
-    got, bad = extract_codes.extract(lines, tok, FIX / "training", offset=h.OFFSET, batch_size=3)
+    got, bad = sft_codes.extract(lines, tok, FIX / "training", offset=h.OFFSET, batch_size=3)
     assert bad == [] and got == want
     lines.append(
         {
@@ -209,8 +209,8 @@ def test_extract_codes_equals_the_official_output(tmp_path):
         }
     )
     with pytest.raises(FileNotFoundError, match="missing.wav"):
-        extract_codes.extract(lines, tok, FIX / "training", offset=h.OFFSET)
-    got, bad = extract_codes.extract(lines, tok, FIX / "training", offset=h.OFFSET, skip_bad=True)
+        sft_codes.extract(lines, tok, FIX / "training", offset=h.OFFSET)
+    got, bad = sft_codes.extract(lines, tok, FIX / "training", offset=h.OFFSET, skip_bad=True)
     assert got == want and [i for i, _ in bad] == [4]
 
 
