@@ -9,6 +9,8 @@ Modules: `manifests` (official SFT jsonl, audio jsonl, LibriSpeech / AISHELL / W
 -> `SourceRow`s), `segmentation` (energy VAD + the report's merge / split rules), `stages`
 (pluggable model stages: enhancement, diarization, transcription), `records` (segments -> the
 record families of training.md §2, written with `kimia_jax.training.data.write_records`),
-`pipeline` (the Beam graph, shard bookkeeping, dataset card), `prepare` / `extract_codes` (CLIs),
-`tfds_builder` (a TFDS builder over the prepared shards).
+`pipeline` (the Beam graph, shard bookkeeping, dataset card), `prepare` / `extract_codes` (CLIs;
+`sft_codes` holds the flag-free work of the latter), `tfds_builder` (a TFDS builder over the
+prepared shards). README "Data preparation" has the commands for the DirectRunner, Dataflow and
+Flink.
 """
