@@ -58,6 +58,7 @@ DROP_REASONS = (
     "wrong_sample_rate",
     "bad_timestamps",
     "unsupported_language",
+    "empty_transcript",
     "too_long",
     "too_short",
     "no_speech",
@@ -155,6 +156,9 @@ class LoadDoFn(beam.DoFn):
     def process(self, item: tuple[int, SourceRow]) -> Iterable[Any]:
         shard, row = item
         Metrics.counter("load", "rows_in").inc()
+        if row.text is not None and not row.text.strip():
+            yield beam.pvalue.TaggedOutput("drop", _drop(row, shard, "empty_transcript"))
+            return
         lang = row.language or (guess_language(row.text) if row.text else None)
         if row.text is not None and lang not in self.cfg.languages:
             yield beam.pvalue.TaggedOutput(

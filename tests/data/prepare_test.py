@@ -47,6 +47,7 @@ BAD = {  # row id -> expected drop reason
     "missing": "missing_file",
     "french": "unsupported_language",
     "toolong": "too_long",
+    "notext": "empty_transcript",
 }
 
 
@@ -97,6 +98,7 @@ def make_inputs(d: Path) -> dict:
         "toolong": "long.wav",
     }
     rows += [{"id": k, "audio": str(d / a), "text": "some words"} for k, a in bad_audio.items()]
+    rows.append({"id": "notext", "audio": str(CLIPS / "en_digits_16k.flac"), "text": " "})
     rows.append(
         {
             "id": "french",
@@ -172,7 +174,7 @@ def test_every_row_in_a_shard_or_the_drop_report(prepared):
         m = json.loads(pipeline.marker_path(prepared["out"], k, NUM_SHARDS).read_text())
         written |= set(m["rows"])
         drops.update({d["row_id"]: d["reason"] for d in m["drops"]})
-    assert drops == BAD
+    assert drops == BAD and set(BAD.values()) <= set(pipeline.DROP_REASONS)
     assert written == ids - set(BAD) and not written & set(drops)
     assert c["rows_written"] + c["rows_dropped"] == c["rows_in"]
     assert c["drops_by_reason"] == {r: 1 for r in BAD.values()}
