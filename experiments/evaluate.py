@@ -55,7 +55,7 @@ _METHOD = flags.DEFINE_string(
     "method",
     "paper",
     "Scoring method: paper (what the report used per set), default/gpt-4o-mini/gpt-4o (judge), "
-    "vb-mcq, vb-advbench.",
+    "vb-mcq, vb-advbench, vb-ifeval.",
 )
 _STRICT = flags.DEFINE_bool("strict", False, "Fix the Evalkit's scoring bugs (not comparable).")
 _SEED = flags.DEFINE_integer("seed", 0, "vb-mcq fallback seed and generation seed.", lower_bound=0)
@@ -213,13 +213,6 @@ def merge_and_score(bench, manifest, folder: Path, count: int, judge) -> dict[st
             "missing items scored as 'null'"
         )
     method = _method(bench)
-    if method == "vb-ifeval":
-        notes.append(
-            f"note: {bench.name}: vb-ifeval is not implemented in kimia_jax yet "
-            "(needs nltk punkt_tab + langdetect); merged, not scored"
-        )
-        entry["notes"] = notes
-        return entry
     if bench.task != "ASR" and method not in scoring.RULE_METHODS and judge is None:
         notes.append(
             f"note: {bench.name}: judged with {method} but no judge was given "

@@ -533,3 +533,138 @@ def score_openaudiobench(
                 "(Evalkit: ZeroDivisionError, no score for the file)"
             )
     return out
+
+
+# --- vb-ifeval -----------------------------------------------------------------------------
+
+_PUNKT_INSTRUCTIONS = ("length_constraints:number_sentences", "change_case:capital_word_frequency")
+
+
+def _ifeval_follow(instruction_ids, kwargs_list, prompt: str, responses: Sequence[str]) -> list:
+    """One verdict per instruction: True when any of `responses` passes its checker (the
+    Evalkit's strict test uses one response, the loose test eight variants)."""
+    from kimia_jax.evaluation.ifeval import instructions_registry
+
+    out = []
+    for index, instruction_id in enumerate(instruction_ids):
+        checker = instructions_registry.INSTRUCTION_DICT[instruction_id](instruction_id)
+        kwargs = {k: v for k, v in (kwargs_list[index] or {}).items() if v}  # falsy dropped
+        checker.build_description(**kwargs)
+        args = checker.get_instruction_args()
+        if args and "prompt" in args:
+            checker.build_description(prompt=prompt)
+        out.append(any(r.strip() and checker.check_following(r) for r in responses))
+    return out
+
+
+def _loose_variants(response: str) -> list[str]:
+    lines = response.split("\n")
+    first = "\n".join(lines[1:]).strip()
+    last = "\n".join(lines[:-1]).strip()
+    both = "\n".join(lines[1:-1]).strip()
+    return [
+        response,
+        response.replace("*", ""),
+        first,
+        last,
+        both,
+        first.replace("*", ""),
+        last.replace("*", ""),
+        both.replace("*", ""),
+    ]
+
+
+def check_punkt_tab() -> None:
+    """nltk 3.9 reads the `punkt_tab` data package for two IFEval instructions; fail before
+    scoring (not mid-run) with what to install."""
+    import nltk
+
+    try:
+        nltk.data.find("tokenizers/punkt_tab/english/")
+    except LookupError:
+        raise FileNotFoundError(
+            "vb-ifeval: the nltk data package 'punkt_tab' is missing (needed by "
+            f"{', '.join(_PUNKT_INSTRUCTIONS)}); install it with "
+            "`python -m nltk.downloader punkt_tab` or set NLTK_DATA"
+        ) from None
+
+
+def score_vb_ifeval(
+    rows: Sequence[Mapping[str, Any]], *, dataset: str = "", strict: bool = False
+) -> Scored:
+    """`evaluate_vb_ifeval` -> the IFEval strict/loose accuracies and their numpy mean (`final`).
+
+    The prompt is the `prompt` column when present (as in the fixtures), else `audio_content`
+    (the official manifests have no `prompt`: KeyError in the Evalkit). Default mode looks the
+    response up by prompt text, so rows sharing a prompt use the later row's prediction (as the
+    Evalkit); strict mode scores each row with its own. langdetect is seeded (0)."""
+    import numpy as np
+    from langdetect import DetectorFactory
+
+    DetectorFactory.seed = 0
+    out = Scored({}, [], [], [])
+    if any(i in _PUNKT_INSTRUCTIONS for r in rows for i in (r.get("instruction") or [])):
+        check_punkt_tab()
+    for subset, group in group_by_subset(rows).items():
+        where = _where(dataset, subset)
+        if subset == "sentiment" and not strict:
+            out.notes.append(
+                f"note: {where}: {len(group)} rows not scored "
+                "(Evalkit skips subsets named 'sentiment')"
+            )
+            continue
+        field = "prompt" if all("prompt" in r for r in group) else "audio_content"
+        prompts = [as_str(r[field]) for r in group]
+        preds = [as_str(r["prediction"]) for r in group]
+        by_prompt = dict(zip(prompts, preds, strict=True))
+        repeats = len(prompts) - len(by_prompt)
+        totals = {"strict": [0, 0, 0, 0], "loose": [0, 0, 0, 0]}  # prompts ok/n, instr ok/n
+        for r, prompt, pred in zip(group, prompts, preds, strict=True):
+            response = pred if strict else by_prompt[prompt]
+            ids, kw = list(r["instruction"]), list(r["instruction_kwargs"])
+            verdicts = {
+                "strict": _ifeval_follow(ids, kw, prompt, [response]),
+                "loose": _ifeval_follow(ids, kw, prompt, _loose_variants(response)),
+            }
+            for mode, v in verdicts.items():
+                t = totals[mode]
+                t[0] += all(v)
+                t[1] += 1
+                t[2] += sum(v)
+                t[3] += len(ids)
+            item = {
+                "subset": subset,
+                "index": r.get("index"),
+                "response_used": response,
+                "strict_follow": verdicts["strict"],
+                "strict_all": all(verdicts["strict"]),
+                "loose_follow": verdicts["loose"],
+                "loose_all": all(verdicts["loose"]),
+            }
+            out.items.append(item)
+            out.dump.append(
+                {**r, **{k: v for k, v in item.items() if k not in ("subset", "index")}}
+            )
+        metrics = {}
+        for mode in ("strict", "loose"):
+            t = totals[mode]
+            metrics[f"{mode}-prompt"] = t[0] / t[1]
+            metrics[f"{mode}-instruction"] = t[2] / t[3]
+        metrics["final"] = float(np.mean(list(metrics.values())))
+        out.metrics[subset] = metrics
+        if repeats and not strict:
+            out.notes.append(
+                f"note: {where}: {repeats} rows share a prompt with another row and "
+                "were scored with the later row's response (as the Evalkit)"
+            )
+        if field == "audio_content":
+            out.notes.append(
+                f"note: {where}: prompts taken from audio_content (the Evalkit "
+                "reads a 'prompt' column its manifests lack: KeyError)"
+            )
+    out.notes.append(
+        f"note: {dataset}: vb-ifeval scored and written (Evalkit computes these "
+        "metrics, then raises ValueError in its dump step: no performance file); "
+        "langdetect seeded with 0"
+    )
+    return out

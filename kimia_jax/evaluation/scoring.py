@@ -17,7 +17,7 @@ from typing import Any
 from kimia_jax.evaluation import asr, benchmarks, judged
 from kimia_jax.evaluation.results import dump_rows, read_results
 
-RULE_METHODS = ("vb-mcq", "vb-advbench")
+RULE_METHODS = ("vb-mcq", "vb-advbench", "vb-ifeval")
 JUDGE_METHODS = ("default", "gpt-4o-mini", "gpt-4o")
 
 
@@ -85,6 +85,11 @@ def score_file(
             raise ValueError(f"--method vb-advbench scores open-ended sets, not {ds}")
         sc = judged.score_vb_advbench(rows, dataset=ds, strict=strict)
         judge_name, eval_method = "vb-advbench", "vb-advbench"
+    elif method == "vb-ifeval":
+        if bench.task != "Open-Ended":
+            raise ValueError(f"--method vb-ifeval scores the IFEval set, not {ds}")
+        sc = judged.score_vb_ifeval(rows, dataset=ds, strict=strict)
+        judge_name, eval_method = "vb-ifeval", "vb-ifeval"
     elif method in JUDGE_METHODS:
         if judge is None:
             raise ValueError(
@@ -113,7 +118,7 @@ def score_file(
     else:
         raise ValueError(
             f"unknown --method {method!r} (one of default, gpt-4o-mini, gpt-4o, "
-            "vb-mcq, vb-advbench; ASR ignores it)"
+            "vb-mcq, vb-advbench, vb-ifeval; ASR ignores it)"
         )
     perf = format_performance(bench, model, sc.metrics, eval_method, date)
     return Evaluation(perf, f"{stem}_{judge_name}_judge.jsonl", sc.dump, sc.items, sc.notes, method)
