@@ -217,3 +217,19 @@ def test_oab_never_evaluates_judge_text():
     assert judged.parse_oab("trivia_qa", '{"judgment": "correct", "x": null}') == "invalid"
     assert judged.parse_oab("trivia_qa", "{'judgment': 'correct'.upper()}") == "unsafe"
     assert judged.parse_oab("alpaca_eval", "[[11]]") == "out_of_range"
+
+
+def test_numeric_columns_coerced_like_pandas_and_kept_in_strict_mode(tmp_path):
+    p = tmp_path / "M_LibriSpeech.jsonl"
+    rows = [{"index": "0", "answer": "007", "prediction": "1.50", "subset": "a"},
+            {"index": "1", "answer": "3", "prediction": " 2 ", "subset": "a"}]  # fmt: skip
+    p.write_text("\n".join(json.dumps(r) for r in rows))
+    read = results.read_results(p)
+    assert [r["index"] for r in read] == [0, 1]  # MELD-style string ids become ints
+    assert [results.as_str(r["answer"]) for r in read] == ["7", "3"]  # all integral: int64
+    assert [results.as_str(r["prediction"]) for r in read] == ["1.5", "2.0"]  # float64
+    strict = results.read_results(p, strict=True)
+    assert [r["answer"] for r in strict] == ["007", "3"]
+    rows[1]["prediction"] = "null"  # one non-numeric value keeps the whole column as text
+    p.write_text("\n".join(json.dumps(r) for r in rows))
+    assert [r["prediction"] for r in results.read_results(p)] == ["1.50", "null"]

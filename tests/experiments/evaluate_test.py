@@ -207,3 +207,72 @@ def test_two_processes_merge_to_the_single_process_result(tiny, tmp_path):
     perf = "Kimi-Audio/LibriSpeech/Kimi-Audio_LibriSpeech_default_performance.json"
     a, b = json.loads((one / perf).read_text()), json.loads((two / perf).read_text())
     assert a["performance"] == b["performance"]
+
+
+def test_score_only_with_a_judge_endpoint_then_replay(tmp_path):
+    """No model: per-item predictions already on disk (as a finished run leaves them), judged
+    through a real HTTP endpoint on 127.0.0.1, then re-scored from the judge cache alone."""
+    import http.server
+    import threading
+
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append(body)
+            prompt = body["messages"][-1]["content"][0]["text"]
+            verdict = "yes" if "Model Answer: B\n" in prompt else "no"
+            out = json.dumps({"choices": [{"message": {"content": f"Result: {verdict}"}}]})
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out.encode())
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    data, work = tmp_path / "data", tmp_path / "work"
+    (data / "VoiceBench").mkdir(parents=True)
+    rows = [
+        {
+            "index": i,
+            "audio_path": f"{i}.wav",
+            "question": "",
+            "answer": "B",
+            "audio_content": f"Question {i}? (A) x (B) y",
+            "subset": "mmsu",
+        }
+        for i in range(4)
+    ]
+    (data / "VoiceBench" / "mmsu.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    folder = work / "Kimi-Audio" / "mmsu"
+    folder.mkdir(parents=True)
+    preds = [{"id": str(i), "text": t, "error": None} for i, t in enumerate(["B", "A", "B"])]
+    (folder / "predictions.0-of-1.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
+    common = [f"--data_dir={data}", f"--workdir={work}", "--benchmarks=mmsu", "--score_only"]
+    try:
+        _run(*common, f"--judge_base_url=http://127.0.0.1:{srv.server_port}/v1")
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    perf_file = folder / "Kimi-Audio_mmsu_default_performance.json"
+    perf = json.loads(perf_file.read_text())
+    # item 3 has no prediction: merged as "null", judged (wrong), kept in the denominator
+    assert perf["performance"]["mmsu"] == {"acc": 50.0, "valid": 4, "total": 4, "correct": 2}
+    assert perf["eval_method"] == "gpt-4o-mini" and len(seen) == 4
+    dump = [json.loads(x) for x in (folder / "Kimi-Audio_mmsu_gpt-4o-mini_judge.jsonl").open()]
+    assert [d["judge_result"] for d in dump] == [
+        "Result: yes",
+        "Result: no",
+        "Result: yes",
+        "Result: no",
+    ]
+    assert len((work / "judge_cache.jsonl").read_text().splitlines()) == 4
+    perf_file.unlink()
+    _run(*common, "--judge_replay")  # the server is gone: the cache alone answers
+    assert json.loads(perf_file.read_text())["performance"] == perf["performance"]
+    summary = json.loads((work / "Kimi-Audio" / "summary.json").read_text())
+    assert any("missing items" in n for n in summary["notes"])
