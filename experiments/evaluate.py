@@ -300,6 +300,9 @@ def main(argv: list[str]) -> None:
                     raise TimeoutError(f"{bench.name}: shards not done after --wait_s")
                 time.sleep(2.0)
         entry = merge_and_score(bench, manifests[bench.name], folder, count, judge)
+        if not _SCORE_ONLY.value and count > 1:  # as run_audio.py: markers go once merged
+            for i in range(count):
+                runner.done_marker(folder, i, count).unlink(missing_ok=True)
         summary["benchmarks"].append(entry)
         summary["notes"].extend(entry.get("notes", []))
     out = Path(_WORK.value) / _NAME.value
