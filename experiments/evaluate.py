@@ -1,7 +1,7 @@
 """Evaluate Kimi-Audio on the report's benchmarks, scored exactly as Kimi-Audio-Evalkit scores them.
 
-    python -m experiments.evaluate --model_path /data/kimia-orbax \
-        --benchmarks=LibriSpeech,mmau-test-mini,voicebench --data_dir /data/evalkit \
+    python -m experiments.evaluate --model_path /data/kimia-orbax
+        --benchmarks=LibriSpeech,mmau-test-mini,voicebench --data_dir /data/evalkit
         --workdir /data/eval_result
 
 Per benchmark: the Evalkit manifest (`<data_dir>/<NAME>/<NAME>.jsonl`, `<SERIES>/<NAME>.jsonl`,
@@ -24,6 +24,7 @@ says so). `--score_only` re-merges and re-scores without loading the model.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import sys
@@ -279,6 +280,7 @@ def main(argv: list[str]) -> None:
     if index != 0:
         return
     summary: dict[str, Any] = {
+        "date": str(datetime.datetime.now()),
         "model": _NAME.value,
         "model_path": _MODEL.value,
         "mode": "strict" if _STRICT.value else "official",

@@ -276,3 +276,13 @@ def test_score_only_with_a_judge_endpoint_then_replay(tmp_path):
     assert json.loads(perf_file.read_text())["performance"] == perf["performance"]
     summary = json.loads((work / "Kimi-Audio" / "summary.json").read_text())
     assert any("missing items" in n for n in summary["notes"])
+
+
+def test_help_and_flag_errors():
+    p = _launch("--help")
+    out, err = p.communicate(timeout=120)
+    text = out + err
+    assert "\\" not in text.split("flags:")[0] and "--judge_base_url" in text
+    p = _launch("--benchmarks=LibriSpeech", "--data_dir=/nonexistent", "--workdir=/tmp/x")
+    out, err = p.communicate(timeout=120)
+    assert p.returncode != 0 and "--model_path is required" in err
