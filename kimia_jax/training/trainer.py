@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from kimia_jax.training.checkpointing import Checkpointer, PreemptionGuard
+from kimia_jax.training.lora import LoraTrainStep
 from kimia_jax.training.metrics import MetricWriter, Progress
 from kimia_jax.training.train_step import BATCH_AXES, TrainState, TrainStep, batch_shardings
 
@@ -67,7 +68,9 @@ class Trainer:
     """Runs `step` over `dataset` (this process's batches) from `params` in `workdir`.
 
     Args:
-      step: the compiled train step (its mesh spans all processes' devices).
+      step: the compiled train step (its mesh spans all processes' devices): a `TrainStep`, or a
+        `lora.LoraTrainStep` (params {"llm": adapted, "whisper"}; checkpoints hold the adapters
+        and their optimizer state only, the frozen base is rebuilt from `params` on restore).
       params: initial {"llm", "whisper"} params (used when no checkpoint exists).
       dataset: a Grain IterDataset of this process's batches (`data.batches`).
       workdir: run folder (checkpoints/, tensorboard/, metrics.jsonl).
@@ -76,7 +79,7 @@ class Trainer:
 
     def __init__(
         self,
-        step: TrainStep,
+        step: TrainStep | LoraTrainStep,
         params: Any,
         dataset: Any,
         workdir: str | Path,
@@ -103,11 +106,10 @@ class Trainer:
     def _fresh(self, trainable: bool) -> TrainState:
         return self.step.init(self.params, whisper_trainable=trainable)
 
-    @staticmethod
-    def _to_tree(state: TrainState, rng: jax.Array) -> dict[str, Any]:
+    def _to_tree(self, state: TrainState, rng: jax.Array) -> dict[str, Any]:
         return {
             "step": state.step,
-            "params": state.params,
+            "params": self.step.checkpointed_params(state.params),
             "opt_state": state.opt_state,
             "rng": rng,
         }
@@ -184,7 +186,7 @@ class Trainer:
             tree, meta = restored
             state = TrainState(
                 step=tree["step"],
-                params=tree["params"],
+                params=self.step.restore_params(tree["params"], self.params),
                 opt_state=tree["opt_state"],
                 whisper_trainable=bool(meta["whisper_trainable"]),
             )
