@@ -187,6 +187,20 @@ def test_export_loads_in_both_layouts(reference):
         KimiAudio(root, load_detokenizer=False, dtype="float32")
 
 
+@pytest.mark.nightly
+@pytest.mark.slow
+@pytest.mark.torch
+def test_exported_run_matches_torch(reference):
+    """The released-layout export of the real run (LLM and Whisper trained from step 0): the LLM
+    safetensors in the PyTorch reference give the trained params' logits (<= 1e-5 relative) and
+    whisper-large-v3/ in transformers' WhisperModel gives our encoder output."""
+    pytest.importorskip("torch")
+    from tests.training.export_torch_test import assert_matches_torch
+
+    params = _final_state(reference)["params"]
+    assert_matches_torch(reference / "export" / "released", params)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
