@@ -8,7 +8,8 @@ process feeds its own rows (`data.batches` for its process index); the global ba
 with `jax.make_array_from_process_local_data`.
 
 Per step it records (TensorBoard + `metrics.jsonl` + progress line): loss, text / audio stream
-losses, loss per task (per-example losses grouped by the row's `task_id`), learning rate, gradient
+losses, loss per task (per-example losses grouped by the row's `task_id`; each process sums its
+own rows, the sums and counts are added over all processes), learning rate, gradient
 norm, tokens/s (non-padding positions), MFU (6 N tokens / time / peak FLOP/s, when the peak is
 given), data wait time (seconds blocked in `next(iterator)`) and its fraction of the step.
 """
