@@ -69,6 +69,7 @@ def run(tmp_path_factory):
     return w, out
 
 
+@pytest.mark.slow
 def test_lora_run_lowers_loss_and_exports_merged_model(run):
     from kimia_jax.conversion import llm as llm_conv
     from kimia_jax.inference.api import KimiAudio
