@@ -93,8 +93,16 @@ _DONE = object()
 class Request:
     """One submitted request: its prompt and settings, its event queue, its progress."""
 
-    def __init__(self, rid: int, prompt: Prompt, output_type: OutputType, sampling: Sampling,
-                 seed: int, budget: int, deadline: float):  # fmt: skip
+    def __init__(
+        self,
+        rid: int,
+        prompt: Prompt,
+        output_type: OutputType,
+        sampling: Sampling,
+        seed: int,
+        budget: int,
+        deadline: float,
+    ):
         self.id, self.prompt, self.output_type = rid, prompt, output_type
         self.sampling, self.seed, self.budget, self.deadline = sampling, seed, budget, deadline
         self.submitted = time.perf_counter()
@@ -162,9 +170,17 @@ class Engine:
       config: `EngineConfig`.
     """
 
-    def __init__(self, params: Any, model: Any, extra_tokens: Any, text: TextDecoder,
-                 detokenizer: Any | None, feature_dim: int | None, mesh: Any = None,
-                 config: EngineConfig | None = None):  # fmt: skip
+    def __init__(
+        self,
+        params: Any,
+        model: Any,
+        extra_tokens: Any,
+        text: TextDecoder,
+        detokenizer: Any | None,
+        feature_dim: int | None,
+        mesh: Any = None,
+        config: EngineConfig | None = None,
+    ):
         self.params, self.model, self.text, self.detokenizer = params, model, text, detokenizer
         self.feature_dim, self.mesh = feature_dim, mesh
         self.config = config or EngineConfig()
@@ -180,17 +196,24 @@ class Engine:
         self._detok_thread: threading.Thread | None = None
         self._avg_request_s = 5.0
         with sharding.mesh_context(mesh):
-            self.state = slots_lib.SlotState.init(model.cfg, self.config.slots,
-                                                  self.config.capacity)  # fmt: skip
+            self.state = slots_lib.SlotState.init(
+                model.cfg, self.config.slots, self.config.capacity
+            )
 
     @classmethod
     def from_kimia(cls, kimia: Any, config: EngineConfig | None = None) -> Engine:
         """The engine over a loaded `KimiAudio` (its params, tokenizers and detokenizer)."""
         cfg = kimia.cfg
         return cls(
-            kimia.params, kimia.model, kimia.extra_tokens, kimia.text_decoder, kimia.detokenizer,
-            cfg.kimia_adaptor_input_dim if cfg.use_whisper_feature else None, kimia.mesh, config,
-        )  # fmt: skip
+            kimia.params,
+            kimia.model,
+            kimia.extra_tokens,
+            kimia.text_decoder,
+            kimia.detokenizer,
+            cfg.kimia_adaptor_input_dim if cfg.use_whisper_feature else None,
+            kimia.mesh,
+            config,
+        )
 
     # ------------------------------------------------------------------------------------------
     # client side
@@ -201,8 +224,9 @@ class Engine:
         self._running = True
         self._thread = threading.Thread(target=self._loop, name="kimia-engine", daemon=True)
         self._thread.start()
-        self._detok_thread = threading.Thread(target=self._detok_loop, name="kimia-detok",
-                                              daemon=True)  # fmt: skip
+        self._detok_thread = threading.Thread(
+            target=self._detok_loop, name="kimia-detok", daemon=True
+        )
         self._detok_thread.start()
         return self
 
@@ -221,9 +245,13 @@ class Engine:
         return min(official, self.config.capacity - prompt_len)
 
     def submit(
-        self, prompt: Prompt, output_type: OutputType | str = OutputType.TEXT,
-        sampling: Sampling | None = None, seed: int = 0, timeout_s: float | None = None,
-    ) -> Request:  # fmt: skip
+        self,
+        prompt: Prompt,
+        output_type: OutputType | str = OutputType.TEXT,
+        sampling: Sampling | None = None,
+        seed: int = 0,
+        timeout_s: float | None = None,
+    ) -> Request:
         """Queues a built prompt; returns its `Request` (events stream from it).
 
         Raises PromptError when the prompt cannot fit a slot, OutputError-like PromptError when
@@ -253,10 +281,18 @@ class Engine:
                 self.metrics.rejected.inc()
                 raise EngineBusy(
                     f"busy: {len(self._queue)} requests are waiting for {self.config.slots} "
-                    f"slots; retry after {retry} s", retry,
-                )  # fmt: skip
-            req = Request(next(self._ids), prompt, output_type, sampling, seed, budget,
-                          time.perf_counter() + timeout)  # fmt: skip
+                    f"slots; retry after {retry} s",
+                    retry,
+                )
+            req = Request(
+                next(self._ids),
+                prompt,
+                output_type,
+                sampling,
+                seed,
+                budget,
+                time.perf_counter() + timeout,
+            )
             self._queue.append(req)
             self.metrics.queue_length.set(len(self._queue))
             self._lock.notify_all()
@@ -287,8 +323,14 @@ class Engine:
         if reason in ("stop", "length"):
             dt = time.perf_counter() - req.submitted
             self._avg_request_s = 0.8 * self._avg_request_s + 0.2 * dt
-        final = {"done": True, "reason": reason, "text": req.text_sent, "tokens": req.tokens,
-                 "error": error, "steps": req.num_text_tokens}  # fmt: skip
+        final = {
+            "done": True,
+            "reason": reason,
+            "text": req.text_sent,
+            "tokens": req.tokens,
+            "error": error,
+            "steps": req.num_text_tokens,
+        }
         if req.both and reason in ("stop", "length"):
             self._detok_q.put((req, np.zeros((0,), np.int64), final))
         else:
@@ -332,22 +374,30 @@ class Engine:
         s0 = req.prefilled
         sl = slice(s0, s0 + c)
         args = (
-            jnp.asarray(pb.audio_ids[:, sl], jnp.int32), jnp.asarray(pb.text_ids[:, sl], jnp.int32),
+            jnp.asarray(pb.audio_ids[:, sl], jnp.int32),
+            jnp.asarray(pb.text_ids[:, sl], jnp.int32),
             None if pb.features is None else jnp.asarray(pb.features[:, sl], jnp.float32),
             None if pb.features is None else jnp.asarray(pb.is_continuous[:, sl]),
             jnp.int32(s0),
-        )  # fmt: skip
+        )
         slot = jnp.int32(req.slot)
         last = s0 + c >= t
         with sharding.mesh_context(self.mesh):
             if not last:
-                self.state = slots_lib.prefill_chunk(self.params, self.state, slot, *args,
-                                                     model=self.model)  # fmt: skip
+                self.state = slots_lib.prefill_chunk(
+                    self.params, self.state, slot, *args, model=self.model
+                )
             else:
                 self.state = slots_lib.prefill_last(
-                    self.params, self.state, slot, *args, self._row(req), model=self.model,
-                    cfgs=self.cfgs, max_top_k=self.config.max_top_k,
-                )  # fmt: skip
+                    self.params,
+                    self.state,
+                    slot,
+                    *args,
+                    self._row(req),
+                    model=self.model,
+                    cfgs=self.cfgs,
+                    max_top_k=self.config.max_top_k,
+                )
         req.prefilled = min(s0 + c, t)
         return True
 
@@ -366,8 +416,9 @@ class Engine:
             budget=jnp.asarray([req.budget], jnp.int32),
             is_both=jnp.asarray([req.both]),
             key=jax.random.key_data(jax.random.key(req.seed))[None],
-            text=params("text"), audio=params("audio"),
-        )  # fmt: skip
+            text=params("text"),
+            audio=params("audio"),
+        )
 
     def _live(self) -> np.ndarray:
         return np.asarray(
@@ -429,9 +480,14 @@ class Engine:
                     t0 = time.perf_counter()
                     with sharding.mesh_context(self.mesh):
                         self.state = slots_lib.decode(
-                            self.params, self.state, jnp.asarray(live), jnp.int32(cfg.steps_per_tick),
-                            model=self.model, cfgs=self.cfgs, max_top_k=cfg.max_top_k,
-                        )  # fmt: skip
+                            self.params,
+                            self.state,
+                            jnp.asarray(live),
+                            jnp.int32(cfg.steps_per_tick),
+                            model=self.model,
+                            cfgs=self.cfgs,
+                            max_top_k=cfg.max_top_k,
+                        )
                     n = self._emit()
                     self.metrics.step_time(time.perf_counter() - t0, n)
                 elif ran_prefill:
@@ -469,14 +525,23 @@ class Engine:
                 continue
             try:
                 pieces, det_state, pending = self.detokenizer.detokenize_ready(
-                    det_state, np.concatenate([pending, codes]), final=final is not None,
+                    det_state,
+                    np.concatenate([pending, codes]),
+                    final=final is not None,
                     key=req.seed,
-                )  # fmt: skip
+                )
             except Exception as e:  # noqa: BLE001 - reported on the request
                 logging.exception("detokenizer failed")
                 states.pop(req.id, None)
-                req._put({"done": True, "reason": "error", "error": f"detokenizer: {e}",
-                          "text": req.text_sent, "tokens": req.tokens})  # fmt: skip
+                req._put(
+                    {
+                        "done": True,
+                        "reason": "error",
+                        "error": f"detokenizer: {e}",
+                        "text": req.text_sent,
+                        "tokens": req.tokens,
+                    }
+                )
                 continue
             for p in pieces:
                 if req.first_audio_s is None:

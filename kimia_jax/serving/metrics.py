@@ -16,27 +16,38 @@ class EngineMetrics:
     def __init__(self, slots: int):
         self.registry = prom.CollectorRegistry()
         r = self.registry
-        self.queue_length = prom.Gauge("kimia_queue_length", "Requests waiting for a slot.",
-                                       registry=r)  # fmt: skip
-        self.active_slots = prom.Gauge("kimia_active_slots", "Slots holding a request.",
-                                       registry=r)  # fmt: skip
+        self.queue_length = prom.Gauge(
+            "kimia_queue_length", "Requests waiting for a slot.", registry=r
+        )
+        self.active_slots = prom.Gauge("kimia_active_slots", "Slots holding a request.", registry=r)
         self.slots = prom.Gauge("kimia_slots", "Decode slots of the engine.", registry=r)
         self.slots.set(slots)
-        self.tokens = prom.Counter("kimia_generated_tokens", "Decode steps run for requests "
-                                   "(one text + one audio token each).", registry=r)  # fmt: skip
+        self.tokens = prom.Counter(
+            "kimia_generated_tokens",
+            "Decode steps run for requests (one text + one audio token each).",
+            registry=r,
+        )
         self.tokens_per_second = prom.Gauge(
             "kimia_tokens_per_second", "Decode steps per second over the last tick.", registry=r
         )
-        self.ttft = prom.Histogram("kimia_time_to_first_token_seconds",
-                                   "Submit to the first sampled token.",
-                                   buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.first_audio = prom.Histogram("kimia_time_to_first_audio_seconds",
-                                          "Submit to the first 24 kHz audio chunk.",
-                                          buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.requests = prom.Counter("kimia_requests", "Finished requests by reason.",
-                                     ["reason"], registry=r)  # fmt: skip
-        self.rejected = prom.Counter("kimia_rejected_busy", "Requests refused: queue full.",
-                                     registry=r)  # fmt: skip
+        self.ttft = prom.Histogram(
+            "kimia_time_to_first_token_seconds",
+            "Submit to the first sampled token.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.first_audio = prom.Histogram(
+            "kimia_time_to_first_audio_seconds",
+            "Submit to the first 24 kHz audio chunk.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.requests = prom.Counter(
+            "kimia_requests", "Finished requests by reason.", ["reason"], registry=r
+        )
+        self.rejected = prom.Counter(
+            "kimia_rejected_busy", "Requests refused: queue full.", registry=r
+        )
 
     def step_time(self, seconds: float, steps: int) -> None:
         """A tick ran `steps` decode steps (all rows together) in `seconds`."""

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from kimia_jax.configs import OutputType
-from kimia_jax.errors import AudioError, KimiaError, SamplingError
+from kimia_jax.errors import KimiaError, SamplingError
 from kimia_jax.inference.sampler import Sampling
 
 OUTPUT_SAMPLE_RATE = 24000
@@ -37,14 +37,19 @@ TRANSCRIBE_PROMPTS = {
 class BadRequest(KimiaError):
     """A request the server answers with 4xx; `status` and `param` go into the error body."""
 
-    def __init__(self, message: str, status: int = 400, param: str | None = None,
-                 code: str | None = None):  # fmt: skip
+    def __init__(
+        self, message: str, status: int = 400, param: str | None = None, code: str | None = None
+    ):
         super().__init__(message)
         self.status, self.param, self.code = status, param, code
 
 
-def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:  # fmt: skip
+def error_body(
+    message: str,
+    kind: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
@@ -59,8 +64,9 @@ def decode_audio_bytes(data: bytes, what: str) -> tuple[np.ndarray, int]:
     except Exception as e:  # noqa: BLE001 - soundfile raises several types
         raise BadRequest(
             f"{what}: the audio could not be decoded ({type(e).__name__}: {e}); send wav, flac "
-            "or ogg", param=what,
-        ) from None  # fmt: skip
+            "or ogg",
+            param=what,
+        ) from None
     if wav.size == 0:
         raise BadRequest(f"{what}: the audio has no samples", param=what)
     if not np.isfinite(wav).all():
@@ -89,24 +95,31 @@ def _check(cond: bool, message: str, param: str) -> None:
 
 def chat_messages(messages: Any) -> list[dict[str, Any]]:
     """OpenAI `messages` -> Kimi messages (audio parts decoded to (samples, rate) tuples)."""
-    _check(isinstance(messages, list) and len(messages) > 0,
-           "messages must be a non-empty list", "messages")  # fmt: skip
+    _check(
+        isinstance(messages, list) and len(messages) > 0,
+        "messages must be a non-empty list",
+        "messages",
+    )
     out: list[dict[str, Any]] = []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         _check(isinstance(m, Mapping), f"{where} must be an object", where)
         role = m.get("role")
-        _check(role in ("system", "developer", "user", "assistant"),
-               f"{where}.role must be system, developer, user or assistant, got {role!r}",
-               f"{where}.role")  # fmt: skip
+        _check(
+            role in ("system", "developer", "user", "assistant"),
+            f"{where}.role must be system, developer, user or assistant, got {role!r}",
+            f"{where}.role",
+        )
         kimi_role = "assistant" if role == "assistant" else "user"
         content = m.get("content")
         if isinstance(content, str):
             out.append({"role": kimi_role, "message_type": "text", "content": content})
             continue
-        _check(isinstance(content, list) and len(content) > 0,
-               f"{where}.content must be a string or a non-empty list of parts",
-               f"{where}.content")  # fmt: skip
+        _check(
+            isinstance(content, list) and len(content) > 0,
+            f"{where}.content must be a string or a non-empty list of parts",
+            f"{where}.content",
+        )
         for j, part in enumerate(content):
             pw = f"{where}.content[{j}]"
             _check(isinstance(part, Mapping), f"{pw} must be an object", pw)
@@ -116,15 +129,24 @@ def chat_messages(messages: Any) -> list[dict[str, Any]]:
                 out.append({"role": kimi_role, "message_type": "text", "content": part["text"]})
             elif kind == "input_audio":
                 a = part.get("input_audio")
-                _check(isinstance(a, Mapping) and isinstance(a.get("data"), str),
-                       f"{pw}.input_audio.data must be a base64 string", pw)  # fmt: skip
+                _check(
+                    isinstance(a, Mapping) and isinstance(a.get("data"), str),
+                    f"{pw}.input_audio.data must be a base64 string",
+                    pw,
+                )
                 try:
                     raw = base64.b64decode(a["data"], validate=True)
                 except (binascii.Error, ValueError):
-                    raise BadRequest(f"{pw}.input_audio.data is not valid base64",
-                                     param=pw) from None  # fmt: skip
-                out.append({"role": kimi_role, "message_type": "audio",
-                            "content": decode_audio_bytes(raw, f"{pw}.input_audio")})  # fmt: skip
+                    raise BadRequest(
+                        f"{pw}.input_audio.data is not valid base64", param=pw
+                    ) from None
+                out.append(
+                    {
+                        "role": kimi_role,
+                        "message_type": "audio",
+                        "content": decode_audio_bytes(raw, f"{pw}.input_audio"),
+                    }
+                )
             else:
                 raise BadRequest(
                     f"{pw}.type must be 'text' or 'input_audio', got {kind!r}", param=pw
@@ -148,17 +170,27 @@ def parse_chat(body: Any, models: tuple[str, ...]) -> ChatRequest:
     model = body.get("model")
     _check(isinstance(model, str), "model is required (a string)", "model")
     if model not in models:
-        raise BadRequest(f"model {model!r} is not served here; use one of {list(models)}",
-                         status=404, param="model", code="model_not_found")  # fmt: skip
+        raise BadRequest(
+            f"model {model!r} is not served here; use one of {list(models)}",
+            status=404,
+            param="model",
+            code="model_not_found",
+        )
     mods = body.get("modalities") or ["text"]
-    _check(isinstance(mods, list) and set(mods) <= {"text", "audio"},
-           f"modalities must be a list of 'text' / 'audio', got {mods!r}", "modalities")  # fmt: skip
+    _check(
+        isinstance(mods, list) and set(mods) <= {"text", "audio"},
+        f"modalities must be a list of 'text' / 'audio', got {mods!r}",
+        "modalities",
+    )
     audio = body.get("audio")
     if audio is not None:
         _check(isinstance(audio, Mapping), "audio must be an object", "audio")
         fmt = audio.get("format", "wav")
-        _check(fmt in ("wav", "pcm16"), f"audio.format must be 'wav' or 'pcm16', got {fmt!r}",
-               "audio.format")  # fmt: skip
+        _check(
+            fmt in ("wav", "pcm16"),
+            f"audio.format must be 'wav' or 'pcm16', got {fmt!r}",
+            "audio.format",
+        )
     kw: dict[str, Any] = {}
     for name in Sampling.names():  # the official sampling arguments, e.g. via extra_body
         if name in body:
@@ -176,15 +208,21 @@ def parse_chat(body: Any, models: tuple[str, ...]) -> ChatRequest:
     except (SamplingError, TypeError) as e:
         raise BadRequest(str(e), param="sampling") from None
     seed = body.get("seed", 0)
-    _check(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0,
-           f"seed must be an integer >= 0, got {seed!r}", "seed")  # fmt: skip
+    _check(
+        isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0,
+        f"seed must be an integer >= 0, got {seed!r}",
+        "seed",
+    )
     stream = body.get("stream", False)
     _check(isinstance(stream, bool), "stream must be true or false", "stream")
     return ChatRequest(
         messages=chat_messages(body.get("messages")),
         output_type=OutputType.BOTH if "audio" in mods else OutputType.TEXT,
-        sampling=sampling, seed=seed, stream=stream, model=model,
-    )  # fmt: skip
+        sampling=sampling,
+        seed=seed,
+        stream=stream,
+        model=model,
+    )
 
 
 def new_id(prefix: str) -> str:
@@ -192,8 +230,11 @@ def new_id(prefix: str) -> str:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def chat_response(req: ChatRequest, result: Mapping[str, Any], prompt_tokens: int) -> dict:
@@ -211,18 +252,35 @@ def chat_response(req: ChatRequest, result: Mapping[str, Any], prompt_tokens: in
             "transcript": text,
         }
     return {
-        "id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
+        "id": new_id("chatcmpl"),
+        "object": "chat.completion",
+        "created": int(time.time()),
         "model": req.model,
-        "choices": [{"index": 0, "message": msg,
-                     "finish_reason": "length" if result.get("reason") == "length" else "stop"}],
+        "choices": [
+            {
+                "index": 0,
+                "message": msg,
+                "finish_reason": "length" if result.get("reason") == "length" else "stop",
+            }
+        ],
         "usage": usage(prompt_tokens, int(result.get("steps") or 0)),
-    }  # fmt: skip
+    }
 
 
-def chunk(cid: str, model: str, delta: dict[str, Any], finish: str | None = None,
-          extra: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
-    out = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()),
-           "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
+def chunk(
+    cid: str,
+    model: str,
+    delta: dict[str, Any],
+    finish: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    out = {
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
     if extra:
         out.update(extra)
     return out

@@ -31,8 +31,13 @@ import numpy as np
 import prometheus_client as prom
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -59,8 +64,13 @@ class ServerConfig:
     realtime_output: str = "both"
 
 
-def _error(status: int, message: str, param: str | None = None, code: str | None = None,
-           headers: dict[str, str] | None = None) -> JSONResponse:  # fmt: skip
+def _error(
+    status: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
     if status == 429:
         kind = "rate_limit_error"
@@ -109,8 +119,12 @@ def create_app(kimia: Any, engine: Engine, config: ServerConfig | None = None) -
     async def _limit_size(request: Request, call_next: Any) -> Response:
         n = request.headers.get("content-length")
         if n is not None and n.isdigit() and int(n) > cfg.max_upload_bytes:
-            return _error(413, f"the request body of {int(n)} bytes exceeds the limit of "
-                          f"{cfg.max_upload_bytes} bytes", code="too_large")  # fmt: skip
+            return _error(
+                413,
+                f"the request body of {int(n)} bytes exceeds the limit of "
+                f"{cfg.max_upload_bytes} bytes",
+                code="too_large",
+            )
         return await call_next(request)
 
     # -- helpers --------------------------------------------------------------------------------
@@ -146,16 +160,22 @@ def create_app(kimia: Any, engine: Engine, config: ServerConfig | None = None) -
             raise
         final["audio"] = np.concatenate(audio) if audio else None
         if final.get("reason") not in ("stop", "length"):
-            raise oa.BadRequest(f"generation ended: {final.get('reason')} {final.get('error')}",
-                                status=500 if final.get("reason") == "error" else 408)  # fmt: skip
+            raise oa.BadRequest(
+                f"generation ended: {final.get('reason')} {final.get('error')}",
+                status=500 if final.get("reason") == "error" else 408,
+            )
         return final
 
     # -- endpoints ------------------------------------------------------------------------------
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "slots": engine.config.slots, "active": engine.active_slots,
-                "queued": engine.queue_length}  # fmt: skip
+        return {
+            "status": "ok",
+            "slots": engine.config.slots,
+            "active": engine.active_slots,
+            "queued": engine.queue_length,
+        }
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -163,16 +183,23 @@ def create_app(kimia: Any, engine: Engine, config: ServerConfig | None = None) -
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [
-            {"id": m, "object": "model", "created": 0, "owned_by": "kimia_jax"}
-            for m in cfg.model_names]}  # fmt: skip
+        return {
+            "object": "list",
+            "data": [
+                {"id": m, "object": "model", "created": 0, "owned_by": "kimia_jax"}
+                for m in cfg.model_names
+            ],
+        }
 
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(request: Request) -> Response:
         ctype = request.headers.get("content-type", "")
         if not ctype.startswith("multipart/form-data"):
-            raise oa.BadRequest(f"content type must be multipart/form-data, got {ctype!r}",
-                                status=415, param="content-type")  # fmt: skip
+            raise oa.BadRequest(
+                f"content type must be multipart/form-data, got {ctype!r}",
+                status=415,
+                param="content-type",
+            )
         try:
             form = await request.form(max_part_size=cfg.max_upload_bytes)
         except Exception as e:  # noqa: BLE001 - multipart parser errors
@@ -182,12 +209,18 @@ def create_app(kimia: Any, engine: Engine, config: ServerConfig | None = None) -
             raise oa.BadRequest("file is required (an audio file part)", param="file")
         model = form.get("model")
         if model not in cfg.model_names:
-            raise oa.BadRequest(f"model {model!r} is not served here; use one of "
-                                f"{list(cfg.model_names)}", 404, "model", "model_not_found")  # fmt: skip
+            raise oa.BadRequest(
+                f"model {model!r} is not served here; use one of {list(cfg.model_names)}",
+                404,
+                "model",
+                "model_not_found",
+            )
         fmt = form.get("response_format") or "json"
         if fmt not in ("json", "text", "verbose_json"):
-            raise oa.BadRequest(f"response_format must be json, text or verbose_json, got "
-                                f"{fmt!r}", param="response_format")  # fmt: skip
+            raise oa.BadRequest(
+                f"response_format must be json, text or verbose_json, got {fmt!r}",
+                param="response_format",
+            )
         language = form.get("language") or None
         data = await file.read()
         wav, sr = oa.decode_audio_bytes(data, "file")
@@ -197,10 +230,13 @@ def create_app(kimia: Any, engine: Engine, config: ServerConfig | None = None) -
         except (ValueError, KimiaError) as e:
             raise oa.BadRequest(f"temperature: {e}", param="temperature") from None
         messages = [
-            {"role": "user", "message_type": "text",
-             "content": oa.transcription_prompt(language, form.get("prompt") or None)},
+            {
+                "role": "user",
+                "message_type": "text",
+                "content": oa.transcription_prompt(language, form.get("prompt") or None),
+            },
             {"role": "user", "message_type": "audio", "content": (wav, sr)},
-        ]  # fmt: skip
+        ]
         req, _ = await submit(messages, OutputType.TEXT, sampling, 0)
         out = await result(req)
         text = out["text"]
@@ -208,17 +244,27 @@ def create_app(kimia: Any, engine: Engine, config: ServerConfig | None = None) -
             return PlainTextResponse(text)
         if fmt == "verbose_json":
             dur = float(len(wav) / sr) if wav.ndim == 1 else float(wav.shape[0] / sr)
-            return JSONResponse({"task": "transcribe", "language": language or "unknown",
-                                 "duration": dur, "text": text, "segments": [],
-                                 "words": []})  # fmt: skip
+            return JSONResponse(
+                {
+                    "task": "transcribe",
+                    "language": language or "unknown",
+                    "duration": dur,
+                    "text": text,
+                    "segments": [],
+                    "words": [],
+                }
+            )
         return JSONResponse({"text": text})
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
         ctype = request.headers.get("content-type", "")
         if not ctype.startswith("application/json"):
-            raise oa.BadRequest(f"content type must be application/json, got {ctype!r}",
-                                status=415, param="content-type")  # fmt: skip
+            raise oa.BadRequest(
+                f"content type must be application/json, got {ctype!r}",
+                status=415,
+                param="content-type",
+            )
         raw = await request.body()
         try:
             body = json.loads(raw)
@@ -244,16 +290,30 @@ def create_app(kimia: Any, engine: Engine, config: ServerConfig | None = None) -
                 ev = await next_event(req)
                 if ev.get("done"):
                     if ev.get("reason") not in ("stop", "length"):
-                        yield sse(oa.error_body(f"generation ended: {ev.get('reason')} "
-                                                f"{ev.get('error') or ''}", "server_error"))  # fmt: skip
+                        yield sse(
+                            oa.error_body(
+                                f"generation ended: {ev.get('reason')} {ev.get('error') or ''}",
+                                "server_error",
+                            )
+                        )
                         break
                     finish = "length" if ev["reason"] == "length" else "stop"
-                    yield sse(oa.chunk(cid, creq.model, {}, finish,
-                                       {"usage": oa.usage(n_prompt, int(ev.get("steps") or 0))}))  # fmt: skip
+                    yield sse(
+                        oa.chunk(
+                            cid,
+                            creq.model,
+                            {},
+                            finish,
+                            {"usage": oa.usage(n_prompt, int(ev.get("steps") or 0))},
+                        )
+                    )
                     break
                 if ev.get("text"):
-                    delta = ({"audio": {"id": audio_id, "transcript": ev["text"]}} if both
-                             else {"content": ev["text"]})  # fmt: skip
+                    delta = (
+                        {"audio": {"id": audio_id, "transcript": ev["text"]}}
+                        if both
+                        else {"content": ev["text"]}
+                    )
                     yield sse(oa.chunk(cid, creq.model, delta))
                 if ev.get("audio") is not None:
                     data = base64.b64encode(oa.pcm16(ev["audio"])).decode("ascii")
@@ -275,9 +335,14 @@ def create_app(kimia: Any, engine: Engine, config: ServerConfig | None = None) -
         if output == OutputType.BOTH and engine.detokenizer is None:
             output = OutputType.TEXT
         vad = EnergyVad(VadConfig())
-        await ws.send_json({"type": "session.ready", "input_sample_rate": vad.config.sample_rate,
-                            "output_sample_rate": oa.OUTPUT_SAMPLE_RATE,
-                            "output": output.value})  # fmt: skip
+        await ws.send_json(
+            {
+                "type": "session.ready",
+                "input_sample_rate": vad.config.sample_rate,
+                "output_sample_rate": oa.OUTPUT_SAMPLE_RATE,
+                "output": output.value,
+            }
+        )
         try:
             while True:
                 msg = await ws.receive()
@@ -287,8 +352,13 @@ def create_app(kimia: Any, engine: Engine, config: ServerConfig | None = None) -
                 if msg.get("bytes") is not None:
                     b = msg["bytes"]
                     if len(b) % 2:
-                        await ws.send_json({"type": "error", "message": "audio frames must be "
-                                            "16-bit little-endian PCM (an even byte count)"})  # fmt: skip
+                        await ws.send_json(
+                            {
+                                "type": "error",
+                                "message": "audio frames must be "
+                                "16-bit little-endian PCM (an even byte count)",
+                            }
+                        )
                         continue
                     pcm = np.frombuffer(b, "<i2").astype(np.float32) / 32768.0
                     turn = vad.push(pcm)
@@ -297,8 +367,12 @@ def create_app(kimia: Any, engine: Engine, config: ServerConfig | None = None) -
                         ctl = json.loads(msg["text"])
                         kind = ctl["type"]
                     except (json.JSONDecodeError, KeyError, TypeError):
-                        await ws.send_json({"type": "error", "message": "control messages are "
-                                            'JSON objects with a "type"'})  # fmt: skip
+                        await ws.send_json(
+                            {
+                                "type": "error",
+                                "message": 'control messages are JSON objects with a "type"',
+                            }
+                        )
                         continue
                     if kind == "session.update":
                         try:
@@ -308,9 +382,13 @@ def create_app(kimia: Any, engine: Engine, config: ServerConfig | None = None) -
                         except (TypeError, ValueError) as e:
                             await ws.send_json({"type": "error", "message": str(e)})
                             continue
-                        await ws.send_json({"type": "session.updated",
-                                            "vad": dataclasses.asdict(vad.config),
-                                            "output": output.value})  # fmt: skip
+                        await ws.send_json(
+                            {
+                                "type": "session.updated",
+                                "vad": dataclasses.asdict(vad.config),
+                                "output": output.value,
+                            }
+                        )
                     elif kind == "input.end":
                         turn = vad.end()
                         if turn is None:
@@ -338,8 +416,13 @@ def create_app(kimia: Any, engine: Engine, config: ServerConfig | None = None) -
                 if ev.get("audio") is not None:
                     await ws.send_bytes(oa.pcm16(ev["audio"]))
                 if ev.get("done"):
-                    await ws.send_json({"type": "response.done", "text": ev.get("text", ""),
-                                        "reason": ev.get("reason")})  # fmt: skip
+                    await ws.send_json(
+                        {
+                            "type": "response.done",
+                            "text": ev.get("text", ""),
+                            "reason": ev.get("reason"),
+                        }
+                    )
                     return
         finally:
             req.cancel()
@@ -354,8 +437,9 @@ class BackgroundServer:
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0):
         import uvicorn
 
-        self.config = uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                     ws="websockets-sansio")  # fmt: skip
+        self.config = uvicorn.Config(
+            app, host=host, port=port, log_level="warning", ws="websockets-sansio"
+        )
         self.server = uvicorn.Server(self.config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -374,6 +458,3 @@ class BackgroundServer:
     def __exit__(self, *exc: Any) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
-
-
-

@@ -90,11 +90,16 @@ class SlotState:
         st = StreamState.init(z, capacity)
         st = st.replace(step=z, done=jnp.ones((slots,), bool))
         return cls(
-            cache=init_cache(cfg, slots, capacity), stream=st, lengths=z, next_text=z,
-            next_audio=z, is_both=jnp.zeros((slots,), bool),
-            keys=jnp.zeros((slots, 2), jnp.uint32), text=RowParams.zeros(slots),
+            cache=init_cache(cfg, slots, capacity),
+            stream=st,
+            lengths=z,
+            next_text=z,
+            next_audio=z,
+            is_both=jnp.zeros((slots,), bool),
+            keys=jnp.zeros((slots, 2), jnp.uint32),
+            text=RowParams.zeros(slots),
             audio=RowParams.zeros(slots),
-        )  # fmt: skip
+        )
 
     @property
     def capacity(self) -> int:
@@ -154,9 +159,12 @@ def sample_rows(
 
 
 def _advance_rows(
-    cfgs: tuple[StreamConfig, StreamConfig], st: StreamState, is_both: jax.Array,
-    nt: jax.Array, na: jax.Array,
-) -> tuple[StreamState, jax.Array, jax.Array]:  # fmt: skip
+    cfgs: tuple[StreamConfig, StreamConfig],
+    st: StreamState,
+    is_both: jax.Array,
+    nt: jax.Array,
+    na: jax.Array,
+) -> tuple[StreamState, jax.Array, jax.Array]:
     """`stream_logic.advance` per row (own step counter), text or both mode per row."""
 
     def one(cfg: StreamConfig, s: StreamState, t: jax.Array, a: jax.Array):
@@ -175,17 +183,24 @@ def _advance_rows(
 
 
 def _step_rows(
-    st: StreamState, is_both: jax.Array, keys: jax.Array, text_p: RowParams, audio_p: RowParams,
-    text_logits: jax.Array, audio_logits: jax.Array, cfgs: tuple[StreamConfig, StreamConfig],
+    st: StreamState,
+    is_both: jax.Array,
+    keys: jax.Array,
+    text_p: RowParams,
+    audio_p: RowParams,
+    text_logits: jax.Array,
+    audio_logits: jax.Array,
+    cfgs: tuple[StreamConfig, StreamConfig],
     max_top_k: int,
-) -> tuple[StreamState, jax.Array, jax.Array]:  # fmt: skip
+) -> tuple[StreamState, jax.Array, jax.Array]:
     """Samples each row's step `st.step[b]` and advances it (rows that are done stay frozen).
 
     Row b's key for step i is `fold_in(key_b, i)`, split into text and audio keys, so a request's
     samples do not depend on which slot it sits in or who shares the batch.
     """
-    k = jax.vmap(lambda kd, i: jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(kd),
-                                                                   i)))(keys, st.step)  # fmt: skip
+    k = jax.vmap(
+        lambda kd, i: jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(kd), i))
+    )(keys, st.step)
     nt = sample_rows(text_logits, st.text_history, st.step, text_p, k[:, 0], max_top_k)
     na = sample_rows(audio_logits, st.audio_history, st.step, audio_p, k[:, 1], max_top_k)
     return _advance_rows(cfgs, st, is_both, nt, na)
@@ -214,9 +229,16 @@ def _forward_chunk(params, state, slot, audio_ids, text_ids, features, cont, sta
     row = _row_cache(state.cache, slot)
     pos = (start + jnp.arange(c, dtype=jnp.int32))[None, :]
     out = model.apply(
-        {"params": params}, audio_ids, text_ids, pos, features, cont, row,
-        attend_cache=True, logits_at=jnp.reshape(last, (1,)),
-    )  # fmt: skip
+        {"params": params},
+        audio_ids,
+        text_ids,
+        pos,
+        features,
+        cont,
+        row,
+        attend_cache=True,
+        logits_at=jnp.reshape(last, (1,)),
+    )
     return state.replace(cache=_put_row_cache(state.cache, out.cache, slot)), out
 
 
@@ -233,9 +255,20 @@ def prefill_chunk(params, state, slot, audio_ids, text_ids, features, cont, star
     jax.jit, static_argnames=("model", "cfgs", "max_top_k"), donate_argnames=("state",)
 )
 def prefill_last(
-    params, state, slot, audio_ids, text_ids, features, cont, start, row: Row, *,
-    model: KimiaLLM, cfgs: tuple[StreamConfig, StreamConfig], max_top_k: int,
-):  # fmt: skip
+    params,
+    state,
+    slot,
+    audio_ids,
+    text_ids,
+    features,
+    cont,
+    start,
+    row: Row,
+    *,
+    model: KimiaLLM,
+    cfgs: tuple[StreamConfig, StreamConfig],
+    max_top_k: int,
+):
     """The last chunk of a prompt, then the slot's row is reset for this request and its step 0
     is sampled from the logits of the last prompt position (`generate._start`)."""
     last = row.length[0] - 1 - start
@@ -246,26 +279,42 @@ def prefill_last(
     fresh = StreamState.init(row.budget, cap)
     fresh = fresh.replace(step=jnp.zeros((1,), jnp.int32))
     st, nt, na = _step_rows(
-        fresh, row.is_both, row.key, row.text, row.audio, out.text_logits[:, 0],
-        out.audio_logits[:, 0], cfgs, max_top_k,
-    )  # fmt: skip
+        fresh,
+        row.is_both,
+        row.key,
+        row.text,
+        row.audio,
+        out.text_logits[:, 0],
+        out.audio_logits[:, 0],
+        cfgs,
+        max_top_k,
+    )
     put = lambda x, r: jax.lax.dynamic_update_slice_in_dim(x, r.astype(x.dtype), slot, 0)  # noqa: E731
     return state.replace(
-        stream=jax.tree.map(put, state.stream, st), lengths=put(state.lengths, row.length),
-        next_text=put(state.next_text, nt), next_audio=put(state.next_audio, na),
-        is_both=put(state.is_both, row.is_both), keys=put(state.keys, row.key),
+        stream=jax.tree.map(put, state.stream, st),
+        lengths=put(state.lengths, row.length),
+        next_text=put(state.next_text, nt),
+        next_audio=put(state.next_audio, na),
+        is_both=put(state.is_both, row.is_both),
+        keys=put(state.keys, row.key),
         text=jax.tree.map(put, state.text, row.text),
         audio=jax.tree.map(put, state.audio, row.audio),
-    )  # fmt: skip
+    )
 
 
 @functools.partial(
     jax.jit, static_argnames=("model", "cfgs", "max_top_k"), donate_argnames=("state",)
 )
 def decode(
-    params, state: SlotState, live: jax.Array, n: jax.Array, *, model: KimiaLLM,
-    cfgs: tuple[StreamConfig, StreamConfig], max_top_k: int,
-) -> SlotState:  # fmt: skip
+    params,
+    state: SlotState,
+    live: jax.Array,
+    n: jax.Array,
+    *,
+    model: KimiaLLM,
+    cfgs: tuple[StreamConfig, StreamConfig],
+    max_top_k: int,
+) -> SlotState:
     """Up to `n` decode steps of every live row (`live` [S] bool: the slot holds a running
     request); stops early once no live row is left undone."""
     cap = state.capacity
@@ -275,22 +324,37 @@ def decode(
         run = live & ~s.stream.done
         pos = jnp.where(run, s.lengths + s.stream.step - 1, cap - 1)[:, None]
         o = model.apply(
-            {"params": params}, s.next_audio[:, None], s.next_text[:, None], pos, None, None,
-            s.cache, attend_cache=True,
-        )  # fmt: skip
+            {"params": params},
+            s.next_audio[:, None],
+            s.next_text[:, None],
+            pos,
+            None,
+            None,
+            s.cache,
+            attend_cache=True,
+        )
         st, nt, na = _step_rows(
-            s.stream, s.is_both, s.keys, s.text, s.audio, o.text_logits[:, 0],
-            o.audio_logits[:, 0], cfgs, max_top_k,
-        )  # fmt: skip
+            s.stream,
+            s.is_both,
+            s.keys,
+            s.text,
+            s.audio,
+            o.text_logits[:, 0],
+            o.audio_logits[:, 0],
+            cfgs,
+            max_top_k,
+        )
         # rows that are not live keep their state (their forward wrote only the last position)
         keep = lambda new, old: jnp.where(  # noqa: E731
             run.reshape(run.shape + (1,) * (new.ndim - 1)), new, old
         )
         st = jax.tree.map(keep, st, s.stream)
         return i + 1, s.replace(
-            cache=o.cache, stream=st, next_text=keep(nt, s.next_text),
+            cache=o.cache,
+            stream=st,
+            next_text=keep(nt, s.next_text),
             next_audio=keep(na, s.next_audio),
-        )  # fmt: skip
+        )
 
     def cond(c):
         i, s = c
