@@ -27,12 +27,6 @@ from kimia_jax.inference.sampler import Sampling
 
 OUTPUT_SAMPLE_RATE = 24000
 
-# The official ASR prompts (kimia_infer test script / Kimi-Audio README).
-TRANSCRIBE_PROMPTS = {
-    "zh": "请将音频内容转换为文字。",
-    "en": "Please transcribe the following audio:",
-}
-
 
 class BadRequest(KimiaError):
     """A request the server answers with 4xx; `status` and `param` go into the error body."""
@@ -284,9 +278,3 @@ def chunk(
     if extra:
         out.update(extra)
     return out
-
-
-def transcription_prompt(language: str | None, prompt: str | None) -> str:
-    if prompt:
-        return prompt
-    return TRANSCRIBE_PROMPTS["en" if (language or "").lower().startswith("en") else "zh"]

@@ -43,6 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kimia_jax.configs import OutputType
 from kimia_jax.errors import KimiaError
+from kimia_jax.inference.batch import task_messages
 from kimia_jax.inference.sampler import Sampling
 from kimia_jax.serving import openai_api as oa
 from kimia_jax.serving.engine import Engine, EngineBusy
@@ -229,14 +230,8 @@ def create_app(kimia: Any, engine: Engine, config: ServerConfig | None = None) -
             sampling = Sampling(text_temperature=float(temp)) if temp else Sampling()
         except (ValueError, KimiaError) as e:
             raise oa.BadRequest(f"temperature: {e}", param="temperature") from None
-        messages = [
-            {
-                "role": "user",
-                "message_type": "text",
-                "content": oa.transcription_prompt(language, form.get("prompt") or None),
-            },
-            {"role": "user", "message_type": "audio", "content": (wav, sr)},
-        ]
+        # the official ASR instruction (or the request's `prompt`); `language` is only echoed
+        messages = task_messages("asr", (wav, sr), form.get("prompt") or None)
         req, _ = await submit(messages, OutputType.TEXT, sampling, 0)
         out = await result(req)
         text = out["text"]
@@ -411,10 +406,6 @@ def create_app(kimia: Any, engine: Engine, config: ServerConfig | None = None) -
         try:
             while True:
                 ev = await next_event(req)
-                if ev.get("text"):
-                    await ws.send_json({"type": "response.text", "text": ev["text"]})
-                if ev.get("audio") is not None:
-                    await ws.send_bytes(oa.pcm16(ev["audio"]))
                 if ev.get("done"):
                     await ws.send_json(
                         {
@@ -424,6 +415,10 @@ def create_app(kimia: Any, engine: Engine, config: ServerConfig | None = None) -
                         }
                     )
                     return
+                if ev.get("text"):
+                    await ws.send_json({"type": "response.text", "text": ev["text"]})
+                if ev.get("audio") is not None:
+                    await ws.send_bytes(oa.pcm16(ev["audio"]))
         finally:
             req.cancel()
 

@@ -14,8 +14,8 @@ import pytest
 import soundfile as sf
 
 from kimia_jax.configs import OutputType
+from kimia_jax.inference.batch import task_messages
 from kimia_jax.inference.sampler import Sampling
-from kimia_jax.serving import openai_api as oa
 from kimia_jax.serving.engine import Engine, EngineConfig
 from kimia_jax.serving.server import BackgroundServer, ServerConfig, create_app
 from kimia_jax.serving.vad import EnergyVad, VadConfig
@@ -49,17 +49,14 @@ def _raw(server, method, path, body=b"", headers=None):
     r = c.getresponse()
     data = r.read()
     c.close()
-    return r.status, dict(r.getheaders()), data
+    return r.status, {k.lower(): v for k, v in r.getheaders()}, data
 
 
 def test_transcription_with_the_openai_client(kimia, engine, client, speech_wav):
     """json, text and verbose_json transcriptions of a wav equal the engine's own reply to the
-    official ASR prompt."""
+    official ASR messages (`inference.batch.task_messages("asr", ...)`)."""
     wav, sr = sf.read(speech_wav, dtype="float32")
-    want = _direct(kimia, engine, [
-        {"role": "user", "message_type": "text", "content": oa.TRANSCRIBE_PROMPTS["en"]},
-        {"role": "user", "message_type": "audio", "content": (wav, sr)},
-    ], OutputType.TEXT)["text"]  # fmt: skip
+    want = _direct(kimia, engine, task_messages("asr", (wav, sr)), OutputType.TEXT)["text"]
     with open(speech_wav, "rb") as f:
         got = client.audio.transcriptions.create(model=MODEL, file=f, language="en")
     assert got.text == want
@@ -160,9 +157,8 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, client, speec
         assert got == status and words in err["message"], (name, got, err)
     with pytest.raises(openai.BadRequestError, match="could not be decoded"):
         client.audio.transcriptions.create(model=MODEL, file=("x.wav", b"garbage"))
-    with pytest.raises(openai.NotFoundError):
-        with open(speech_wav, "rb") as f:
-            client.audio.transcriptions.create(model="whisper-1", file=f)
+    with pytest.raises(openai.NotFoundError), open(speech_wav, "rb") as f:
+        client.audio.transcriptions.create(model="whisper-1", file=f)
     assert client.chat.completions.create(**ok_body).choices[0].message.content is not None
     status, _, data = _raw(server, "GET", "/health")
     assert status == 200 and json.loads(data)["status"] == "ok"
@@ -212,7 +208,7 @@ def test_overload_answers_429_with_retry_after_and_loses_no_accepted_request(kim
     assert 429 in codes and 200 in codes, codes
     for status, headers, data in results:
         if status == 429:
-            assert int(headers["Retry-After"]) >= 1
+            assert int(headers["retry-after"]) >= 1
             assert "busy" in json.loads(data)["error"]["message"]
         else:
             assert status == 200 and data.decode().rstrip().endswith("data: [DONE]")
