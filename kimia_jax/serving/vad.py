@@ -80,7 +80,10 @@ class EnergyVad:
             self._silence = 0 if speech else self._silence + 1
             too_long = len(self._frames) * c.frame_ms >= c.max_turn_s * 1000
             if self._silence >= self._frames_for(c.silence_ms) or too_long:
-                return self.end()
+                turn, rest = np.concatenate(self._frames), self._buf
+                self.reset()
+                self._buf = rest  # the samples after the turn start the next one
+                return turn
         return None
 
     def end(self) -> np.ndarray | None:
