@@ -30,7 +30,7 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["bfloat16", "float32"], "Compute
 _SLOTS = flags.DEFINE_integer("slots", 16, "Slots of the batching server.", lower_bound=2)
 _CAPACITY = flags.DEFINE_integer("capacity", 512, "KV positions per slot.")
 _CHUNK = flags.DEFINE_integer("prefill_chunk", 64, "Prompt positions per prefill call.")
-_TICK = flags.DEFINE_integer("steps_per_tick", 4, "Decode steps between scheduling points.")
+_TICK = flags.DEFINE_integer("steps_per_tick", 8, "Decode steps between scheduling points.")
 _LEVELS = flags.DEFINE_list("levels", ["1", "4", "16"], "Concurrency levels.")
 _REQUESTS = flags.DEFINE_integer("requests", 16, "Replies per level and server.", lower_bound=1)
 _MAX_S = flags.DEFINE_float("max_seconds", 120.0, "Time limit per level and server.")

@@ -118,6 +118,7 @@ class Request:
         self.slot: int | None = None
         self.prefilled = 0
         self.text_sent = ""
+        self.text_seen = 0  # text tokens already decoded
         self.audio_sent = 0
         self.num_text_tokens = 0
 
@@ -447,11 +448,12 @@ class Engine:
             req.num_text_tokens = int(st.step[s])
             self.metrics.tokens.inc(new_tokens)
             total += new_tokens
-            decoded = self.text.text(text_ids)
-            piece = new_text_piece(decoded, req.text_sent, final=done)
-            if piece:
-                req.text_sent += piece
-                req._put({"text": piece})
+            if vt != req.text_seen or done:  # decode only when the text grew (or at the end)
+                req.text_seen = vt
+                piece = new_text_piece(self.text.text(text_ids), req.text_sent, final=done)
+                if piece:
+                    req.text_sent += piece
+                    req._put({"text": piece})
             if req.both:
                 codes = self.text.codes(audio_ids[req.audio_sent :])
                 req.audio_sent = len(audio_ids)
