@@ -10,6 +10,12 @@ audio delay, blank substitution, `.item()` stop checks) on a transformers Qwen2 
 work per token (main + MIMO layers, two heads), fp32, same thread count. The official loop is
 B = 1 only, so its batch-8 figure is 8 requests one after another; ours runs 8 rows in one call.
 
+On a GPU host (`--platform=gpu`): JAX on its CUDA backend, torch on `cuda`, same dtype on both
+sides (`--dtype=bfloat16` is what a GPU user runs; fp32 there uses TF32-free fp32 matmuls in torch
+and JAX's default precision).
+
+    python -m tools.bench_generate --platform=gpu --dtype=bfloat16 --sizes=0.5b --batch=1,8
+
 Time to first audio chunk (--ttfa, tiny checkpoint; excluding the audio tokenizer / whisper
 prompt building, which the reference side does not run): prefill, the decode steps until the
 detokenizer's first chunk is complete (37 when every audio sample is an audio id: 6 delayed +
@@ -22,7 +28,9 @@ for the same number of steps + the PyTorch detokenizer reference
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import sys
 import time
 
 import numpy as np
@@ -37,6 +45,10 @@ _PROMPT = flags.DEFINE_integer("prompt_len", 64, "Prompt length.")
 _STEPS = flags.DEFINE_integer("steps", 64, "Decode steps per row.")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed repeats (best of).")
 _TTFA = flags.DEFINE_bool("ttfa", False, "Also measure time to first audio chunk (tiny).")
+_PLATFORM = flags.DEFINE_enum("platform", "cpu", ["cpu", "gpu"], "Where both sides run.")
+_DTYPE = flags.DEFINE_enum(
+    "dtype", "float32", ["float32", "bfloat16"], "Params and compute dtype, both sides."
+)
 _MODES = flags.DEFINE_list(
     "output_types",
     ["both", "text"],
@@ -56,24 +68,27 @@ def ours_steps_per_s(cfg, batch, prompt_len, steps, repeats, output_type="both")
 class TorchLoop:
     """The official per-token generation loop on a transformers Qwen2 of the same work."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, device: str = "cpu"):
         import torch
         import transformers
 
         self.torch, self.transformers = torch, transformers
-        self.model, self.head2 = torch_kimia_twin(cfg)
-        self.cfg = cfg
+        dtype = getattr(torch, cfg.dtype)
+        model, head2 = torch_kimia_twin(cfg, dtype=dtype)
+        self.model, self.head2 = model.to(device, dtype), head2.to(device, dtype)
+        self.cfg, self.device = cfg, device
 
     def run(self, prompt_len: int, steps: int, blank: int = 0) -> None:
         torch = self.torch
         emb = self.model.model.embed_tokens
         with torch.inference_mode():
-            audio = torch.randint(0, self.cfg.kimia_token_offset, (1, prompt_len))
-            text = torch.randint(0, self.cfg.kimia_token_offset, (1, prompt_len))
+            dev = self.device
+            audio = torch.randint(0, self.cfg.kimia_token_offset, (1, prompt_len), device=dev)
+            text = torch.randint(0, self.cfg.kimia_token_offset, (1, prompt_len), device=dev)
             past = self.transformers.DynamicCache()
             text_prev = torch.zeros(4096, dtype=torch.long)
             audio_prev = torch.zeros(4096, dtype=torch.long)
-            pos = torch.arange(prompt_len)[None]
+            pos = torch.arange(prompt_len, device=dev)[None]
             last = prompt_len - 1
             for i in range(steps):
                 x = emb(audio) + emb(text)  # the two streams' embeddings are summed (spec §3.1)
@@ -91,7 +106,7 @@ class TorchLoop:
                     break
                 audio, text = na[:, None], nt[:, None]
                 last += 1
-                pos = torch.tensor([[last]])
+                pos = torch.tensor([[last]], device=dev)
 
 
 def ttfa(repeats: int) -> tuple[float, float]:
@@ -163,16 +178,19 @@ def ttfa(repeats: int) -> tuple[float, float]:
 
 def main(argv):
     del argv
+    import jax
     import torch
 
     from kimia_jax.configs import PRESETS
 
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
-    cfgs = {name: PRESETS[name]() for name in _SIZES.value}
+    device = "cuda" if _PLATFORM.value == "gpu" else "cpu"
+    dt = _DTYPE.value
+    cfgs = {n: dataclasses.replace(PRESETS[n](), dtype=dt, param_dtype=dt) for n in _SIZES.value}
+    where = jax.devices()[0].device_kind if device == "cuda" else f"threads={threads}"
     print(
-        f"threads={threads} prompt={_PROMPT.value} steps={_STEPS.value} fp32 greedy, "
-        f"best of {_REPEATS.value}"
+        f"{where} prompt={_PROMPT.value} steps={_STEPS.value} {dt} greedy, best of {_REPEATS.value}"
     )
     print(
         "| size | output_type | batch | ours steps/s (all rows) | reference steps/s (sequential) "
@@ -180,7 +198,7 @@ def main(argv):
     )
     print("|---|---|---|---|---|---|")
     for size in _SIZES.value:
-        loop = TorchLoop(cfgs[size])
+        loop = TorchLoop(cfgs[size], device)
         loop.run(_PROMPT.value, 4)
         t_ref = best_of(lambda loop=loop: loop.run(_PROMPT.value, _STEPS.value), _REPEATS.value)
         t_pre = best_of(lambda loop=loop: loop.run(_PROMPT.value, 1), _REPEATS.value)
@@ -204,4 +222,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    if "--platform=gpu" not in sys.argv:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
     app.run(main)

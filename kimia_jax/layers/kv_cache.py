@@ -82,17 +82,22 @@ class KVCache:
     def update(self, i: int | jax.Array, k: jax.Array, v: jax.Array, start: jax.Array) -> KVCache:
         """Writes k, v [B, T, K, H] into layer i at slots start[b] .. start[b] + T - 1 of row b.
 
-        The caller guarantees start + T <= capacity (a dynamic update would clamp silently).
+        The caller guarantees start + T <= capacity (slots past it are dropped, not written).
         `length` becomes max(length, start + T).
         """
         start = start.astype(jnp.int32)
         i = jnp.asarray(i, jnp.int32)
 
-        def write(buf: jax.Array, new: jax.Array) -> jax.Array:
-            row = lambda c, u, s: jax.lax.dynamic_update_slice(c, u[None], (i, s, 0, 0))  # noqa: E731
-            return jax.vmap(row, in_axes=(1, 0, 0), out_axes=1)(buf, new.astype(buf.dtype), start)
+        b, t = k.shape[:2]
+        # One scatter of B x T [K, H] windows into layer i (in place in a loop carry). A vmap of
+        # dynamic_update_slice over the B axis of the stacked buffer instead transposes all L
+        # layers around each write: two whole-cache copies per layer per decode step.
+        rows = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, t))
+        slots = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
 
-        t = k.shape[1]
+        def write(buf: jax.Array, new: jax.Array) -> jax.Array:
+            return buf.at[i, rows, slots].set(new.astype(buf.dtype), mode="drop")
+
         return KVCache(
             k=write(self.k, k), v=write(self.v, v), length=jnp.maximum(self.length, start + t)
         )
