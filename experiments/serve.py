@@ -29,7 +29,7 @@ _CAPACITY = flags.DEFINE_integer(
     "capacity", 2048, "KV positions per slot (prompt + reply).", lower_bound=64
 )
 _CHUNK = flags.DEFINE_integer("prefill_chunk", 128, "Prompt positions per prefill call.")
-_TICK = flags.DEFINE_integer("steps_per_tick", 4, "Decode steps between scheduling points.")
+_TICK = flags.DEFINE_integer("steps_per_tick", 8, "Decode steps between scheduling points.")
 _QUEUE = flags.DEFINE_integer("max_queue", 64, "Waiting requests before answering 429.")
 _TIMEOUT = flags.DEFINE_float("request_timeout_s", 300.0, "Per-request time limit.")
 _UPLOAD = flags.DEFINE_integer("max_upload_mb", 25, "Largest request body.", lower_bound=1)

@@ -68,7 +68,7 @@ class EngineConfig:
     slots: int = 4
     capacity: int = 1024
     prefill_chunk: int = 64
-    steps_per_tick: int = 4
+    steps_per_tick: int = 8
     max_queue: int = 32
     request_timeout_s: float = 300.0
     max_top_k: int = 64

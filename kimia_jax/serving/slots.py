@@ -142,20 +142,28 @@ def sample_rows(
     Sampling rows: `categorical` over the scaled log-probs restricted to the row's top_k best
     (top_k in [1, max_top_k]; a larger or <= 0 top_k samples the full distribution).
     """
-    logits = _penalise(logits, history, hlen, p)
+    # the penalty and the sampling branch run only when some row needs them (lax.cond)
+    logits = jax.lax.cond(
+        jnp.any(p.penalty > 1.0), lambda x: _penalise(x, history, hlen, p), lambda x: x, logits
+    )
     lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     greedy = jnp.argmax(lp, axis=-1).astype(jnp.int32)
-    scaled = lp / jnp.maximum(p.temperature, GREEDY_TEMPERATURE)[:, None]
-    k = min(max_top_k, scaled.shape[-1])
-    top_vals, top_idx = jax.lax.top_k(scaled, k)
-    rank = jnp.arange(k, dtype=jnp.int32)[None, :]
-    top_vals = jnp.where(rank < p.top_k[:, None], top_vals, -jnp.inf)
-    pick_top = jax.vmap(lambda kk, x: jax.random.categorical(kk, x))(keys, top_vals)
-    from_top = jnp.take_along_axis(top_idx, pick_top[:, None], axis=-1)[:, 0]
-    from_all = jax.vmap(lambda kk, x: jax.random.categorical(kk, x))(keys, scaled)
-    use_top = (p.top_k > 0) & (p.top_k <= k)
-    sampled = jnp.where(use_top, from_top, from_all).astype(jnp.int32)
-    return jnp.where(p.temperature <= GREEDY_TEMPERATURE, greedy, sampled)
+    is_greedy = p.temperature <= GREEDY_TEMPERATURE
+
+    def sampled(lp: jax.Array) -> jax.Array:
+        scaled = lp / jnp.maximum(p.temperature, GREEDY_TEMPERATURE)[:, None]
+        k = min(max_top_k, scaled.shape[-1])
+        top_vals, top_idx = jax.lax.top_k(scaled, k)
+        rank = jnp.arange(k, dtype=jnp.int32)[None, :]
+        top_vals = jnp.where(rank < p.top_k[:, None], top_vals, -jnp.inf)
+        pick_top = jax.vmap(lambda kk, x: jax.random.categorical(kk, x))(keys, top_vals)
+        from_top = jnp.take_along_axis(top_idx, pick_top[:, None], axis=-1)[:, 0]
+        from_all = jax.vmap(lambda kk, x: jax.random.categorical(kk, x))(keys, scaled)
+        use_top = (p.top_k > 0) & (p.top_k <= k)
+        return jnp.where(is_greedy, greedy, jnp.where(use_top, from_top, from_all))
+
+    out = jax.lax.cond(jnp.all(is_greedy), lambda lp: greedy, sampled, lp)
+    return out.astype(jnp.int32)
 
 
 def _advance_rows(
