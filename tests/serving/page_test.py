@@ -92,10 +92,13 @@ def test_page_plays_a_reply_and_shows_its_transcript(kimia, engine, tmp_path):
                 assert time.time() - t0 < 30
                 time.sleep(0.2)
             dt.eval("document.getElementById('start').click()")
+            time.sleep(1)
+            status = dt.eval("document.body.innerText")
             t0 = time.time()
             while not (state := json.loads(dt.eval("JSON.stringify(window.kimia)")))["done"]:
-                assert time.time() - t0 < 300, (
-                    f"no reply; page log: {dt.eval('document.body.innerText')}"
+                assert time.time() - t0 < 600, (
+                    f"no reply; after the click: {status!r}; now: "
+                    f"{dt.eval('document.body.innerText')!r}"
                 )
                 time.sleep(0.5)
             log = dt.eval("document.getElementById('log').innerText")
