@@ -53,9 +53,21 @@ _OUTPUT = flags.DEFINE_enum(
 _OUT_WAV = flags.DEFINE_string(
     "out_wav", None, "Where to write the 24 kHz reply (needed by, and only for, output_type both)."
 )
+_VOICE = flags.DEFINE_string(
+    "voice_prompt",
+    None,
+    "Reference clip whose voice the spoken replies take (the detokenizer's prefill); needs "
+    "--output_type both.",
+)
 _GLM = flags.DEFINE_string("glm_tokenizer", None, "GLM-4-Voice tokenizer folder.")
 _MESH = flags.DEFINE_string("mesh", None, "Device mesh, e.g. data=1,fsdp=1,tensor=8.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.")
+_QUANTIZE = flags.DEFINE_enum(
+    "quantize",
+    "none",
+    ["none", "int8", "int4"],
+    "Weight-only quantization of the LLM on load (int8: per output channel; compute in --dtype).",
+)
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling / detokenizer noise seed.", lower_bound=0)
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Requests per compiled call.", lower_bound=1)
 _LOG_LEVEL = flags.DEFINE_enum(
@@ -128,6 +140,12 @@ def check_flags() -> None:
         parent = Path(_OUT_WAV.value).absolute().parent
         if not parent.is_dir() or not os.access(parent, os.W_OK):
             raise app.UsageError(f"--out_wav: cannot write into {parent}")
+    if _VOICE.value:
+        if not both:
+            raise app.UsageError("--voice_prompt sets the voice of spoken replies: it needs "
+                                 "--output_type both")  # fmt: skip
+        if not Path(_VOICE.value).is_file():
+            raise app.UsageError(f"--voice_prompt {_VOICE.value} is not an audio file")
     if _MESH.value:
         from kimia_jax import sharding
 
@@ -183,7 +201,7 @@ def _load_model(progress: Bars):
     mesh = sharding.parse_mesh(_MESH.value) if _MESH.value else None
     return KimiAudio(root, load_detokenizer=both, dtype=_DTYPE.value, mesh=mesh,
                      glm_tokenizer_path=glm, max_batch=_BATCH.value,
-                     progress=progress)  # fmt: skip
+                     progress=progress, quantize=_QUANTIZE.value)  # fmt: skip
 
 
 def format_answer(path: str, text: str) -> str:
@@ -255,6 +273,8 @@ def main(argv: list[str]) -> None:
     _BARS.enabled = not _QUIET.value
     model = _load_model(_BARS)
     load_s = time.perf_counter() - t0
+    if _VOICE.value:  # built once (GLM tokens + mel + DiT prefill), used by every reply
+        sampling["voice_prompt"] = model.voice_prompt(_VOICE.value)
     if requests is not None:
         _run_manifest(model, sampling, requests, log, _QUIET.value)
     else:

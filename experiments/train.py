@@ -51,6 +51,26 @@ def maybe_initialize_distributed(config) -> None:
         jax.distributed.initialize()
 
 
+def train_config(config):
+    """The step's `TrainConfig` from the experiment config (optim, loss, dtype, layer layout and
+    remat of the LLM and of the Whisper encoder)."""
+    from kimia_jax.training.loss import LossConfig
+    from kimia_jax.training.optim import OptimConfig
+    from kimia_jax.training.train_step import TrainConfig
+
+    optim_cfg = OptimConfig(**{**config.optim.to_dict(), "total_steps": config.loop.total_steps})
+    model = config.model
+    return TrainConfig(
+        optim=optim_cfg,
+        loss=LossConfig(**config.loss.to_dict()),
+        compute_dtype=config.compute_dtype,
+        packed=True,
+        scan_layers=model.get("scan_layers"),
+        remat_policy=model.get("remat_policy"),
+        whisper_remat_policy=model.get("whisper_remat_policy", "full"),
+    )
+
+
 def git_revision() -> str:
     try:
         rev = subprocess.run(
@@ -189,11 +209,10 @@ def main(argv: list[str]) -> None:
     from kimia_jax.configs import layout
     from kimia_jax.conversion import llm as llm_conv
     from kimia_jax.conversion import whisper as whisper_conv
+    from kimia_jax.models import kimia_llm
     from kimia_jax.text.tokenizer import TextTokenizer
     from kimia_jax.training import data, export
-    from kimia_jax.training.loss import LossConfig
-    from kimia_jax.training.optim import OptimConfig
-    from kimia_jax.training.train_step import TrainConfig, TrainStep
+    from kimia_jax.training.train_step import TrainStep
     from kimia_jax.training.trainer import LoopConfig, Trainer
 
     workdir = Path(_WORKDIR.value).absolute()
@@ -230,18 +249,7 @@ def main(argv: list[str]) -> None:
         read=grain.ReadOptions(num_threads=config.data.read_threads, prefetch_buffer_size=16),
     )
     total = config.loop.total_steps
-    optim_cfg = OptimConfig(**{**config.optim.to_dict(), "total_steps": total})
-    step = TrainStep(
-        lcfg,
-        wcfg,
-        TrainConfig(
-            optim=optim_cfg,
-            loss=LossConfig(**config.loss.to_dict()),
-            compute_dtype=config.compute_dtype,
-            packed=True,
-        ),
-        mesh,
-    )
+    step = TrainStep(lcfg, wcfg, train_config(config), mesh)
     loop_kw = config.loop.to_dict()
     frac = loop_kw.pop("unfreeze_whisper_fraction")
     loop_kw["unfreeze_whisper_at"] = round(frac * total) if frac < 1 else None
@@ -261,7 +269,9 @@ def main(argv: list[str]) -> None:
             + ", ".join(f"{k} {v:.4g}" for k, v in last.items() if not k.startswith("loss_"))
         )
     if int(state.step) >= total and config.export.enabled:
-        out = export.export_all(root, workdir / "export", state.params, lcfg, wcfg)
+        # the released / Orbax layouts hold unrolled layers (lcfg is the checkpoint's config)
+        params = {**state.params, "llm": kimia_llm.to_layout(state.params["llm"], lcfg)}
+        out = export.export_all(root, workdir / "export", params, lcfg, wcfg)
         if jax.process_index() == 0:
             print(f"exported: {out['released']} (released layout), {out['orbax']} (Orbax)")
     print(f"done in {time.perf_counter() - t_start:.1f}s", file=sys.stderr)

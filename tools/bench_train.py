@@ -1,14 +1,17 @@
 """Train-step time and tokens/s of the JAX train step vs a PyTorch reference step, in one run.
 
-    python -m tools.bench_train                     # tiny and Qwen2.5-0.5B shapes
+    python -m tools.bench_train                     # tiny and Qwen2.5-0.5B shapes, CPU fp32
     python -m tools.bench_train --sizes=0.5b --batch=1 --seq=512 --repeats=3
+    python -m tools.bench_train --platform=gpu --dtype=bfloat16 --sizes=0.5b --batch=8 --seq=1024
 
-Same work on both sides, fp32 on the CPU, same thread count:
+Same work on both sides, same precision (`--dtype`: float32, or bfloat16 compute with fp32 master
+weights and fp32 AdamW on our side, `torch.autocast(bfloat16)` around the forward and loss on the
+torch side), on the same device (`--platform`: cpu, same thread count; gpu: torch on `cuda`, JAX on
+its GPU backend, true fp32 matmuls on both in float32 mode, no TF32):
 * ours: `training.train_step.TrainStep` (the real compiled step: dual-head KimiaLLM forward, the
-  chunked two-stream loss, backward, global-norm clip, AdamW; donated state). The step always
-  runs the (frozen) Whisper encoder on W >= 1 windows per row, which the reference does not have:
-  here W = 1 and a 1-layer, 4-wide encoder (adaptor input 16), so ours additionally computes one
-  30 s log-mel per row (a small extra cost on our side only).
+  chunked two-stream loss, backward, global-norm clip, AdamW; donated state) on text/audio-token
+  rows without Whisper windows (W = 0: the step runs no encoder and no log-mel, like the
+  reference, which has neither).
 * reference: transformers `Qwen2ForCausalLM` (the main stack, its final norm and text head) plus
   the Kimi MIMO branch built from transformers' own `Qwen2DecoderLayer`s, seeded by the output of
   main layer `kimia_mimo_transformer_from_layer_index`, with `mimo_norm` and `mimo_output`; loss =
@@ -16,7 +19,11 @@ Same work on both sides, fp32 on the CPU, same thread count:
   `torch.optim.AdamW` (the official fine-tuning model, without DeepSpeed).
 Achieved FLOP/s use the model FLOPs of one step, 3 x forward, forward = 2 x (every matmul weight,
 both heads included) x tokens + 4 x layers x T x hidden x tokens (attention scores and values,
-full T x T as computed), against the fp32 GEMM peak measured on these hosts (perf-notes.md).
+full T x T as computed), as MFU against `--peak_gflops` (default: CPU the fp32 GEMM peak measured
+on these hosts, perf-notes.md; GPU the measured H100/H200 dense peak, 790 TFLOP/s bf16 and
+50 TFLOP/s fp32).
+The import chain never loads grain, ml_collections, tensorboardX, librosa or soundfile (absent from
+the GPU image; tests/tools/bench_train_test.py blocks them).
 Ours and torch alternate `--rounds` times, one side in memory at a time (the 0.5B shape holds
 ~13 GB of params, gradients and AdamW moments per side); each number is the best of `--repeats`
 steps. Compiles are cached on disk between rounds (`--cache_dir`).
@@ -31,17 +38,27 @@ import time
 
 from absl import app, flags
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a CPU benchmark (libtpu, if installed, stays idle)
-
+_PLATFORM = flags.DEFINE_enum("platform", "cpu", ["cpu", "gpu"], "Device of both sides.")
+_DTYPE = flags.DEFINE_enum(
+    "dtype", "float32", ["float32", "bfloat16"], "Compute dtype (params stay fp32)."
+)
+_SCAN = flags.DEFINE_bool("scan_layers", False, "Ours: LLM layer stacks as nn.scan.")
+_REMAT = flags.DEFINE_string("remat_policy", "none", "Ours: LLM per-layer remat policy.")
 _SIZES = flags.DEFINE_list("sizes", ["tiny", "0.5b"], "Model sizes: tiny, 0.5b.")
 _BATCH = flags.DEFINE_list("batch", ["8", "1"], "Rows per step, one per size.")
 _SEQ = flags.DEFINE_list("seq", ["128", "512"], "Row length, one per size.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed steps per round (best of).")
 _ROUNDS = flags.DEFINE_integer("rounds", 2, "Alternating ours/torch rounds.")
-_CACHE = flags.DEFINE_string("cache_dir", "/tmp/kimia_bench_train_cache", "JAX compile cache.")
-_PEAK = flags.DEFINE_float(
-    "peak_gflops", None, "fp32 GEMM peak; default from lscpu (EPYC 180, Xeon AMX 302)."
+_CACHE = flags.DEFINE_string(
+    "cache_dir", "/tmp/kimia_bench_train_cache", "JAX compile cache ('' for none)."
 )
+_PEAK = flags.DEFINE_float(
+    "peak_gflops",
+    None,
+    "Peak GFLOP/s for MFU; default CPU: fp32 GEMM from lscpu (EPYC 180, Xeon AMX 302); "
+    "GPU: H100/H200 measured dense peak, 790000 bf16, 50000 fp32.",
+)
+GPU_PEAK_GFLOPS = {"bfloat16": 790_000.0, "float32": 50_000.0}
 
 
 def gemm_peak() -> tuple[float, str]:
@@ -79,13 +96,29 @@ def _batch(cfg, batch: int, seq: int):
         segment_ids=ones.astype(np.int32), cont_src=np.full((batch, seq), -1, np.int32),
         is_continuous=~ones, audio_loss_mask=ones, text_loss_mask=ones,
         loss_weight=ones.astype(np.float32),
-        whisper_wav=np.zeros((batch, 1, 480000), np.float32),
-        whisper_keep=np.zeros((batch, 1), np.int32),
+        whisper_wav=np.zeros((batch, 0, 480000), np.float32),
+        whisper_keep=np.zeros((batch, 0), np.int32),
     )  # fmt: skip
 
 
+def peak(platform: str, dtype: str, given: float | None) -> tuple[float, str]:
+    """(peak GFLOP/s, where it comes from)."""
+    if given:
+        return given, "given"
+    if platform == "gpu":
+        return GPU_PEAK_GFLOPS[dtype], f"H100/H200 measured dense {dtype} peak"
+    gflops, host = gemm_peak()
+    return gflops, f"{host} fp32 GEMM"
+
+
+def rate(flops: float, tokens: int, seconds: float, peak_gflops: float) -> str:
+    """tokens/s, achieved GFLOP/s and MFU (model FLOPs / peak) of one step."""
+    gf = flops / seconds / 1e9
+    return f"{tokens / seconds:.0f} tok/s, {gf:.1f} GFLOP/s, MFU {100 * gf / peak_gflops:.1f} %"
+
+
 class Ours:
-    def __init__(self, cfg, batch: int, seq: int):
+    def __init__(self, cfg, batch: int, seq: int, opts: dict):
         import jax
 
         from kimia_jax.models import kimia_llm
@@ -95,7 +128,12 @@ class Ours:
 
         wcfg = wenc.WhisperConfig(d_model=4, encoder_attention_heads=1, encoder_ffn_dim=4,
                                   encoder_layers=1)  # fmt: skip
-        tcfg = ts.TrainConfig(optim=OptimConfig(learning_rate=1e-5, weight_decay=0.1))
+        tcfg = ts.TrainConfig(
+            optim=OptimConfig(learning_rate=1e-5, weight_decay=0.1),
+            compute_dtype=opts["dtype"],
+            scan_layers=opts["scan_layers"],
+            remat_policy=opts["remat_policy"],
+        )
         self.step = ts.TrainStep(cfg, wcfg, tcfg)
         params = {"llm": kimia_llm.init_params(cfg, jax.random.key(0)),
                   "whisper": wenc.init_params(wcfg)}  # fmt: skip
@@ -113,11 +151,15 @@ class Ours:
 
 
 class Torch:
-    def __init__(self, cfg, batch: int, seq: int):
+    """transformers Qwen2 + the MIMO branch (stable Qwen2 APIs only: transformers 4.46 and 5.x)."""
+
+    def __init__(self, cfg, batch: int, seq: int, opts: dict):
         import torch
         import transformers
         from transformers.models.qwen2 import modeling_qwen2 as mq
 
+        self.device = torch.device("cuda" if opts["platform"] == "gpu" else "cpu")
+        self.autocast = opts["dtype"] == "bfloat16"
         torch.manual_seed(0)
         qcfg = transformers.Qwen2Config(
             vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
@@ -127,6 +169,9 @@ class Torch:
             rope_theta=cfg.rope_theta, tie_word_embeddings=False, attn_implementation="sdpa",
             use_cache=False,
         )  # fmt: skip
+        rope = getattr(qcfg, "rope_parameters", None)  # transformers 5.x keeps rope_theta here
+        if isinstance(rope, dict):
+            rope["rope_theta"] = cfg.rope_theta
         self.cfg = cfg
         self.qwen = transformers.Qwen2ForCausalLM(qcfg).train()
         n = cfg.num_hidden_layers
@@ -135,23 +180,36 @@ class Torch:
         )
         self.mimo_norm = mq.Qwen2RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mimo_output = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        for m in (self.qwen, self.mimo, self.mimo_norm, self.mimo_output):
+            m.to(self.device)
         self.params = [
             p for m in (self.qwen, self.mimo, self.mimo_norm, self.mimo_output)
             for p in m.parameters()
         ]  # fmt: skip
         self.opt = torch.optim.AdamW(self.params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1)
         b = _batch(cfg, batch, seq)
-        self.b = {k: torch.as_tensor(v) for k, v in b.items() if "whisper" not in k}
+        self.b = {k: torch.as_tensor(v).to(self.device) for k, v in b.items() if "whisper" not in k}
         t0 = time.perf_counter()
         self()
         self.compile_s = time.perf_counter() - t0
 
     def __call__(self) -> float:
         import torch
-        import torch.nn.functional as F
 
         b = self.b
         self.opt.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            loss = self._loss(b)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return float(loss.detach())
+
+    def _loss(self, b):
+        import torch.nn.functional as F
+
         emb = self.qwen.model.embed_tokens
         x = emb(b["audio_ids"].long()) + emb(b["text_ids"].long())
         out = self.qwen.model(inputs_embeds=x, output_hidden_states=True, use_cache=False)
@@ -160,7 +218,8 @@ class Torch:
         pos = b["positions"].long()
         pe = self.qwen.model.rotary_emb(m, pos)
         for layer in self.mimo:
-            m = layer(m, attention_mask=None, position_ids=pos, position_embeddings=pe)[0]
+            m = layer(m, attention_mask=None, position_ids=pos, position_embeddings=pe)
+            m = m[0] if isinstance(m, tuple) else m  # a tuple in 4.x, the tensor in 5.x
         audio_logits = self.mimo_output(self.mimo_norm(m)).float()
 
         def masked_mean(logits, labels, mask):
@@ -168,13 +227,9 @@ class Torch:
             mask = mask.flatten().float()
             return (ce * mask).sum() / (mask.sum() + 1e-4)
 
-        loss = masked_mean(text_logits, b["text_labels"], b["text_loss_mask"]) + masked_mean(
+        return masked_mean(text_logits, b["text_labels"], b["text_loss_mask"]) + masked_mean(
             audio_logits, b["audio_labels"], b["audio_loss_mask"]
         )
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        self.opt.step()
-        return float(loss.detach())
 
 
 def _best(fn, repeats: int) -> float:
@@ -188,17 +243,36 @@ def _best(fn, repeats: int) -> float:
 
 def main(argv: list[str]) -> None:
     del argv
+    platform, dtype = _PLATFORM.value, _DTYPE.value
+    # before jax is imported (libtpu, if installed, stays idle)
+    os.environ["JAX_PLATFORMS"] = "cuda" if platform == "gpu" else "cpu"
+    if platform == "gpu":  # JAX and torch share the GPU: no 75 % preallocation by JAX
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax
     import torch
 
     from kimia_jax import configs
 
-    jax.config.update("jax_compilation_cache_dir", _CACHE.value)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    if platform == "gpu":
+        if not torch.cuda.is_available():
+            raise RuntimeError("--platform=gpu: torch sees no CUDA device")
+        if dtype == "float32":  # true fp32 on both sides (no TF32)
+            jax.config.update("jax_default_matmul_precision", "highest")
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+        host = f"{jax.devices()[0].device_kind} / {torch.cuda.get_device_name()}"
+    else:
+        host = "cpu"
+    if _CACHE.value:
+        jax.config.update("jax_compilation_cache_dir", _CACHE.value)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
-    peak, host = (_PEAK.value, "given") if _PEAK.value else gemm_peak()
-    print(f"host: {host}; {threads} threads; GEMM peak {peak:.0f} GFLOP/s fp32; "
+    peak_gflops, peak_src = peak(platform, dtype, _PEAK.value)
+    opts = dict(platform=platform, dtype=dtype, scan_layers=_SCAN.value,
+                remat_policy=_REMAT.value)  # fmt: skip
+    print(f"{platform} ({host}); {dtype}; jax {jax.__version__} torch {torch.__version__}; "
+          f"{threads} threads; peak {peak_gflops:.0f} GFLOP/s ({peak_src}); "
           f"load average {os.getloadavg()[0]:.1f} at start")  # fmt: skip
     for size, b, t in zip(_SIZES.value, _BATCH.value, _SEQ.value, strict=True):
         batch, seq = int(b), int(t)
@@ -210,20 +284,23 @@ def main(argv: list[str]) -> None:
         for r in range(_ROUNDS.value):
             times, first = {}, {}
             for name, cls in (("ours", Ours), ("torch", Torch)):
-                side = cls(cfg, batch, seq)
+                side = cls(cfg, batch, seq, opts)
                 first[name] = side.compile_s
                 times[name] = _best(side, _REPEATS.value)
                 del side
                 gc.collect()
+                if platform == "gpu":
+                    torch.cuda.empty_cache()
             t_ours, t_ref = times["ours"], times["torch"]
             ratios.append(t_ref / t_ours)
+
+            ours_rate = rate(flops, tok, t_ours, peak_gflops)
+            ref_rate = rate(flops, tok, t_ref, peak_gflops)
             print(
-                f"  round {r}: ours {t_ours * 1e3:.0f} ms ({tok / t_ours:.0f} tok/s, "
-                f"{flops / t_ours / 1e9:.1f} GFLOP/s = {100 * flops / t_ours / 1e9 / peak:.0f} % "
-                f"of peak) | torch {t_ref * 1e3:.0f} ms ({tok / t_ref:.0f} tok/s, "
-                f"{flops / t_ref / 1e9:.1f} GFLOP/s = {100 * flops / t_ref / 1e9 / peak:.0f} %) "
-                f"| speed-up {t_ref / t_ours:.2f}x | first step ours {first['ours']:.1f} s, "
-                f"torch {first['torch']:.1f} s | load {os.getloadavg()[0]:.1f}"
+                f"  round {r}: ours {t_ours * 1e3:.1f} ms ({ours_rate}) | torch "
+                f"{t_ref * 1e3:.1f} ms ({ref_rate}) | speed-up {t_ref / t_ours:.2f}x | first "
+                f"step ours {first['ours']:.1f} s, torch {first['torch']:.1f} s | load "
+                f"{os.getloadavg()[0]:.1f}"
             )
         print(f"  speed-up over rounds: {', '.join(f'{x:.2f}x' for x in ratios)}")
 

@@ -169,6 +169,7 @@ class TorchDetokenizer:
         max_pos: int = 4096,
     ):
         self.dit, self.vocoder = dit.eval(), vocoder.eval()
+        self.snapshot = None  # (cache, start) after `prefill`: the position-overflow reset
         self.mean, self.std = mel_mean, mel_std
         self.la_tokens, self.ode_steps, self.max_kv, self.max_pos = (
             look_ahead_tokens,
@@ -197,7 +198,9 @@ class TorchDetokenizer:
         voc.load_state_dict(
             torch.load(root / "vocoder" / "model.pt", weights_only=True, mmap=True)["generator"]
         )
-        return cls(dit, voc, float(y.get("mel_mean", 0.0)), float(y.get("mel_std", 1.0)), **kw)
+        out = cls(dit, voc, float(y.get("mel_mean", 0.0)), float(y.get("mel_std", 1.0)), **kw)
+        out.h = h
+        return out
 
     def clear_states(self):
         self.cache = None
@@ -240,8 +243,39 @@ class TorchDetokenizer:
         mel = m * self.std + self.mean
         self.start += len(m)
         if not is_final and self.start + 2 * len(m) > self.max_pos:
-            self.cache, self.start = None, 0
+            self.cache, self.start = self.snapshot or (None, 0)
         return self._stitch(mel, is_final)
+
+    @torch.no_grad()
+    def prefill(
+        self, wav24k: np.ndarray, tokens: np.ndarray, chunk_size: int = 150, max_chunks: int = 10
+    ) -> None:
+        """Official `prefill` (spec §4.6) for 12.5 Hz tokens (repeated 4x to the mel rate): pip
+        bigvgan's `mel_spectrogram` of the clip, zero-padded / cut to the T token frames; the
+        first T - n * chunk frames, then n = min(T // chunk, max_chunks) chunks, each one DiT
+        forward at t = 0.999 on the clean normalized mel whose K/V are committed (last 900)."""
+        from bigvgan.meldataset import mel_spectrogram
+
+        h = self.h
+        y = torch.from_numpy(np.asarray(wav24k, np.float32).reshape(1, -1))
+        mel = mel_spectrogram(y, h.n_fft, h.num_mels, h.sampling_rate, h.hop_size,
+                              h.win_size, h.fmin, h.fmax)[0].T  # [T', 80]  # fmt: skip
+        s = torch.from_numpy(np.asarray(tokens).reshape(-1).astype(np.int64)).repeat_interleave(4)
+        t = len(s)
+        full = torch.zeros(t, mel.shape[1])
+        full[: min(t, len(mel))] = mel[:t]
+        x = (full - self.mean) / self.std
+        n = min(t // chunk_size, max_chunks)
+        r = t - n * chunk_size
+        bounds = [0, r] + [r + (i + 1) * chunk_size for i in range(n)]
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            if b == a:
+                continue
+            _, kv = self._dit(x[a:b], s[a:b], torch.tensor(0.999), self.cache)
+            self.cache = [(k[:, -self.max_kv :], v[:, -self.max_kv :]) for k, v in kv]
+            self.start += b - a
+        self.snapshot = (self.cache, self.start)
+        self.mel = mel
 
     def _decode(self, mel):
         return self.vocoder(mel.T[None])[0]  # [1, T*480]
@@ -271,12 +305,16 @@ class TorchDetokenizer:
         return out
 
     def detokenize_audio(
-        self, tokens: np.ndarray, noise: list[np.ndarray], on_chunk=None
+        self, tokens: np.ndarray, noise: list[np.ndarray], on_chunk=None, prompt=None
     ) -> np.ndarray:
-        """`KimiAudio.detokenize_audio`: first chunk 30 tokens, then chunks of 30."""
+        """`KimiAudio.detokenize_audio`: first chunk 30 tokens, then chunks of 30; with
+        `prompt=(wav24k, tokens)`, after the voice-prompt `prefill`."""
         from kimia_jax.detokenizer import plan_chunks  # pure numpy helper, no JAX work
 
         self.clear_states()
+        self.snapshot = None
+        if prompt is not None:
+            self.prefill(*prompt)
         tok = torch.from_numpy(np.asarray(tokens).reshape(-1).astype(np.int64))
         out = []
         for i, (s, e, fin) in enumerate(plan_chunks(len(tok))):

@@ -37,6 +37,9 @@ _DTYPE = flags.DEFINE_enum("compute_dtype", "bfloat16", ["bfloat16", "float32"],
 _WHISPER = flags.DEFINE_bool("whisper_trainable", True, "Train the Whisper encoder.")
 _REMAT = flags.DEFINE_string("remat", None, "LlmConfig.remat_policy (e.g. full), if supported.")
 _SCAN = flags.DEFINE_bool("scan", None, "LlmConfig.scan_layers, if supported.")
+_WREMAT = flags.DEFINE_string(
+    "whisper_remat", "full", "Whisper encoder per-layer remat (TrainConfig.whisper_remat_policy)."
+)
 _CE_CHUNK = flags.DEFINE_integer("ce_chunk", None, "LossConfig.ce_chunk override.")
 _LORA = flags.DEFINE_integer("lora_rank", 0, "LoRA rank (0: full fine-tuning).")
 _QUANT = flags.DEFINE_enum("base_quant", "none", ["none", "int8", "int4"], "LoRA base weights.")
@@ -70,39 +73,6 @@ def _devices(target: str):
     return topologies.get_topology_desc(target, "tpu").devices
 
 
-def _state_shardings(state_shape, param_shardings, mesh):
-    """Shardings of a TrainState by key path: every optimizer leaf whose path ends with a param's
-    path (and has its shape) is placed like that param; counts and masked leaves are replicated.
-    (TrainStep.state_shardings maps optax.tree_map_params over multi_transform states, which fails
-    on their MaskedNode leaves.)"""
-    import jax
-
-    from kimia_jax import sharding
-
-    def names(path):
-        return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-    by_path = {
-        names(p): (s, sh)
-        for (p, s), sh in zip(
-            jax.tree_util.tree_leaves_with_path(state_shape.params),
-            jax.tree.leaves(param_shardings),
-            strict=True,
-        )
-    }
-    rep = sharding.replicated(mesh)
-
-    def one(path, leaf):
-        n = names(path)
-        for i in range(len(n)):
-            hit = by_path.get(n[i:])
-            if hit is not None and tuple(hit[0].shape) == tuple(leaf.shape):
-                return hit[1]
-        return rep
-
-    return jax.tree_util.tree_map_with_path(one, state_shape)
-
-
 def plan(
     target: str,
     mesh_spec: str,
@@ -116,24 +86,21 @@ def plan(
     whisper_trainable: bool = True,
     remat: str | None = None,
     scan: bool | None = None,
+    whisper_remat: str = "full",
     ce_chunk: int | None = None,
     lora_rank: int = 0,
     base_quant: str = "none",
     lower_only: bool = False,
 ) -> dict:
     """Lowers and compiles the step for `target`; returns the per-device memory numbers."""
-    import dataclasses
-
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding
 
     from kimia_jax import configs, sharding
     from kimia_jax.models import kimia_llm
     from kimia_jax.models import whisper_encoder as wenc
     from kimia_jax.training import lora as lora_lib
-    from kimia_jax.training import optim
     from kimia_jax.training import train_step as ts
     from kimia_jax.training.examples import WINDOW_SAMPLES
     from kimia_jax.training.loss import LossConfig
@@ -141,13 +108,8 @@ def plan(
     devices = _devices(target)
     mesh = sharding.parse_mesh(mesh_spec, devices)
     llm_cfg = configs.PRESETS[model](param_dtype="float32")
-    for field, value in (("remat_policy", remat), ("scan_layers", scan)):
-        if value is not None:
-            if field not in {f.name for f in dataclasses.fields(llm_cfg)}:
-                raise ValueError(
-                    f"this build's LlmConfig has no {field!r} (the layers issue adds it)"
-                )
-            llm_cfg = llm_cfg.replace(**{field: value})
+    if scan is not None:  # the abstract params in the step's layer layout
+        llm_cfg = llm_cfg.replace(scan_layers=scan)
     if llm_cfg.kimia_adaptor_input_dim == 5120:  # whisper-large-v3
         wcfg = wenc.WhisperConfig(
             d_model=1280, encoder_attention_heads=20, encoder_ffn_dim=5120, encoder_layers=32
@@ -158,7 +120,13 @@ def plan(
             d_model=d, encoder_attention_heads=4, encoder_ffn_dim=2 * d, encoder_layers=2
         )
     loss = LossConfig() if ce_chunk is None else LossConfig(ce_chunk=ce_chunk)
-    tcfg = ts.TrainConfig(compute_dtype=compute_dtype, loss=loss)
+    tcfg = ts.TrainConfig(
+        compute_dtype=compute_dtype,
+        loss=loss,
+        scan_layers=scan,
+        remat_policy=remat,
+        whisper_remat_policy=whisper_remat,
+    )
     params = {
         "llm": nn.unbox(kimia_llm.abstract_params(llm_cfg)),
         "whisper": nn.unbox(wenc.abstract_params(wcfg)),
@@ -174,18 +142,9 @@ def plan(
         state_sh = step.state_shardings(params)
         fn = step.step_fn()
     else:
-        # Labels as a tree, not the default callable: optax.tree_map_params (state shardings) calls
-        # a callable label fn on placeholders.
-        step = ts.TrainStep(llm_cfg, wcfg, tcfg, mesh, labels=optim.param_labels(params))
-        tx = step.optimizer(whisper_trainable)
-        state_shape = jax.eval_shape(
-            lambda p: ts.TrainState(
-                step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
-                whisper_trainable=whisper_trainable,
-            ),
-            params,
-        )  # fmt: skip
-        state_sh = _state_shardings(state_shape, step.param_shardings(), mesh)
+        step = ts.TrainStep(llm_cfg, wcfg, tcfg, mesh)
+        state_shape = step.abstract_state(params, whisper_trainable=whisper_trainable)
+        state_sh = step.state_shardings(state_shape)
         fn = step._step_fn(whisper_trainable)  # noqa: SLF001 - the real step, un-jitted
     abstract_state = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shape, state_sh
@@ -212,7 +171,7 @@ def plan(
     with sharding.mesh_context(mesh):  # what `sharding.constrain` reads while tracing
         lowered = jitted.lower(abstract_state, abstract_batch)
     if lower_only:
-        return {"lowered": lowered}
+        return {"lowered": lowered, "state": abstract_state}
     compiled = lowered.compile()
     seconds = time.perf_counter() - t0
     ma = compiled.memory_analysis()
@@ -232,6 +191,8 @@ def plan(
         compute_dtype=compute_dtype,
         remat=remat,
         scan=scan,
+        whisper_remat=whisper_remat,
+        whisper_trainable=whisper_trainable,
         compile_s=seconds,
         argument=ma.argument_size_in_bytes,
         output=ma.output_size_in_bytes,
@@ -240,7 +201,6 @@ def plan(
         code=ma.generated_code_size_in_bytes,
     )
     out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
-    del NamedSharding
     return out
 
 
@@ -250,7 +210,9 @@ def report(r: dict) -> str:
         f"{r['target']} ({r['device_kind']}), mesh {r['mesh']}, {r['model']} "
         f"({r['params'] / 1e9:.2f} B params), lora_rank {r['lora_rank']} base {r['base_quant']}, "
         f"batch {r['batch']} (accum {r['accum']}) x {r['seq']}, W={r['windows']}, "
-        f"{r['compute_dtype']}, remat {r['remat']}, scan {r['scan']}; compiled in "
+        f"{r['compute_dtype']}, remat {r['remat']}, scan {r['scan']}, whisper "
+        f"{'trained' if r['whisper_trainable'] else 'frozen'} (remat {r['whisper_remat']}); "
+        "compiled in "
         f"{r['compile_s']:.0f} s\n"
         f"  per device: argument {r['argument'] / GB:.2f} GB, output {r['output'] / GB:.2f} GB "
         f"(aliased {r['alias'] / GB:.2f}), temp {r['temp'] / GB:.2f} GB -> peak "
@@ -272,6 +234,7 @@ def main(argv: list[str]) -> None:
         whisper_trainable=_WHISPER.value,
         remat=_REMAT.value,
         scan=_SCAN.value,
+        whisper_remat=_WREMAT.value,
         ce_chunk=_CE_CHUNK.value,
         lora_rank=_LORA.value,
         base_quant=_QUANT.value,

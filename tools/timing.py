@@ -36,10 +36,13 @@ def torch_kimia_twin(cfg, *, dtype=None):
     return model, torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
 
-def jax_generate_runner(cfg, batch: int, prompt_len: int, steps: int, output_type: str = "both"):
-    """`run(n)`: our compiled `generate_fixed` on random weights and random prompt ids, n steps
-    (prefill included), no stop token, blocking until done. "both" runs the MIMO layers and both
-    heads every step (the torch references' work); "text" lets XLA drop them (samples unused)."""
+def jax_generate_runner(
+    cfg, batch: int, prompt_len: int, steps: int, output_type: str = "both", params=None
+):
+    """`run(n)`: our compiled `generate_fixed` on random weights (or `params`) and random prompt
+    ids, n steps (prefill included), no stop token, blocking until done. "both" runs the MIMO
+    layers and both heads every step (the torch references' work); "text" lets XLA drop them
+    (samples unused)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -49,7 +52,8 @@ def jax_generate_runner(cfg, batch: int, prompt_len: int, steps: int, output_typ
     from kimia_jax.models import kimia_llm
     from kimia_jax.text.conversation import PromptBatch
 
-    params = kimia_llm.init_params(cfg, jax.random.key(0))
+    if params is None:
+        params = kimia_llm.init_params(cfg, jax.random.key(0))
     model = kimia_llm.KimiaLLM(cfg)
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(0, cfg.kimia_token_offset, (batch, prompt_len)), jnp.int32)

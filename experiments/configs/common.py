@@ -34,7 +34,19 @@ def tasks(*ts: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.model = ml_collections.ConfigDict(dict(path="tiny", seed=0))
+    # scan_layers: the LLM's layer stacks as nn.scan (compiles once per stack; the checkpoint's
+    # unrolled params are stacked on init, exports unstack them); remat_policy: per-layer remat of
+    # the LLM (kimia_llm.REMAT_POLICIES: none, full, dots_saveable, save_qkv_proj, ...);
+    # whisper_remat_policy: per-layer remat of the encoder while it trains.
+    c.model = ml_collections.ConfigDict(
+        dict(
+            path="tiny",
+            seed=0,
+            scan_layers=False,
+            remat_policy="none",
+            whisper_remat_policy="full",
+        )
+    )
     c.distributed = False  # jax.distributed.initialize() without arguments (TPU / SLURM)
     c.mesh = "data=-1,fsdp=1"  # sharding.parse_mesh: data, fsdp, tensor
     c.compute_dtype = "float32"

@@ -39,18 +39,20 @@ def _check_samples(wav: np.ndarray, what: str) -> np.ndarray:
     return wav
 
 
-def _to_mono_16k(wav: np.ndarray, sr: int, what: str) -> np.ndarray:
+def _to_mono_16k(wav: np.ndarray, sr: int, what: str, target: int = SAMPLE_RATE) -> np.ndarray:
     import librosa
 
     if wav.ndim == 2:
         # librosa convention [channels, samples]; channels are averaged before resampling.
         wav = librosa.to_mono(wav)
-    if sr != SAMPLE_RATE:
-        wav = librosa.resample(wav, orig_sr=sr, target_sr=SAMPLE_RATE, res_type="soxr_hq")
+    if sr != target:
+        wav = librosa.resample(wav, orig_sr=sr, target_sr=target, res_type="soxr_hq")
     return _check_samples(np.ascontiguousarray(wav, dtype=np.float32), what)
 
 
-def load_audio(audio: AudioLike, sr: int | None = None) -> np.ndarray:
+def load_audio(
+    audio: AudioLike, sr: int | None = None, *, target_sr: int = SAMPLE_RATE
+) -> np.ndarray:
     """Loads one clip as 16 kHz mono float32, with `librosa.load(path, sr=16000)` semantics.
 
     Args:
@@ -61,9 +63,11 @@ def load_audio(audio: AudioLike, sr: int | None = None) -> np.ndarray:
         int32 / 2^31, uint8 centred on 128), as soundfile decodes files.
       sr: sample rate of an array input (default 16000). Must not be given for a path (the file
         header says it) nor together with a tuple.
+      target_sr: the rate returned (16000; the detokenizer's voice prompt asks for 24000, as
+        `librosa.load(path, sr=24000)`).
 
     Returns:
-      float32 `[L16]` at 16 kHz. Digital silence is valid.
+      float32 `[L]` at `target_sr`. Digital silence is valid.
 
     Raises:
       FileNotFoundError: the path does not exist.
@@ -107,12 +111,12 @@ def load_audio(audio: AudioLike, sr: int | None = None) -> np.ndarray:
             import librosa
 
             try:
-                wav, _ = librosa.load(str(path), sr=SAMPLE_RATE)
+                wav, _ = librosa.load(str(path), sr=target_sr)
             except Exception as e:  # soundfile / audioread errors do not name the file
                 raise AudioError(f"{path}: cannot decode audio ({type(e).__name__}: {e})") from e
             return _check_samples(np.ascontiguousarray(wav, dtype=np.float32), str(path))
         pcm = _check_samples(pcm, str(path))
-        return _to_mono_16k(pcm, rate, str(path))
+        return _to_mono_16k(pcm, rate, str(path), target_sr)
 
     if not isinstance(audio, np.ndarray) and not hasattr(audio, "__array__"):
         raise AudioError(
@@ -144,7 +148,7 @@ def load_audio(audio: AudioLike, sr: int | None = None) -> np.ndarray:
     rate = SAMPLE_RATE if sr is None else int(sr)
     if rate <= 0 or (sr is not None and sr != rate):
         raise AudioError(f"{what}: sample rate must be positive, got {sr}")
-    return _to_mono_16k(wav, rate, what)
+    return _to_mono_16k(wav, rate, what, target_sr)
 
 
 def split_segments(wav: np.ndarray, segment: int = 30 * SAMPLE_RATE) -> list[np.ndarray]:

@@ -39,6 +39,9 @@ class WhisperConfig(ReleasedConfig):
     dtype: str = "float32"
     # query rows per attention chunk (None: one block); a speed knob, results are the same
     attention_chunk: int | None = 128
+    # per-layer rematerialization while the encoder trains (a name of layers.remat.REMAT_POLICIES:
+    # "none", "full", ...); not a file key. Forward results are the same.
+    remat_policy: str = "none"
 
     def __post_init__(self) -> None:
         self.validate()

@@ -137,6 +137,13 @@ class MelNorm(ReleasedConfig):
     mel_mean: float = 0.0
     mel_std: float = 1.0
 
+    def normalize(self, mel: np.ndarray) -> np.ndarray:
+        """(mel - mean) / std in float32 (the official `prefill_chunk`)."""
+        if not self.normalize_mel:
+            return np.asarray(mel, np.float32)
+        m = np.asarray(mel, np.float32)
+        return ((m - np.float32(self.mel_mean)) / np.float32(self.mel_std)).astype(np.float32)
+
     def denormalize(self, x: np.ndarray) -> np.ndarray:
         if not self.normalize_mel:
             return x

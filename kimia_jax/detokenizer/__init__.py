@@ -7,6 +7,8 @@ for piece in det.stream(token_iterator, key=jax.random.key(0)):  # same samples,
     play(piece)
 state = det.new_state()                         # or chunk by chunk, the state a returned value:
 wav, state = det.detokenize_chunk(state, codes[:30], is_final=False, key=0)
+voice = det.prefill(ref_wav_24k, ref_tokens)     # voice prompt (official `prefill`)
+wav = det.detokenize(codes, key=0, prompt=voice)  # in the reference clip's voice
 """
 
 from kimia_jax.detokenizer.detokenizer import (
@@ -14,6 +16,7 @@ from kimia_jax.detokenizer.detokenizer import (
     DetokenizerState,
     MelNorm,
     StreamingConfig,
+    VoicePrompt,
     euler_schedule,
     plan_chunks,
     torch_linspace_f32,
@@ -27,6 +30,7 @@ __all__ = [
     "MelNorm",
     "StreamingConfig",
     "StitchState",
+    "VoicePrompt",
     "euler_schedule",
     "hamming_periodic",
     "plan_chunks",

@@ -34,10 +34,12 @@ from kimia_jax.audio.io import load_audio
 from kimia_jax.configs import OutputType, layout
 from kimia_jax.conversion import llm as llm_conv
 from kimia_jax.conversion.kimia import check_model_folder
+from kimia_jax.detokenizer.detokenizer import VoicePrompt
 from kimia_jax.errors import CheckpointNotFoundError, OutputError, PromptError
 from kimia_jax.inference import pipeline
 from kimia_jax.inference.sampler import Sampling
 from kimia_jax.inference.stream_logic import StreamConfig
+from kimia_jax.layers import quant
 from kimia_jax.models.kimia_llm import KimiaLLM
 from kimia_jax.text import conversation as prompt_lib
 from kimia_jax.text.conversation import AUDIO_DELAY
@@ -97,6 +99,11 @@ class KimiAudio:
       max_batch: rows per compiled generation call in `generate_batch`.
       progress: optional `progress(stage, done, total)` callback (loading, encoding, decoding
         steps, detokenizing; see `pipeline.Progress`); settable later as `.progress`.
+      quantize: None, or "int8" (int4: "int4") weight-only quantization of the LLM, applied on
+        load (`layers.quant.quantize`, `modules=quant.DECODE`): every layer projection, both
+        vocabulary heads and the embedding table, per output channel; compute stays in `dtype`.
+        The float weights are replaced one by one, so loading needs the `dtype` model plus one
+        weight of memory. Measured agreement with the float model: tests/inference/quant_test.py.
 
     Every argument and the model folder are checked before any weight is read
     (`conversion.kimia.check_model_folder`): a missing part or a damaged converted checkpoint
@@ -116,6 +123,7 @@ class KimiAudio:
         prompt_version: str = "349251e",
         max_batch: int = 8,
         progress: pipeline.Progress | None = None,
+        quantize: str | None = None,
     ):
         from kimia_jax.audio.tokenizer import GlmTokenizer, WhisperFeatureExtractor
 
@@ -126,6 +134,8 @@ class KimiAudio:
                 + ("is a file, not a model folder" if root.exists() else "does not exist")
             )
         _check_int("max_batch", max_batch, 1)
+        if quantize not in (None, "none", *quant.KINDS):
+            raise ValueError(f"quantize must be None or one of {quant.KINDS}, got {quantize!r}")
         glm_path = Path(glm_tokenizer_path or root / layout.GLM_TOKENIZER_DIR)
         check_model_folder(
             root, glm_path, load_detokenizer=load_detokenizer,
@@ -137,6 +147,8 @@ class KimiAudio:
         self._report("load", 0, parts)
         t0 = time.perf_counter()
         self.cfg, self.params = llm_conv.load(root, dtype=dtype, mesh=mesh)
+        self.quantize = None if quantize in (None, "none") else quantize
+        self.params = quant.quantize(self.params, self.quantize, modules=quant.DECODE, consume=True)
         self._report("load", 1, parts)
         self.model = KimiaLLM(self.cfg)
         self.tokenizer = TextTokenizer.from_pretrained(root)
@@ -210,10 +222,45 @@ class KimiAudio:
     def detokenize_text(self, text_ids: Sequence[int]) -> str:
         return self.text_decoder.text(text_ids)
 
-    def detokenize_audio(self, codes: np.ndarray, seed: int = 0) -> np.ndarray:
+    def detokenize_audio(
+        self, codes: np.ndarray, seed: int = 0, voice_prompt: Any = None
+    ) -> np.ndarray:
         if self.detokenizer is None:
             raise RuntimeError("the detokenizer is not loaded (load_detokenizer=False)")
-        return self.detokenizer.detokenize(np.asarray(codes).reshape(-1), key=seed)
+        return self.detokenizer.detokenize(
+            np.asarray(codes).reshape(-1), key=seed, prompt=self.voice_prompt(voice_prompt)
+        )
+
+    def voice_prompt(self, audio: Any) -> VoicePrompt | None:
+        """The detokenizer's voice prompt (official `prefill`, spec/detokenizer.md §4.6) of a
+        reference clip: its GLM-4-Voice tokens (16 kHz) and its BigVGAN mel (24 kHz) condition
+        the DiT, so the spoken replies take the clip's voice.
+
+        `audio`: anything `load_audio` takes (a path, a 16 kHz array, `(array, rate)`), or an
+        already built `VoicePrompt` (returned as is: build it once, reuse it for every request);
+        None gives None. Raises if the detokenizer is not loaded.
+        """
+        if audio is None or isinstance(audio, VoicePrompt):
+            return audio
+        if self.detokenizer is None:
+            raise OutputError(
+                "voice_prompt conditions the detokenizer, which this model was loaded without "
+                "(load_detokenizer=False)"
+            )
+        try:
+            wav16 = load_audio(audio)
+            wav24 = load_audio(audio, target_sr=self.detokenizer.vocoder_cfg.sampling_rate)
+        except (OSError, ValueError) as e:
+            raise PromptError(f"voice_prompt: {e}") from e
+        tokens = self.audio_tokenizer.tokenize([wav16])[0]
+        return self.detokenizer.prefill(wav24, np.asarray(tokens).reshape(-1))
+
+    def _check_voice(self, voice_prompt: Any, output_type: OutputType) -> VoicePrompt | None:
+        if voice_prompt is not None and output_type != OutputType.BOTH:
+            raise OutputError(
+                'voice_prompt sets the voice of spoken replies: it needs output_type="both"'
+            )
+        return self.voice_prompt(voice_prompt)
 
     # ------------------------------------------------------------------------------------------
     # The official API
@@ -225,14 +272,18 @@ class KimiAudio:
         output_type: OutputType | str = OutputType.TEXT,
         *,
         seed: int = 0,
+        voice_prompt: Any = None,
         **sampling: Any,
     ) -> list[tuple[np.ndarray | None, str]]:
         """Several chats at once: one compiled call per `max_batch` rows; per-chat results as
         `generate` would return them (the rows stop independently). All audio of the call is
-        loaded once and encoded in one batched tokenizer call and one feature call."""
+        loaded once and encoded in one batched tokenizer call and one feature call.
+        `voice_prompt` (output_type "both"): a reference clip or `VoicePrompt` whose voice every
+        reply takes (`voice_prompt()`)."""
         output_type = self._check_output(output_type)
         samp = Sampling(**sampling)
         _check_int("seed", seed, 0)
+        voice = self._check_voice(voice_prompt, output_type)
         if isinstance(chats, (str, bytes)) or not isinstance(chats, Sequence):
             raise PromptError(f"chats must be a list of message lists, got {type(chats).__name__}")
         t0 = time.perf_counter()
@@ -255,7 +306,7 @@ class KimiAudio:
                 wav = None
                 if both and codes.size:
                     t2 = time.perf_counter()
-                    wav = self.detokenize_audio(codes, seed)
+                    wav = self.detokenize_audio(codes, seed, voice)
                     self.timings.detokenize_s += time.perf_counter() - t2
                 if both:
                     self._report("detokenize", r + 1, len(out.tokens))
@@ -265,11 +316,14 @@ class KimiAudio:
     @_sampling_signature
     def generate(
         self, chats: Messages, output_type: OutputType | str = OutputType.TEXT, *, seed: int = 0,
-        **sampling: Any,
+        voice_prompt: Any = None, **sampling: Any,
     ) -> tuple[np.ndarray | None, str]:  # fmt: skip
         """(24 kHz waveform or None, text) for one chat; the official keyword arguments and
-        defaults (`Sampling`: audio_temperature, audio_top_k, ..., max_new_tokens)."""
-        return self.generate_batch([chats], output_type, seed=seed, **sampling)[0]
+        defaults (`Sampling`: audio_temperature, audio_top_k, ..., max_new_tokens).
+        `voice_prompt`: speak in the voice of this reference clip (output_type "both")."""
+        return self.generate_batch(
+            [chats], output_type, seed=seed, voice_prompt=voice_prompt, **sampling
+        )[0]
 
     @_sampling_signature
     def generate_stream(
@@ -279,6 +333,7 @@ class KimiAudio:
         *,
         seed: int = 0,
         chunk_steps: int = 16,
+        voice_prompt: Any = None,
         **sampling: Any,
     ) -> Iterator[dict[str, Any]]:
         """Yields {"text": new text piece, "audio": new 24 kHz samples or None, "steps": decode
@@ -292,10 +347,12 @@ class KimiAudio:
         samp = Sampling(**sampling)
         _check_int("seed", seed, 0)
         _check_int("chunk_steps", chunk_steps, 1)
+        voice = self._check_voice(voice_prompt, output_type)
         (prompt,) = self.prompts([chats], output_type)
         batch = pipeline.plan_batch([prompt], output_type, samp.max_new_tokens, self.cfg)
         return pipeline.StreamingGeneration(
             params=self.params, model=self.model, batch=batch,
             stream=self._stream_cfg(output_type), sampling=samp, text=self.text_decoder,
             detokenizer=self.detokenizer, seed=seed, mesh=self.mesh, chunk_steps=chunk_steps,
+            voice_prompt=voice,
         )  # fmt: skip

@@ -347,6 +347,7 @@ class StreamingGeneration:
         seed: int,
         mesh: Mesh | None,
         chunk_steps: int,
+        voice_prompt: Any = None,
     ):
         if batch.rows != 1:
             raise ValueError(f"StreamingGeneration streams one chat, got {batch.rows}")
@@ -366,7 +367,9 @@ class StreamingGeneration:
         self.audio_sent = 0  # audio tokens of the history already turned into codes
         self.text_sent = ""  # text already emitted
         self.codes = np.zeros((0,), np.int64)  # codes waiting for a complete detokenizer chunk
-        self.detok_state = None if self.detokenizer is None else self.detokenizer.new_state()
+        self.detok_state = (
+            None if self.detokenizer is None else self.detokenizer.new_state(voice_prompt)
+        )
         self.finished = False
         self._started = False
 

@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kimia_jax.layers.quant import QWeight
+
 Initializer = Callable[..., jax.Array]
 
 # Up to this many rows, XLA:CPU computes `x @ W.T` much faster as `(W @ x.T).T`. Measured on the
@@ -26,9 +28,20 @@ CPU_SMALL_ROWS = 256
 
 
 def matmul_t(
-    x: jax.Array, w: jax.Array, preferred_element_type: jnp.dtype | None = None
+    x: jax.Array, w: jax.Array | QWeight, preferred_element_type: jnp.dtype | None = None
 ) -> jax.Array:
-    """`x @ w.T` for x [..., in] and w [out, in] -> [..., out], oriented for the backend."""
+    """`x @ w.T` for x [..., in] and w [out, in] -> [..., out], oriented for the backend.
+
+    A per-row quantized `w` (layers/quant.py, int8) is multiplied as (x @ q.T) * scale (the
+    integers converted to x's dtype as the dot's operand, the product scaled in float32); grouped
+    (int4) weights are dequantized to x's dtype first.
+    """
+    if isinstance(w, QWeight):
+        if not w.per_row:
+            return matmul_t(x, w.dequantize(x.dtype), preferred_element_type)
+        out = jnp.dtype(preferred_element_type or x.dtype)
+        y = matmul_t(x, w.q.astype(x.dtype), jnp.promote_types(out, jnp.float32))
+        return (y * w.scale[..., 0]).astype(out)
     rows = math.prod(x.shape[:-1])
     if 0 < rows <= CPU_SMALL_ROWS and jax.default_backend() == "cpu":
         y = jnp.einsum(
@@ -58,8 +71,11 @@ class Linear(nn.Module):
             nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=1, out_axis=0),
             self.axes,
         )
+        # A QWeight (layers/quant.py) in place of the weight is used as it is.
         w = self.param("weight", w_init, (self.features, fan_in), self.param_dtype)
-        y = matmul_t(x.astype(self.dtype), w.astype(self.dtype))
+        if not isinstance(w, QWeight):
+            w = w.astype(self.dtype)
+        y = matmul_t(x.astype(self.dtype), w)
         if self.use_bias:
             b_init = nn.with_logical_partitioning(
                 nn.initializers.zeros, (self.bias_axis or self.axes[0],)

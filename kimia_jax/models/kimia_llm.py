@@ -35,6 +35,8 @@ from kimia_jax.layers.kv_cache import KVCache
 from kimia_jax.layers.linear import Linear, matmul_t
 from kimia_jax.layers.mlp import MLP
 from kimia_jax.layers.norm import LayerNorm, RMSNorm
+from kimia_jax.layers.quant import QWeight
+from kimia_jax.layers.remat import REMAT_POLICIES, remat_policy  # noqa: F401 (re-export)
 
 
 def init_cache(cfg: LlmConfig, batch: int, max_length: int, dtype: Any = None) -> KVCache:
@@ -52,25 +54,8 @@ def cache_logical_axes(cfg: LlmConfig) -> KVCache:
     return KVCache.logical_axes()
 
 
-# Remat policies by name (`LlmConfig.remat_policy`). "none": no rematerialization; "full": save
-# nothing inside a layer (recompute it in the backward pass); the others save the named tensors
-# (`checkpoint_name` tags in layers/attention.py and layers/mlp.py) or every matmul output.
-_SAVE = jax.checkpoint_policies.save_only_these_names
-REMAT_POLICIES: dict[str, Any] = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "save_qkv_proj": _SAVE("query_proj", "key_proj", "value_proj"),
-    "save_attn_out": _SAVE("query_proj", "key_proj", "value_proj", "out_proj"),
-    "save_mlp_hidden": _SAVE("mlp_hidden"),
-}
-
-
-def _remat_policy(name: str) -> Any:
-    if name not in REMAT_POLICIES:
-        raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {name!r}")
-    return REMAT_POLICIES[name]
+# Remat policies by name (`LlmConfig.remat_policy`): the shared table of `layers.remat`.
+_remat_policy = remat_policy
 
 
 class DecoderLayer(nn.Module):
@@ -168,10 +153,13 @@ class VocabParam(nn.Module):
         )
 
     def lookup(self, ids: jax.Array, dtype: jnp.dtype) -> jax.Array:  # [B, T] -> [B, T, D]
+        if isinstance(self.weight, QWeight):
+            return self.weight.rows(ids, dtype)
         return jnp.take(self.weight, ids, axis=0).astype(dtype)
 
     def logits(self, h: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, V] fp32
-        return matmul_t(h, self.weight.astype(h.dtype), preferred_element_type=jnp.float32)
+        w = self.weight if isinstance(self.weight, QWeight) else self.weight.astype(h.dtype)
+        return matmul_t(h, w, preferred_element_type=jnp.float32)
 
 
 @flax.struct.dataclass
@@ -370,6 +358,8 @@ class KimiaLLM(nn.Module):
 # --- parameter layouts: unrolled (`layers_<i>`) <-> stacked (`layers` with a leading axis) ---
 
 _STACKS = (("layers", "num_hidden_layers"), ("mimo_layers", "kimia_mimo_layers"))
+STACK_NAMES = tuple(name for name, _ in _STACKS)
+"""Keys of the stacked layer trees (`scan_layers`): their leaves have a leading layer axis."""
 
 
 def stack_layers(params: Any, cfg: LlmConfig) -> dict[str, Any]:

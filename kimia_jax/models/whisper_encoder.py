@@ -25,6 +25,7 @@ from kimia_jax.configs import WhisperConfig  # re-exported: the config lives in 
 from kimia_jax.layers.attention import AttentionMask, dot_product_attention
 from kimia_jax.layers.linear import Linear
 from kimia_jax.layers.norm import LayerNorm
+from kimia_jax.layers.remat import remat_policy
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -133,8 +134,10 @@ class WhisperEncoder(nn.Module):
                 f"whisper encoder needs {2 * pos.shape[0]} mel frames, got {mel.shape[2]}"
             )
         x = x + pos.astype(x.dtype)
-        for i in range(cfg.encoder_layers):
-            x = EncoderLayer(cfg, name=f"layers_{i}")(x, None)
+        policy = remat_policy(cfg.remat_policy)
+        layer = EncoderLayer if policy is None else nn.remat(EncoderLayer, policy=policy)
+        for i in range(cfg.encoder_layers):  # remat: same param paths, layers_{i}
+            x = layer(cfg, name=f"layers_{i}")(x, None)
         return _layer_norm("layer_norm", jnp.dtype(cfg.dtype))(x).astype(jnp.float32)
 
 

@@ -5,8 +5,8 @@ Adapters live in the parameter tree next to the weight they adapt (`.../q_proj/l
 layout the model has: unrolled `layers_<i>/...` or scanned `layers/...` with a leading layer axis
 (nn.scan slices them with the weights), remat and sharding included. A flax method interceptor on
 `Linear` adds the low-rank path `scale * B (A x)` to the base output inside the layer (so remat
-recomputes it and no merged [out, in] matrix is ever built in training) and dequantizes an
-int8/int4 base weight on the fly (QLoRA).
+recomputes it and no merged [out, in] matrix is ever built in training); an int8/int4 base weight
+(QLoRA) is a `layers.quant.QWeight`, which `Linear` multiplies as it is.
 
     lcfg = LoraConfig(rank=16, select=r"^layers_(2[0-7])/")   # main layers 20-27
     llm = lora.add_adapters(lora.quantize(params["llm"], "int8"), lcfg, key)  # int8: optional
@@ -36,17 +36,16 @@ import math
 import re
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from kimia_jax import sharding
 from kimia_jax.conversion.common import flatten, unflatten
+from kimia_jax.layers import quant
 from kimia_jax.layers.linear import Linear, matmul_t
 
-ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
+ATTN, MLP = quant.ATTN, quant.MLP
 LORA_KEYS = ("lora_a", "lora_b")
 
 
@@ -84,46 +83,9 @@ class LoraConfig:
 # Quantized frozen weights
 
 
-@flax.struct.dataclass
-class QWeight:
-    """Symmetric absmax-quantized [..., out, in] weight: w ~= q * scale, scales per output row and
-    per group of `group` inputs (int8: one group = the whole row; int4: groups of 64-128)."""
-
-    q: jax.Array  # int8 or int4 [..., out, in]
-    scale: jax.Array  # fp32 [..., out, in // group]
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.q.shape
-
-    @property
-    def ndim(self) -> int:
-        return self.q.ndim
-
-    def dequantize(self, dtype: Any) -> jax.Array:
-        *lead, out, n_in = self.q.shape
-        groups = self.scale.shape[-1]
-        q = self.q.astype(dtype).reshape(*lead, out, groups, n_in // groups)
-        return (q * self.scale[..., None].astype(dtype)).reshape(*lead, out, n_in)
-
-
-_QMAX = {"int8": (jnp.int8, 127), "int4": (jnp.int4, 7)}
-
-
-def quantize_weight(w: jax.Array, kind: str, group: int | None = None) -> QWeight:
-    """Absmax quantization of one [..., out, in] weight ("int8": per row; "int4": per 64 inputs)."""
-    if kind not in _QMAX:
-        raise ValueError(f"quantization must be 'int8' or 'int4', got {kind!r}")
-    dtype, qmax = _QMAX[kind]
-    n_in = w.shape[-1]
-    group = group or (n_in if kind == "int8" else math.gcd(n_in, 64))
-    if n_in % group:
-        raise ValueError(f"group {group} does not divide the input width {n_in}")
-    g = w.astype(jnp.float32).reshape(*w.shape[:-1], n_in // group, group)
-    scale = jnp.max(jnp.abs(g), axis=-1) / qmax
-    scale = jnp.where(scale == 0, 1.0, scale)
-    q = jnp.clip(jnp.round(g / scale[..., None]), -qmax, qmax).astype(dtype)
-    return QWeight(q=q.reshape(w.shape), scale=scale)
+# The quantizer is layers/quant.py (shared with `KimiAudio(quantize=...)` inference).
+QWeight = quant.QWeight
+quantize_weight = quant.quantize_weight
 
 
 def _is_layer_matrix(path: str, leaf: Any) -> bool:
@@ -139,11 +101,7 @@ def _is_layer_matrix(path: str, leaf: Any) -> bool:
 def quantize(params: Any, kind: str | None, group: int | None = None) -> Any:
     """Every projection matrix of every layer quantized ("int8"/"int4"); embeddings, heads, norms,
     biases and the adaptor are kept as they are. kind None or "none": params unchanged."""
-    if kind in (None, "none"):
-        return params
-    flat = flatten(params)
-    q = {k: quantize_weight(v, kind, group) for k, v in flat.items() if _is_layer_matrix(k, v)}
-    return unflatten({**flat, **q})
+    return quant.quantize(params, kind, group, modules=ATTN + MLP)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,8 +225,8 @@ def export(
 def _lora_linear(module: Linear, x: jax.Array, scale: float) -> jax.Array:
     """Linear.__call__ with a dequantized base and the low-rank path, from the bound variables."""
     params = module.variables["params"]
-    w = params["weight"]
-    w = w.dequantize(module.dtype) if isinstance(w, QWeight) else w.astype(module.dtype)
+    w = params["weight"]  # a QWeight is multiplied as it is (layers.linear.matmul_t)
+    w = w if isinstance(w, QWeight) else w.astype(module.dtype)
     x = x.astype(module.dtype)
     y = matmul_t(x, w)
     if "lora_a" in params:
@@ -281,8 +239,8 @@ def _lora_linear(module: Linear, x: jax.Array, scale: float) -> jax.Array:
 
 
 def interceptor(cfg: LoraConfig):
-    """flax method interceptor: Linear calls whose params hold adapters or a QWeight are routed
-    through `_lora_linear`; everything else runs unchanged."""
+    """flax method interceptor: Linear calls whose params hold adapters are routed through
+    `_lora_linear`; everything else (a QWeight base included: `Linear` takes it) runs unchanged."""
 
     def intercept(next_fun, args, kwargs, context):
         module = context.module
@@ -290,10 +248,8 @@ def interceptor(cfg: LoraConfig):
             isinstance(module, Linear)
             and context.method_name == "__call__"
             and module.has_variable("params", "weight")
-        ):
-            params = module.variables["params"]
-            if "lora_a" in params or isinstance(params["weight"], QWeight):
-                return _lora_linear(module, *args, cfg.scale, **kwargs)
+        ) and "lora_a" in module.variables["params"]:
+            return _lora_linear(module, *args, cfg.scale, **kwargs)
         return next_fun(*args, **kwargs)
 
     return intercept
@@ -403,11 +359,9 @@ class LoraTrainStep:
 
     def state_shardings(self, params: Any) -> Any:
         """Shardings of the state built around `params` (as `init` takes them)."""
-        import optax
-
         from kimia_jax import sharding
         from kimia_jax.models import whisper_encoder as wenc
-        from kimia_jax.training.train_step import TrainState
+        from kimia_jax.training.train_step import TrainState, like_params
 
         if self.mesh is None:
             return None
@@ -421,10 +375,7 @@ class LoraTrainStep:
         rep = sharding.replicated(self.mesh)
         tx = self.optimizer()
         opt_abs = jax.eval_shape(tx.init, adapters)
-        opt = optax.tree_map_params(
-            tx, lambda _, s: s, opt_abs, ad_sh, transform_non_params=lambda _: rep,
-            is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding),
-        )  # fmt: skip
+        opt = like_params(opt_abs, adapters, ad_sh, rep)
         return TrainState(
             step=rep,
             params={"lora": ad_sh, "frozen": {"llm": base_sh, "whisper": wsh}},

@@ -16,6 +16,8 @@ from typing import Any
 import jax
 import optax
 
+from kimia_jax.models import kimia_llm
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OptimConfig:
@@ -64,8 +66,17 @@ def schedule(cfg: OptimConfig, peak: float | None = None) -> optax.Schedule:
 
 def decay_mask(params: Any) -> Any:
     """True where weight decay applies: every parameter with 2+ dims. In these models the 1-D
-    parameters are exactly the norm scales (RMSNorm, LayerNorm incl. the adaptor's) and biases."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    parameters are exactly the norm scales (RMSNorm, LayerNorm incl. the adaptor's) and biases.
+    Leaves of a stacked layer tree (`scan_layers`: `layers/...`, `mimo_layers/...`) carry a
+    leading layer axis, which does not count."""
+
+    def one(path: Any, p: Any) -> bool:
+        stacked = any(
+            isinstance(k, jax.tree_util.DictKey) and k.key in kimia_llm.STACK_NAMES for k in path
+        )
+        return p.ndim - int(stacked) >= 2
+
+    return jax.tree_util.tree_map_with_path(one, params)
 
 
 def param_labels(params: Any) -> Any:

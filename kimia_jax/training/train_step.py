@@ -71,18 +71,45 @@ class TrainConfig:
       optim: optimizer and schedule; loss: reduction and CE chunking.
       compute_dtype: "float32" or "bfloat16" (parameters keep their own dtype: fp32 master).
       packed: batches carry several examples per row (needs the LLM's segment-id attention).
+      scan_layers: LLM layer stacks as one `nn.scan` each (one compiled layer per stack: faster
+        compiles for deep models) instead of unrolled; None keeps the LlmConfig's. Params are
+        converted to the layout on `init` (`kimia_llm.to_layout`); the state keeps it.
+      remat_policy: LLM per-layer rematerialization, a name of `kimia_llm.REMAT_POLICIES`
+        ("none", "full", "dots_saveable", ...); None keeps the LlmConfig's.
+      whisper_remat_policy: the Whisper encoder's per-layer remat (same names). Only the trained
+        phase differentiates through the encoder; "full" keeps one [B*W, 1500, d_model] residual
+        per layer instead of every layer's attention and MLP activations.
     """
 
     optim: optim.OptimConfig = dataclasses.field(default_factory=optim.OptimConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     compute_dtype: str = "float32"
     packed: bool = False
+    scan_layers: bool | None = None
+    remat_policy: str | None = None
+    whisper_remat_policy: str = "full"
 
     def __post_init__(self) -> None:
         if self.compute_dtype not in ("float32", "bfloat16"):
             raise ValueError(
                 f"compute_dtype must be float32 or bfloat16, got {self.compute_dtype!r}"
             )
+        for name in ("remat_policy", "whisper_remat_policy"):
+            value = getattr(self, name)
+            if value is not None and value not in kimia_llm.REMAT_POLICIES:
+                raise ValueError(
+                    f"TrainConfig.{name} must be one of {sorted(kimia_llm.REMAT_POLICIES)}, "
+                    f"got {value!r}"
+                )
+
+    def llm_overrides(self) -> dict[str, Any]:
+        """The LlmConfig fields this config sets (compute dtype, layer layout, remat)."""
+        out: dict[str, Any] = {"dtype": self.compute_dtype}
+        if self.scan_layers is not None:
+            out["scan_layers"] = self.scan_layers
+        if self.remat_policy is not None:
+            out["remat_policy"] = self.remat_policy
+        return out
 
 
 @flax.struct.dataclass
@@ -110,11 +137,14 @@ def whisper_features(
     """[B, W, 480000] windows -> per-position features [B, T, 4 d_model] (zeros where cont_src<0).
 
     Each window is zero-padded to 30 s (host), reflect-centered and log-mel'd over all 3000 frames
-    (official continuous path), encoded, and viewed as 375 rows of 4 frames.
+    (official continuous path), encoded, and viewed as 375 rows of 4 frames. A batch without
+    windows (W = 0: text-only rows, every `cont_src` < 0) gives zero features and runs no encoder.
     """
     b, w, s = wav.shape
     if s != WINDOW_SAMPLES:
         raise ValueError(f"whisper_wav windows must have {WINDOW_SAMPLES} samples, got {s}")
+    if w == 0:  # static: nothing to encode or gather from (cont_src is all -1 in such rows)
+        return jnp.zeros((*cont_src.shape, 4 * cfg.d_model), jnp.float32)
     x = wav.reshape(b * w, s)
     x = x.astype(jnp.float32) / 32768.0 if x.dtype == jnp.int16 else x.astype(jnp.float32)
     pad = mel_lib.N_FFT // 2
@@ -249,16 +279,35 @@ def _dict_keys(path: Any) -> tuple[Any, ...]:
     return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
+def _is_sharding(x: Any) -> bool:
+    return isinstance(x, jax.sharding.Sharding)
+
+
 def like_params(tree: Any, params: Any, param_shardings: Any, default: Any) -> Any:
-    """Shardings for an optimizer-state-like tree: a leaf whose dict-key path ends with a
-    parameter's path and has its shape gets that parameter's sharding; anything else `default`."""
+    """Shardings for an optimizer-state-like tree (the one code path for every optimizer state:
+    `TrainStep`, `LoraTrainStep`, `tools/plan_memory`).
+
+    A leaf whose dict-key path ends with a parameter's path and has that parameter's shape gets the
+    parameter's sharding; every other leaf (step counts, scalars) gets `default`. Works on any optax
+    state, `multi_transform` / `masked` included: a group's `MaskedNode` placeholders are empty
+    pytree nodes and stay as they are (they hold no array, so need no sharding), and the path of a
+    leaf inside a group (`inner_states["llm"].inner_state[0].mu["llm"]["norm"]["weight"]`) still
+    ends with its parameter's path. Paths come from `param_shardings` itself and shapes from
+    `params` (arrays or ShapeDtypeStructs of the same tree).
+    """
+    shapes = {
+        _dict_keys(path): np.shape(p) for path, p in jax.tree_util.tree_leaves_with_path(params)
+    }
     by_path = {}
-    for (path, p), sh in zip(
-        jax.tree_util.tree_flatten_with_path(params)[0],
-        jax.tree.leaves(param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding)),
-        strict=True,
-    ):
-        by_path[_dict_keys(path)] = (np.shape(p), sh)
+    for path, sh in jax.tree_util.tree_leaves_with_path(param_shardings, is_leaf=_is_sharding):
+        keys = _dict_keys(path)
+        if keys not in shapes:
+            raise ValueError(
+                f"parameter shardings name {'/'.join(map(str, keys))}, which the params lack: "
+                "the params and the model config disagree (layer layout scan_layers, LoRA "
+                "adapters?); convert the params with kimia_llm.to_layout first"
+            )
+        by_path[keys] = (shapes[keys], sh)
 
     def pick(path: Any, leaf: Any) -> Any:
         keys = _dict_keys(path)
@@ -299,8 +348,8 @@ class TrainStep:
                 "train with one example per row (TrainConfig(packed=False))"
             )
         dt = self.cfg.compute_dtype
-        self.llm_cfg = llm_cfg.replace(dtype=dt)
-        wkw: dict[str, Any] = {"dtype": dt}
+        self.llm_cfg = llm_cfg.replace(**self.cfg.llm_overrides())
+        wkw: dict[str, Any] = {"dtype": dt, "remat_policy": self.cfg.whisper_remat_policy}
         fields = {f.name for f in dataclasses.fields(whisper_cfg)}
         if mesh is not None and "attention_chunk" in fields:
             # the CPU query-chunk loop indexes heads/rows dynamically, which the partitioner can
@@ -332,7 +381,8 @@ class TrainStep:
         }
 
     def state_shardings(self, state: TrainState) -> Any:
-        """Shardings of a TrainState: params by logical names, optimizer leaves like their params,
+        """Shardings of a TrainState (or its `abstract_state`): params by logical names, optimizer
+        leaves like their params (`like_params`, any optax state incl. multi_transform groups),
         scalars (counts) replicated."""
         if self.mesh is None:
             return None
@@ -343,8 +393,14 @@ class TrainStep:
             step=rep, params=ps, opt_state=opt, whisper_trainable=state.whisper_trainable
         )
 
-    def init(self, params: Any, *, whisper_trainable: bool = True) -> TrainState:
-        """Fresh state (step 0, zero moments) around `params` {"llm": ..., "whisper": ...}."""
+    def to_layout(self, params: Any) -> Any:
+        """{"llm", "whisper"} params with the LLM in this step's layer layout (`scan_layers`);
+        the same object when it already is."""
+        llm = kimia_llm.to_layout(params["llm"], self.llm_cfg, self.mesh)
+        return params if llm is params["llm"] else {**params, "llm": llm}
+
+    def init_fn(self, whisper_trainable: bool) -> Any:
+        """params -> fresh TrainState (step 0, zero moments); un-jitted, for `jax.eval_shape`."""
         tx = self.optimizer(whisper_trainable)
 
         def make(p: Any) -> TrainState:
@@ -355,10 +411,20 @@ class TrainStep:
                 whisper_trainable=whisper_trainable,
             )
 
+        return make
+
+    def abstract_state(self, params: Any, *, whisper_trainable: bool = True) -> TrainState:
+        """The TrainState of `params` as ShapeDtypeStructs (params may be abstract themselves)."""
+        return jax.eval_shape(self.init_fn(whisper_trainable), params)
+
+    def init(self, params: Any, *, whisper_trainable: bool = True) -> TrainState:
+        """Fresh state (step 0, zero moments) around `params` {"llm": ..., "whisper": ...} (either
+        LLM layer layout: converted to this step's)."""
+        params = self.to_layout(params)
+        make = self.init_fn(whisper_trainable)
         if self.mesh is None:
             return jax.jit(make)(params)
-        shape = jax.eval_shape(make, params)
-        out = self.state_shardings(shape)
+        out = self.state_shardings(self.abstract_state(params, whisper_trainable=whisper_trainable))
         ps = self.param_shardings()
         return jax.jit(make, in_shardings=(ps,), out_shardings=out)(params)
 
@@ -440,7 +506,9 @@ class TrainStep:
         whisper_trainable: bool = True,
         collect: bool = False,
     ) -> tuple[jax.Array, dict[str, Any], Any]:
-        """Jitted loss, metrics (+ activations with collect) and raw gradients, no update."""
+        """Jitted loss, metrics (+ activations with collect) and raw gradients, no update.
+        `params` in either LLM layer layout; gradients come in this step's layout."""
+        params = self.to_layout(params)
         key = (whisper_trainable, collect)
         if key not in self._grads:
             fn = functools.partial(

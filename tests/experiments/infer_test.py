@@ -76,6 +76,8 @@ def wav(tmp_path):
         (["--manifest=m.jsonl"], "either --audio"),
         (["--output=r.jsonl"], "needs --manifest"),
         (["--output_type=both", "--out_wav=/no/dir/x.wav"], "cannot write into"),
+        (["--voice_prompt={tmp}/a.wav"], "needs --output_type both"),
+        (["--output_type=both", "--out_wav={tmp}/o.wav", "--voice_prompt=/no.wav"], "not an audio"),
     ],
 )
 def test_flag_errors_before_loading(wav, tmp_path, extra, words):

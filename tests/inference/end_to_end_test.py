@@ -3,6 +3,7 @@ text + 24 kHz speech out, whole utterance and streamed."""
 
 import dataclasses
 
+import jax
 import numpy as np
 import pytest
 
@@ -42,3 +43,56 @@ def test_generate_both_and_stream_give_the_same_text_and_audio(tiny):
     assert err <= 1e-6, f"streamed vs whole-utterance audio: max abs diff {err:.2e}"
     steps = [e["steps"] for e in events]
     assert steps == sorted(steps) and steps[-1] == tiny.timings.steps
+
+
+@pytest.mark.slow  # ~75 s on 2 loaded cores (two spoken replies, prompt shapes compiled)
+def test_voice_prompt_through_generate_and_stream(tiny, tmp_path):
+    """`voice_prompt=` (a file, or the `VoicePrompt` built from it) is the detokenizer prefilled
+    with the clip's GLM tokens (16 kHz) and BigVGAN mel (24 kHz); `generate` and
+    `generate_stream` give the same waveform with it (max abs diff 0.0), and it changes the
+    speech (the text is unchanged). Parity of the prefill itself:
+    tests/detokenizer/voice_prompt_test.py."""
+    import soundfile as sf
+
+    from kimia_jax.audio.io import load_audio
+    from kimia_jax.errors import OutputError
+
+    t = np.arange(24000 * 2) / 24000
+    clip = tmp_path / "voice.wav"
+    sf.write(clip, (0.3 * np.sin(2 * np.pi * 180 * t)).astype(np.float32), 24000)
+    wav, text = tiny.generate(CHAT, output_type="both", seed=0, voice_prompt=str(clip))
+    plain, text0 = tiny.generate(CHAT, output_type="both", seed=0)
+    assert text == text0 and wav.shape == plain.shape and np.abs(wav - plain).max() > 1e-3
+    det = tiny.detokenizer
+    toks = tiny.audio_tokenizer.tokenize([load_audio(str(clip))])[0]
+    prompt = det.prefill(load_audio(str(clip), target_sr=24000), np.asarray(toks))
+    built = tiny.voice_prompt(str(clip))
+    assert prompt.start_position == built.start_position == 4 * len(toks) > 0
+    np.testing.assert_array_equal(np.asarray(prompt.cache_k), np.asarray(built.cache_k))
+    events = tiny.generate_stream(CHAT, output_type="both", seed=0, chunk_steps=256,
+                                  voice_prompt=built)  # fmt: skip
+    streamed = np.concatenate([e["audio"] for e in events if e["audio"] is not None])
+    np.testing.assert_array_equal(streamed, wav)
+    with pytest.raises(OutputError, match='needs output_type="both"'):
+        tiny.generate(CHAT, output_type="text", voice_prompt=str(clip))
+
+
+def test_int8_model_flag(tiny):
+    """`KimiAudio(quantize="int8")` quantizes the LLM's decode matrices on load and generates
+    exactly what the same model with `layers.quant.quantize(..., quant.DECODE)` params does."""
+    from kimia_jax.layers import quant
+
+    q = KimiAudio(tiny.model_path, load_detokenizer=False, dtype="float32", quantize="int8")
+    flat = jax.tree_util.tree_leaves(q.params, is_leaf=lambda x: isinstance(x, quant.QWeight))
+    assert sum(isinstance(x, quant.QWeight) for x in flat) == 7 * tiny.cfg.num_layers_total + 3
+    assert quant.nbytes(q.params) < 0.45 * quant.nbytes(tiny.params)
+    _, text = q.generate(CHAT, output_type="text", seed=0, max_new_tokens=24)
+    ref = tiny.params
+    try:
+        tiny.params = quant.quantize(ref, "int8", modules=quant.DECODE)
+        _, want = tiny.generate(CHAT, output_type="text", seed=0, max_new_tokens=24)
+    finally:
+        tiny.params = ref
+    assert text == want
+    with pytest.raises(ValueError, match="quantize must be None or one of"):
+        KimiAudio(tiny.model_path, load_detokenizer=False, quantize="int2")
