@@ -36,13 +36,13 @@ demo: $(STAMP)
 	$(PYTHON) -m experiments.demo --workdir demo_out
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check kimia_jax tools experiments tests
-	$(VENV)/bin/ruff format --check kimia_jax tools experiments tests
+	$(VENV)/bin/ruff check kimia_jax tools experiments tests data
+	$(VENV)/bin/ruff format --check kimia_jax tools experiments tests data
 	$(VENV)/bin/lint-imports
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format kimia_jax tools experiments tests
-	$(VENV)/bin/ruff check --fix kimia_jax tools experiments tests
+	$(VENV)/bin/ruff format kimia_jax tools experiments tests data
+	$(VENV)/bin/ruff check --fix kimia_jax tools experiments tests data
 
 # Benchmarks print ratios against the PyTorch references measured in the same run (README).
 bench: $(STAMP)

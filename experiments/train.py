@@ -12,7 +12,8 @@ reads its own rows of the global batch. Restarting the same command resumes from
 complete checkpoint in `DIR/checkpoints` (exactly: same batches, same params).
 
 The workdir gets: config.json (the resolved config), git_revision.txt, checkpoints/, tensorboard/,
-metrics.jsonl and, at the end, export/ (the released layout and our Orbax layout).
+metrics.jsonl and, at the end, export/ (the released layout and our Orbax layout; a LoRA run
+exports the merged weights W + (alpha / r) B A, loadable like any fine-tuned model).
 """
 
 from __future__ import annotations
@@ -197,6 +198,18 @@ def build_tasks(config, root: Path, workdir: Path, tokenizer, offset: int, num_c
     return tasks
 
 
+def lora_config(config):
+    """training.lora.LoraConfig from `config.lora` (None when LoRA is off)."""
+    if not config.get("lora") or not config.lora.enabled:
+        return None
+    from kimia_jax.training.lora import LoraConfig
+
+    targets = tuple(t.strip() for t in config.lora.targets.split(",") if t.strip())
+    return LoraConfig(
+        rank=config.lora.rank, alpha=config.lora.alpha, targets=targets, select=config.lora.select
+    )
+
+
 def main(argv: list[str]) -> None:
     del argv
     config = _CONFIG.value
@@ -249,13 +262,32 @@ def main(argv: list[str]) -> None:
         read=grain.ReadOptions(num_threads=config.data.read_threads, prefetch_buffer_size=16),
     )
     total = config.loop.total_steps
-    step = TrainStep(lcfg, wcfg, train_config(config), mesh)
+    train_cfg = train_config(config)
     loop_kw = config.loop.to_dict()
     frac = loop_kw.pop("unfreeze_whisper_fraction")
     loop_kw["unfreeze_whisper_at"] = round(frac * total) if frac < 1 else None
+    params = {"llm": lparams, "whisper": wparams}
+    lora_cfg = lora_config(config)
+    if lora_cfg is None:
+        step = TrainStep(lcfg, wcfg, train_cfg, mesh)
+    else:
+        from kimia_jax.training import lora
+
+        if loop_kw["unfreeze_whisper_at"] is not None:
+            raise ValueError(
+                "LoRA keeps the Whisper encoder frozen: set "
+                "--config.loop.unfreeze_whisper_fraction=1 (got "
+                f"{frac})"
+            )
+        base = lora.quantize(lparams, config.lora.quantize)
+        params["llm"] = lora.add_adapters(base, lora_cfg, jax.random.key(config.lora.seed))
+        step = lora.LoraTrainStep(lcfg, wcfg, lora_cfg, train_cfg, mesh)
+        if jax.process_index() == 0:
+            n = sum(x.size for x in jax.tree.leaves(lora.split(params["llm"])[0]))
+            print(f"LoRA: {len(lora.target_paths(base, lora_cfg))} adapted weights, {n} params")
     trainer = Trainer(
         step,
-        {"llm": lparams, "whisper": wparams},
+        params,
         dataset,
         workdir,
         LoopConfig(**loop_kw),
@@ -269,9 +301,12 @@ def main(argv: list[str]) -> None:
             + ", ".join(f"{k} {v:.4g}" for k, v in last.items() if not k.startswith("loss_"))
         )
     if int(state.step) >= total and config.export.enabled:
+        trained = state.params
+        if lora_cfg is not None:  # merge-and-export: W + (alpha / r) B A, the released layout
+            trained = {"llm": step.merged(state), "whisper": state.params["frozen"]["whisper"]}
         # the released / Orbax layouts hold unrolled layers (lcfg is the checkpoint's config)
-        params = {**state.params, "llm": kimia_llm.to_layout(state.params["llm"], lcfg)}
-        out = export.export_all(root, workdir / "export", params, lcfg, wcfg)
+        trained = {**trained, "llm": kimia_llm.to_layout(trained["llm"], lcfg)}
+        out = export.export_all(root, workdir / "export", trained, lcfg, wcfg)
         if jax.process_index() == 0:
             print(f"exported: {out['released']} (released layout), {out['orbax']} (Orbax)")
     print(f"done in {time.perf_counter() - t_start:.1f}s", file=sys.stderr)

@@ -50,3 +50,8 @@ class OutputError(KimiaError):
 
 class ManifestError(KimiaError):
     """A malformed batch manifest row; the message names the line and the field."""
+
+
+class StageUnavailableError(KimiaError):
+    """A data-preparation model stage was asked for but its package or local weights are absent
+    (raised when the pipeline is built, never mid-run; nothing is downloaded)."""

@@ -15,11 +15,13 @@ shards) goes through here, so that
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 STAGING_MARK = ".tmp-"
 
@@ -159,3 +161,49 @@ def human_bytes(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+class ResultLog:
+    """An append-only jsonl of rows keyed by "id": ids already done, and atomic per-line appends.
+
+    Used for batch results (inference/batch.py), evaluation predictions and judge caches. Each
+    append is one `write` per line on an O_APPEND descriptor, then fsync, so a killed writer loses
+    at most the rows in flight; a torn last line is cut off when the file is next opened. `arg`
+    names the file in errors (the launcher flag it came from).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], arg: str = "--output"):
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise IsADirectoryError(f"{arg} {self.path} is a folder, not a jsonl file")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.done: dict[str, dict[str, Any]] = {}
+        if self.path.exists():
+            self._load()
+
+    def _load(self) -> None:
+        data = self.path.read_bytes()
+        good = 0  # bytes up to the last complete, valid line
+        for raw in data.splitlines(keepends=True):
+            if not raw.endswith(b"\n"):
+                break  # torn by a kill
+            try:
+                row = json.loads(raw)
+            except json.JSONDecodeError:
+                break
+            self.done[str(row["id"])] = row
+            good += len(raw)
+        if good < len(data):
+            with open(self.path, "r+b") as f:
+                f.truncate(good)
+
+    def append(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        # One write per line on an O_APPEND descriptor (files get the umask's mode), then fsync.
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            for row in rows:
+                os.write(fd, (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
+                self.done[str(row["id"])] = dict(row)
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -40,7 +40,7 @@ def test_contracts_name_every_floor():
     layers = [c for c in contracts if c["type"] == "layers"]
     assert len(layers) == 1 and layers[0]["layers"] == FLOORS
     forbidden = {tuple(c["forbidden_modules"]): c for c in contracts if c["type"] == "forbidden"}
-    assert forbidden[("tools", "tests", "experiments")]["source_modules"] == ["kimia_jax"]
+    assert forbidden[("tools", "tests", "experiments", "data")]["source_modules"] == ["kimia_jax"]
     assert ("torch", "transformers") in forbidden
     # every package of the library sits on a floor
     on_floors = {

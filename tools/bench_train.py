@@ -12,9 +12,11 @@ its GPU backend, true fp32 matmuls on both in float32 mode, no TF32):
   chunked two-stream loss, backward, global-norm clip, AdamW; donated state) on text/audio-token
   rows without Whisper windows (W = 0: the step runs no encoder and no log-mel, like the
   reference, which has neither).
-* reference: transformers `Qwen2ForCausalLM` (the main stack, its final norm and text head) plus
-  the Kimi MIMO branch built from transformers' own `Qwen2DecoderLayer`s, seeded by the output of
-  main layer `kimia_mimo_transformer_from_layer_index`, with `mimo_norm` and `mimo_output`; loss =
+* reference: `kimia_jax.testing.torch_kimia.TorchKimia` (transformers `Qwen2ForCausalLM`: the
+  main stack, its final norm and text head; the Kimi MIMO branch from transformers' own
+  `Qwen2DecoderLayer`s seeded by the output of main layer
+  `kimia_mimo_transformer_from_layer_index`, `mimo_norm`, `mimo_output`; checked against the
+  official fixture logits in tests/training/export_torch_test.py); loss =
   masked mean CE of each head, summed; `loss.backward()`, `clip_grad_norm_(1.0)`,
   `torch.optim.AdamW` (the official fine-tuning model, without DeepSpeed).
 Achieved FLOP/s use the model FLOPs of one step, 3 x forward, forward = 2 x (every matmul weight,
@@ -151,41 +153,21 @@ class Ours:
 
 
 class Torch:
-    """transformers Qwen2 + the MIMO branch (stable Qwen2 APIs only: transformers 4.46 and 5.x)."""
+    """`testing.torch_kimia.TorchKimia` (transformers 4.46 and 5.x) + masked CE, AdamW."""
 
     def __init__(self, cfg, batch: int, seq: int, opts: dict):
+        import dataclasses
+
         import torch
-        import transformers
-        from transformers.models.qwen2 import modeling_qwen2 as mq
+
+        from kimia_jax.testing.torch_kimia import TorchKimia
 
         self.device = torch.device("cuda" if opts["platform"] == "gpu" else "cpu")
         self.autocast = opts["dtype"] == "bfloat16"
         torch.manual_seed(0)
-        qcfg = transformers.Qwen2Config(
-            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-            intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
-            num_attention_heads=cfg.num_attention_heads,
-            num_key_value_heads=cfg.num_key_value_heads, rms_norm_eps=cfg.rms_norm_eps,
-            rope_theta=cfg.rope_theta, tie_word_embeddings=False, attn_implementation="sdpa",
-            use_cache=False,
-        )  # fmt: skip
-        rope = getattr(qcfg, "rope_parameters", None)  # transformers 5.x keeps rope_theta here
-        if isinstance(rope, dict):
-            rope["rope_theta"] = cfg.rope_theta
         self.cfg = cfg
-        self.qwen = transformers.Qwen2ForCausalLM(qcfg).train()
-        n = cfg.num_hidden_layers
-        self.mimo = torch.nn.ModuleList(
-            [mq.Qwen2DecoderLayer(qcfg, n + j) for j in range(cfg.kimia_mimo_layers)]
-        )
-        self.mimo_norm = mq.Qwen2RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mimo_output = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        for m in (self.qwen, self.mimo, self.mimo_norm, self.mimo_output):
-            m.to(self.device)
-        self.params = [
-            p for m in (self.qwen, self.mimo, self.mimo_norm, self.mimo_output)
-            for p in m.parameters()
-        ]  # fmt: skip
+        self.model = TorchKimia(dataclasses.asdict(cfg)).train().to(self.device)
+        self.params = list(self.model.parameters())
         self.opt = torch.optim.AdamW(self.params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1)
         b = _batch(cfg, batch, seq)
         self.b = {k: torch.as_tensor(v).to(self.device) for k, v in b.items() if "whisper" not in k}
@@ -210,17 +192,7 @@ class Torch:
     def _loss(self, b):
         import torch.nn.functional as F
 
-        emb = self.qwen.model.embed_tokens
-        x = emb(b["audio_ids"].long()) + emb(b["text_ids"].long())
-        out = self.qwen.model(inputs_embeds=x, output_hidden_states=True, use_cache=False)
-        text_logits = self.qwen.lm_head(out.last_hidden_state).float()
-        m = out.hidden_states[self.cfg.kimia_mimo_transformer_from_layer_index + 1]
-        pos = b["positions"].long()
-        pe = self.qwen.model.rotary_emb(m, pos)
-        for layer in self.mimo:
-            m = layer(m, attention_mask=None, position_ids=pos, position_embeddings=pe)
-            m = m[0] if isinstance(m, tuple) else m  # a tuple in 4.x, the tensor in 5.x
-        audio_logits = self.mimo_output(self.mimo_norm(m)).float()
+        text_logits, audio_logits = self.model(b["audio_ids"], b["text_ids"], b["positions"])
 
         def masked_mean(logits, labels, mask):
             ce = F.cross_entropy(logits.flatten(0, 1), labels.long().flatten(), reduction="none")

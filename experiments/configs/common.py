@@ -98,5 +98,18 @@ def base() -> ml_collections.ConfigDict:
             stop_at=ml_collections.FieldReference(None, field_type=int),
         )
     )
+    # LoRA / QLoRA (training/lora.py): adapters on `targets` of the layers `select` matches,
+    # the base (optionally int8/int4) and the Whisper encoder frozen; merged into the export
+    c.lora = ml_collections.ConfigDict(
+        dict(
+            enabled=False,
+            rank=16,
+            alpha=32.0,
+            targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+            select=r"^(mimo_)?layers",
+            quantize="none",  # none | int8 | int4 (QLoRA)
+            seed=0,  # adapter init (lora_a kaiming-uniform, lora_b zeros)
+        )
+    )
     c.export = ml_collections.ConfigDict(dict(enabled=True))
     return c

@@ -99,7 +99,8 @@ def save(
     return path
 
 
-def _crc32(path: Path) -> str:
+def file_crc32(path: str | os.PathLike[str]) -> str:
+    """CRC-32 of a file's bytes as 8 hex digits (the checksum of every manifest we write)."""
     crc = 0
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
@@ -113,7 +114,7 @@ def file_table(root: Path) -> dict[str, list[Any]]:
     table = {}
     for p in sorted((root / PARAMS_DIR).rglob("*")):
         if p.is_file():
-            table[p.relative_to(root).as_posix()] = [p.stat().st_size, _crc32(p)]
+            table[p.relative_to(root).as_posix()] = [p.stat().st_size, file_crc32(p)]
     return table
 
 
@@ -185,7 +186,7 @@ def verify(path: str | os.PathLike[str], *, checksums: bool = False) -> None:
         if got != size:
             what = "truncated" if got < size else "longer than written"
             raise _damaged(path, f"{rel} is {what} ({got} bytes, written with {size})")
-        if checksums and _crc32(f) != crc:
+        if checksums and file_crc32(f) != crc:
             raise _damaged(path, f"{rel} is corrupted (its CRC-32 differs from the one written)")
 
 

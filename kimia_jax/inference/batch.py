@@ -22,7 +22,7 @@ import dataclasses
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ import numpy as np
 
 from kimia_jax.configs import OutputType
 from kimia_jax.errors import KimiaError, ManifestError
+from kimia_jax.fileio import ResultLog  # the results log (also batch.ResultLog)
 from kimia_jax.text.conversation import PromptBuilder
 
 # Instructions: asr = the official infer.py; emotion / sound = the Evalkit's MELD / VocalSound
@@ -133,46 +134,6 @@ def read_manifest(path: str | os.PathLike[str], task: str = "asr") -> list[Reque
             seen.add(req.id)
             out.append(req)
     return out
-
-
-class ResultLog:
-    """The results jsonl: ids already done, and atomic per-line appends."""
-
-    def __init__(self, path: str | os.PathLike[str]):
-        self.path = Path(path)
-        if self.path.is_dir():
-            raise IsADirectoryError(f"--output {self.path} is a folder, not a jsonl file")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.done: dict[str, dict[str, Any]] = {}
-        if self.path.exists():
-            self._load()
-
-    def _load(self) -> None:
-        data = self.path.read_bytes()
-        good = 0  # bytes up to the last complete, valid line
-        for raw in data.splitlines(keepends=True):
-            if not raw.endswith(b"\n"):
-                break  # torn by a kill
-            try:
-                row = json.loads(raw)
-            except json.JSONDecodeError:
-                break
-            self.done[str(row["id"])] = row
-            good += len(raw)
-        if good < len(data):
-            with open(self.path, "r+b") as f:
-                f.truncate(good)
-
-    def append(self, rows: Iterable[Mapping[str, Any]]) -> None:
-        # One write per line on an O_APPEND descriptor (files get the umask's mode), then fsync.
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-        try:
-            for row in rows:
-                os.write(fd, (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
-                self.done[str(row["id"])] = dict(row)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def wav_name(rid: str) -> str:

@@ -14,7 +14,8 @@ each task keeps its own packer and iterator state, and the mixture can change on
 on any number of processes that divides it (1 x 8 devices == 2 x 4 devices, same seeds -> same
 batches), and no process reads another's records.
 
-Records (§2.1): ArrayRecord files of msgpack maps (`write_records` / `ArrayRecordSource`), or the
+Records (§2.1): ArrayRecord files of msgpack maps (`write_records` / `ArrayRecordSource`, waveforms
+of `audio-*` shards by `AudioShards`), the same records as a TFDS dataset (`TfdsSource`), or the
 official SFT jsonl (`JsonlSource`, audio paths resolved against the file's folder). Builders come
 from `kimia_jax.training.examples` (`sft_builder` / `pretrain_builder` adapt them to records).
 
@@ -30,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ import grain
 import numpy as np
 from flax import serialization
 
+from kimia_jax import fileio
 from kimia_jax.errors import PromptError
 from kimia_jax.training.examples import (
     Example,
@@ -63,18 +65,76 @@ def decode_record(data: bytes) -> dict[str, Any]:
     return dict(serialization.msgpack_restore(data))
 
 
-def write_records(path: str | os.PathLike[str], records: Sequence[Mapping[str, Any]]) -> str:
-    """Writes one ArrayRecord file of msgpack records (random access: group_size 1)."""
+def write_records(path: str | os.PathLike[str], records: Iterable[Mapping[str, Any]]) -> str:
+    """Writes one ArrayRecord file of msgpack records (random access: group_size 1).
+
+    Atomic: the records go to a staging name next to `path` (`fileio.staging_name`), which is
+    renamed over `path` once the writer is closed; an interrupted write leaves no `path`."""
+    import tempfile
+
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    path = str(path)
-    w = ArrayRecordWriter(path, "group_size:1")
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=fileio.staging_name(final), dir=final.parent)
+    os.close(fd)
     try:
-        for r in records:
-            w.write(encode_record(r))
-    finally:
-        w.close()
-    return path
+        w = ArrayRecordWriter(tmp, "group_size:1")
+        try:
+            for r in records:
+                w.write(encode_record(r))
+        finally:
+            w.close()
+        os.chmod(tmp, 0o666 & ~fileio.current_umask())
+        os.replace(tmp, final)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return str(final)
+
+
+class AudioShards:
+    """Waveforms of the `audio-XXXXX-of-YYYYY.array_record` family (training.md §2.3), fetched by
+    the `(audio shard, record index)` refs of `pt_docs` records (`audio_ref_orig` rows): mono 16 kHz
+    16-bit FLAC -> float32 (int16 / 32768, what the official loader gives for such a file).
+
+    `AudioShards(folder)` (or a glob); usable as `pretrain_builder(..., audio=AudioShards(out))`.
+    """
+
+    def __init__(self, paths: str | os.PathLike[str] | Sequence[str]) -> None:
+        import glob
+        import re
+
+        if isinstance(paths, (str, os.PathLike)):
+            p = Path(paths)
+            pattern = str(p / "audio-*.array_record") if p.is_dir() else str(p)
+            paths = sorted(glob.glob(pattern))
+            if not paths:
+                raise FileNotFoundError(f"AudioShards: no audio shard matches {pattern!r}")
+        self._paths: dict[int, str] = {}
+        for q in paths:
+            m = re.search(r"audio-(\d+)-of-\d+\.array_record$", str(q))
+            if not m:
+                raise ValueError(f"AudioShards: {q} is not named audio-XXXXX-of-YYYYY.array_record")
+            self._paths[int(m.group(1))] = str(q)
+        self._open: dict[int, Any] = {}
+
+    def record(self, shard: int, index: int) -> dict[str, Any]:
+        if shard not in self._paths:
+            raise KeyError(f"AudioShards: no audio shard {shard} (have {sorted(self._paths)})")
+        if shard not in self._open:
+            self._open[shard] = grain.sources.ArrayRecordDataSource([self._paths[shard]])
+        return decode_record(self._open[shard][int(index)])
+
+    def __call__(self, ref: Any) -> np.ndarray:
+        import io
+
+        import soundfile as sf
+
+        shard, index = (int(x) for x in np.asarray(ref).reshape(-1)[:2])
+        rec = self.record(shard, index)
+        wav, _ = sf.read(io.BytesIO(rec["flac_16k"]), dtype="float32")
+        return wav
 
 
 class ArrayRecordSource(grain.sources.RandomAccessDataSource):
@@ -100,8 +160,63 @@ class ArrayRecordSource(grain.sources.RandomAccessDataSource):
     def __getitem__(self, i: int) -> dict[str, Any]:
         return decode_record(self._src[i])
 
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        # explicit: the underlying source ends with ValueError, not the IndexError `for` expects
+        return (self[i] for i in range(len(self)))
+
     def __repr__(self) -> str:
         return f"ArrayRecordSource({self.paths})"
+
+
+class TfdsSource(grain.sources.RandomAccessDataSource):
+    """Records of a TFDS dataset in ArrayRecord format (`as_data_source`; no TensorFlow), as the
+    dicts `ArrayRecordSource` gives, in TFDS's order (its writer shuffles by key hash): TFDS `Text`
+    features (bytes) become `str`, sequences of them `list[str]`; a dataset whose examples carry
+    one msgpack `record` (the `sft` config of `data.tfds_builder.KimiaPrepared`) is decoded to
+    that record.
+
+    `TfdsSource("kimia_prepared/pt_docs", data_dir=..., split="train")`: the dataset is found in
+    `data_dir` from its files (the builder class need not be imported).
+    """
+
+    BYTES_FIELDS = ("flac_16k", "record")
+
+    def __init__(self, name: str, *, data_dir: str | os.PathLike[str] | None = None,
+                 split: str = "train") -> None:  # fmt: skip
+        import tensorflow_datasets as tfds
+
+        try:
+            builder = tfds.builder(name, data_dir=None if data_dir is None else str(data_dir))
+            self._src = builder.as_data_source(split=split)
+        except Exception as e:  # tfds raises several types for a missing / unbuilt dataset
+            raise FileNotFoundError(
+                f"TfdsSource: no TFDS dataset {name!r} split {split!r} in data_dir={data_dir} "
+                f"({type(e).__name__}: {str(e).splitlines()[0]}); build it with "
+                "data.tfds_builder.KimiaPrepared"
+            ) from e
+        self.name, self.split = name, split
+
+    def __len__(self) -> int:
+        return len(self._src)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        ex = self._src[i]
+        if set(ex) == {"row_id", "task", "record"}:
+            return decode_record(ex["record"])
+        out: dict[str, Any] = {}
+        for k, v in ex.items():
+            if isinstance(v, bytes) and k not in self.BYTES_FIELDS:
+                v = v.decode("utf-8")
+            elif isinstance(v, list) or (isinstance(v, np.ndarray) and v.dtype == object):
+                v = [x.decode("utf-8") if isinstance(x, bytes) else x for x in list(v)]
+            out[k] = v
+        return out
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return (self[i] for i in range(len(self)))
+
+    def __repr__(self) -> str:
+        return f"TfdsSource({self.name!r}, split={self.split!r})"
 
 
 class JsonlSource(grain.sources.RandomAccessDataSource):

@@ -321,6 +321,14 @@ def shardings(llm_cfg: Any, params: Any, mesh: Any) -> Any:
     return unflatten(out)
 
 
+def _frozen_whisper(whisper_trainable: bool) -> None:
+    if whisper_trainable:
+        raise ValueError(
+            "LoRA training keeps the Whisper encoder frozen: do not unfreeze it "
+            "(experiments configs: loop.unfreeze_whisper_fraction >= 1)"
+        )
+
+
 class LoraTrainStep:
     """The real train step (`train_step.forward_loss`: Whisper on the windows, dual-head LLM,
     chunked two-stream loss) with only the adapters trained.
@@ -401,11 +409,32 @@ class LoraTrainStep:
 
         return make
 
-    def init(self, params: Any) -> Any:
+    def init(self, params: Any, *, whisper_trainable: bool = False) -> Any:
         """State around {"llm": adapted params (`add_adapters`), "whisper": encoder params}."""
+        _frozen_whisper(whisper_trainable)
         if self.mesh is None:
             return jax.jit(self.init_fn())(params)
         return jax.jit(self.init_fn(), out_shardings=self.state_shardings(params))(params)
+
+    def unfreeze_whisper(self, state: Any) -> Any:
+        """The encoder stays frozen under LoRA (the Trainer calls this only when its loop
+        config unfreezes Whisper, which a LoRA run must not ask for)."""
+        _frozen_whisper(True)
+        return state
+
+    @staticmethod
+    def checkpointed_params(params: Any) -> Any:
+        """What a checkpoint holds: the adapters only (the frozen base and encoder are the
+        run's initial params, rebuilt by `restore_params`; an int4 base is never written)."""
+        return {"lora": params["lora"]}
+
+    def restore_params(self, saved: Any, initial: Any) -> Any:
+        """State params from checkpointed adapters + the initial {"llm" (adapted), "whisper"}
+        params (their frozen part, placed on the state's shardings)."""
+        frozen = {"llm": split(initial["llm"])[1], "whisper": initial["whisper"]}
+        if self.mesh is not None:
+            frozen = jax.device_put(frozen, self.state_shardings(initial).params["frozen"])
+        return {"lora": saved["lora"], "frozen": frozen}
 
     def loss_and_grads(self, adapters: Any, frozen: Any, batch: dict[str, Any]) -> Any:
         """Loss, metrics and adapter gradients (traced inside the step; callable eagerly too)."""

@@ -428,6 +428,16 @@ class TrainStep:
         ps = self.param_shardings()
         return jax.jit(make, in_shardings=(ps,), out_shardings=out)(params)
 
+    @staticmethod
+    def checkpointed_params(params: Any) -> Any:
+        """The part of the state's params a checkpoint holds (all of it: everything trains)."""
+        return params
+
+    def restore_params(self, saved: Any, initial: Any) -> Any:
+        """State params from a checkpoint's `saved` params and the run's initial params."""
+        del initial
+        return saved
+
     def unfreeze_whisper(self, state: TrainState) -> TrainState:
         """The trainable phase: the encoder group gets AdamW with fresh moments and step count;
         the other groups keep their state."""

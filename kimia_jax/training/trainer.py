@@ -8,7 +8,8 @@ process feeds its own rows (`data.batches` for its process index); the global ba
 with `jax.make_array_from_process_local_data`.
 
 Per step it records (TensorBoard + `metrics.jsonl` + progress line): loss, text / audio stream
-losses, loss per task (per-example losses grouped by the row's `task_id`), learning rate, gradient
+losses, loss per task (per-example losses grouped by the row's `task_id`; each process sums its
+own rows, the sums and counts are added over all processes), learning rate, gradient
 norm, tokens/s (non-padding positions), MFU (6 N tokens / time / peak FLOP/s, when the peak is
 given), data wait time (seconds blocked in `next(iterator)`) and its fraction of the step.
 """
@@ -25,6 +26,7 @@ import jax
 import numpy as np
 
 from kimia_jax.training.checkpointing import Checkpointer, PreemptionGuard
+from kimia_jax.training.lora import LoraTrainStep
 from kimia_jax.training.metrics import MetricWriter, Progress
 from kimia_jax.training.train_step import BATCH_AXES, TrainState, TrainStep, batch_shardings
 
@@ -67,7 +69,9 @@ class Trainer:
     """Runs `step` over `dataset` (this process's batches) from `params` in `workdir`.
 
     Args:
-      step: the compiled train step (its mesh spans all processes' devices).
+      step: the compiled train step (its mesh spans all processes' devices): a `TrainStep`, or a
+        `lora.LoraTrainStep` (params {"llm": adapted, "whisper"}; checkpoints hold the adapters
+        and their optimizer state only, the frozen base is rebuilt from `params` on restore).
       params: initial {"llm", "whisper"} params (used when no checkpoint exists).
       dataset: a Grain IterDataset of this process's batches (`data.batches`).
       workdir: run folder (checkpoints/, tensorboard/, metrics.jsonl).
@@ -76,7 +80,7 @@ class Trainer:
 
     def __init__(
         self,
-        step: TrainStep,
+        step: TrainStep | LoraTrainStep,
         params: Any,
         dataset: Any,
         workdir: str | Path,
@@ -103,11 +107,10 @@ class Trainer:
     def _fresh(self, trainable: bool) -> TrainState:
         return self.step.init(self.params, whisper_trainable=trainable)
 
-    @staticmethod
-    def _to_tree(state: TrainState, rng: jax.Array) -> dict[str, Any]:
+    def _to_tree(self, state: TrainState, rng: jax.Array) -> dict[str, Any]:
         return {
             "step": state.step,
-            "params": state.params,
+            "params": self.step.checkpointed_params(state.params),
             "opt_state": state.opt_state,
             "rng": rng,
         }
@@ -151,23 +154,36 @@ class Trainer:
         }
 
     def _task_losses(self, metrics: dict[str, Any], batch: dict[str, np.ndarray]) -> dict:
-        if "task_id" not in batch or jax.process_count() > 1 or not self.task_names:
+        """Loss per task and head over the GLOBAL batch: this process's (sum, count) of the
+        per-example losses of its own rows, summed over all processes, then divided."""
+        if "task_id" not in batch or not self.task_names:
             return {}
-        out = {}
-        tid = np.asarray(batch["task_id"])
-        nex = np.asarray(batch["num_examples"])
-        for head in ("text", "audio"):
-            per = np.asarray(metrics[f"segment_loss_{head}"])  # [B, max_segments + 1]
-            mask_key = f"{head}_loss_mask"
-            seg = np.asarray(batch["segment_ids"])
-            has = np.zeros(per.shape, bool)  # examples with targets of this head
-            for b in range(per.shape[0]):
-                ids = np.unique(seg[b][np.asarray(batch[mask_key][b])])
-                has[b, ids[(ids > 0) & (ids <= nex[b])]] = True
-            for t, name in enumerate(self.task_names):
-                sel = has & (tid == t)[:, None]
-                if sel.any():
-                    out[f"loss_{head}/{name}"] = float(per[sel].mean())
+        rows = self._local_rows(batch)
+        per = {h: rows_of(metrics[f"segment_loss_{h}"], rows) for h in HEADS}
+        sums, counts = task_loss_sums(per, batch, len(self.task_names))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            both = multihost_utils.process_allgather(np.stack([sums, counts]))  # [P, 2, H, N]
+            sums, counts = both.sum(axis=0)
+        return task_loss_means(sums, counts, self.task_names)
+
+    def _local_rows(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """Global row indices of this process's batch rows, in the order of its local rows
+        (`make_array_from_process_local_data` lays local rows out over the process's shards in
+        global-index order)."""
+        n = len(batch["segment_ids"])
+        if self.step.mesh is None or jax.process_count() == 1:
+            return np.arange(n)
+        gshape = (n * jax.process_count(), *np.shape(batch["segment_ids"])[1:])
+        shape = {"segment_ids": jax.ShapeDtypeStruct(gshape, np.int32)}
+        sh = batch_shardings(shape, self.step.mesh)["segment_ids"]
+        rows = set()
+        for idx in sh.addressable_devices_indices_map(gshape).values():
+            rows.update(range(*idx[0].indices(gshape[0])))
+        out = np.array(sorted(rows))
+        if len(out) != n:
+            raise RuntimeError(f"process {jax.process_index()} owns {len(out)} rows, fed {n}")
         return out
 
     # -- loop ------------------------------------------------------------------------------------
@@ -184,7 +200,7 @@ class Trainer:
             tree, meta = restored
             state = TrainState(
                 step=tree["step"],
-                params=tree["params"],
+                params=self.step.restore_params(tree["params"], self.params),
                 opt_state=tree["opt_state"],
                 whisper_trainable=bool(meta["whisper_trainable"]),
             )
@@ -242,6 +258,64 @@ class Trainer:
         return state, last
 
 
+HEADS = ("text", "audio")
+
+
+def rows_of(x: Any, rows: np.ndarray) -> np.ndarray:
+    """Global rows `rows` of `x` [B_global, ...], read from this process's addressable shards
+    (whatever x's sharding: split over the batch, or replicated)."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)[rows]
+    out: list[Any] = [None] * len(rows)
+    for shard in x.addressable_shards:
+        start, stop, _ = shard.index[0].indices(x.shape[0]) if shard.index else (0, x.shape[0], 1)
+        data = None
+        for i, g in enumerate(rows):
+            if out[i] is None and start <= g < stop:
+                data = np.asarray(shard.data) if data is None else data
+                out[i] = data[g - start]
+    missing = [int(g) for g, o in zip(rows, out, strict=True) if o is None]
+    if missing:
+        raise RuntimeError(f"rows {missing[:5]} of a {x.shape} array are not on this process")
+    return np.stack(out)
+
+
+def task_loss_sums(
+    per: dict[str, np.ndarray], batch: dict[str, np.ndarray], num_tasks: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(sums, counts) [len(HEADS), num_tasks] of the per-example losses `per[head]` [B, S + 1]
+    (index = segment id) of the rows of `batch` (`task_id`, `num_examples`, `segment_ids` and the
+    heads' loss masks, the same B rows): an example counts for a head when it has targets of
+    that head. Sums and counts add across processes; `task_loss_means` divides."""
+    sums = np.zeros((len(HEADS), num_tasks))
+    counts = np.zeros((len(HEADS), num_tasks))
+    tid = np.asarray(batch["task_id"])
+    nex = np.asarray(batch["num_examples"])
+    seg = np.asarray(batch["segment_ids"])
+    for h, head in enumerate(HEADS):
+        losses = np.asarray(per[head], np.float64)
+        mask = np.asarray(batch[f"{head}_loss_mask"])
+        has = np.zeros(losses.shape, bool)  # examples with targets of this head
+        for b in range(losses.shape[0]):
+            ids = np.unique(seg[b][mask[b].astype(bool)])
+            has[b, ids[(ids > 0) & (ids <= nex[b])]] = True
+        for t in range(num_tasks):
+            sel = has & (tid == t)[:, None]
+            sums[h, t] = losses[sel].sum()
+            counts[h, t] = sel.sum()
+    return sums, counts
+
+
+def task_loss_means(sums: np.ndarray, counts: np.ndarray, names: Sequence[str]) -> dict:
+    """{"loss_<head>/<task>": mean} for the (head, task) pairs that had examples."""
+    return {
+        f"loss_{head}/{name}": float(sums[h, t] / counts[h, t])
+        for h, head in enumerate(HEADS)
+        for t, name in enumerate(names)
+        if counts[h, t] > 0
+    }
+
+
 def params_to_host(params: Any) -> Any:
     """Fully gathered numpy copy of (possibly multi-process sharded) params."""
     if jax.process_count() == 1:
@@ -259,4 +333,12 @@ def loss_curve(workdir: str | Path) -> dict[int, float]:
     return {s: m["loss"] for s, m in sorted(read_metrics(workdir).items())}
 
 
-__all__ = ["LoopConfig", "Trainer", "loss_curve", "params_to_host"]
+__all__ = [
+    "LoopConfig",
+    "Trainer",
+    "loss_curve",
+    "params_to_host",
+    "rows_of",
+    "task_loss_means",
+    "task_loss_sums",
+]

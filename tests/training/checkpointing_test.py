@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kimia_jax.training.checkpointing import Checkpointer, CorruptCheckpoint
+from kimia_jax.checkpoint import file_crc32
+from kimia_jax.training.checkpointing import MANIFEST, Checkpointer, CorruptCheckpoint
 
 
 def _iter():
@@ -88,4 +91,33 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, capsys, damage):
 def test_no_checkpoint_gives_none(tmp_path):
     ckpt = Checkpointer(tmp_path, save_every=1)
     assert ckpt.restore_latest(_abstract, _iter()) is None
+    ckpt.close()
+
+
+def test_same_size_corruption_is_caught_by_the_crc(tmp_path, capsys):
+    """Bytes overwritten in place (the file keeps its size, so a size check passes and the
+    restore itself may read garbage): the manifest's CRC-32 names the file, the run restores the
+    previous step."""
+    ckpt = Checkpointer(tmp_path, save_every=3, keep_last=3)
+    _run(ckpt, 6)
+    manifest = json.loads((tmp_path / "6" / MANIFEST).read_text())
+    rel, (size, crc) = max(manifest.items(), key=lambda kv: kv[1][0])  # the biggest file
+    assert crc == file_crc32(tmp_path / "6" / rel)
+    p = tmp_path / "6" / rel
+    data = bytearray(p.read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + 4] = bytes(b ^ 0xFF for b in data[mid : mid + 4])
+    p.write_bytes(bytes(data))
+    assert p.stat().st_size == size
+    with pytest.raises(CorruptCheckpoint, match=f"{rel} is corrupted .*CRC-32"):
+        ckpt.check(6)
+    ckpt2 = Checkpointer(tmp_path, save_every=3, keep_last=3)
+    state, meta = ckpt2.restore_latest(_abstract, _iter())
+    assert meta["step"] == 3
+    jax.tree.map(np.testing.assert_array_equal, state, _state(3))
+    err = capsys.readouterr().err
+    assert "checkpoint step 6" in err and "CRC-32" in err
+    # sizes-only checking (checksums=False) does not see it: the CRC is what catches it
+    Checkpointer(tmp_path, save_every=3, checksums=False).check(6)
+    ckpt2.close()
     ckpt.close()

@@ -7,6 +7,10 @@ both layer layouts. Abstract params only: nothing is allocated but the tiny plan
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -20,6 +24,8 @@ from kimia_jax.models import whisper_encoder as wenc
 from kimia_jax.training import lora as lora_lib
 from kimia_jax.training import optim
 from kimia_jax.training import train_step as ts
+
+REPO = Path(__file__).parents[2]
 
 
 def _is_sh(x) -> bool:
@@ -117,13 +123,34 @@ def test_lora_state_shardings_use_the_same_path():
     assert n == 2 * len(jax.tree.leaves(state.params["lora"]))
 
 
-def test_plan_memory_lowers_with_the_train_step_shardings():
-    from tools import plan_memory
+PLAN_CODE = """
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax
+from tests.training import state_shardings_test as t
+from tools import plan_memory
+r = plan_memory.plan("cpu:8", "data=2,fsdp=2,tensor=2", 4, 32, 1, model="tiny",
+                     whisper_trainable=True, lower_only=True)
+lcfg, wcfg, params = t.models()
+step = t.ts.TrainStep(lcfg, wcfg, t.ts.TrainConfig(compute_dtype="bfloat16"), t.mesh())
+want = step.state_shardings(step.abstract_state(params, whisper_trainable=True))
+got = [x.sharding.spec for x in jax.tree.leaves(r["state"].opt_state)]
+assert got == [s.spec for s in jax.tree.leaves(want.opt_state, is_leaf=t._is_sh)]
+print("same shardings", len(got))
+"""
 
-    r = plan_memory.plan("cpu:8", "data=2,fsdp=2,tensor=2", 4, 32, 1, model="tiny",
-                         whisper_trainable=True, lower_only=True)  # fmt: skip
-    lcfg, wcfg, params = models()
-    step = ts.TrainStep(lcfg, wcfg, ts.TrainConfig(compute_dtype="bfloat16"), mesh())
-    want = step.state_shardings(step.abstract_state(params, whisper_trainable=True))
-    got = [x.sharding.spec for x in jax.tree.leaves(r["state"].opt_state)]
-    assert got == [s.spec for s in jax.tree.leaves(want.opt_state, is_leaf=_is_sh)]
+
+def test_plan_memory_lowers_with_the_train_step_shardings():
+    """In a subprocess: tools modules define absl flags that clash with experiments' flags."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    r = subprocess.run(
+        [sys.executable, "-c", PLAN_CODE],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "same shardings" in r.stdout
