@@ -139,7 +139,7 @@ def main(argv):
                 print(f"{size:>5} {name:>8} batch {b}: {sps:8.1f} steps/s "
                       f"({b * sps:8.1f} tokens/s), weights read/step {nbytes / 1e6:9.3f} MB, "
                       f"{nbytes * sps / 1e9:6.1f} GB/s", flush=True)  # fmt: skip
-            del params
+            del params, run  # the runner holds the params: free them before the next init
 
 
 if __name__ == "__main__":
