@@ -33,6 +33,14 @@ _TICK = flags.DEFINE_integer("steps_per_tick", 8, "Decode steps between scheduli
 _QUEUE = flags.DEFINE_integer("max_queue", 64, "Waiting requests before answering 429.")
 _TIMEOUT = flags.DEFINE_float("request_timeout_s", 300.0, "Per-request time limit.")
 _UPLOAD = flags.DEFINE_integer("max_upload_mb", 25, "Largest request body.", lower_bound=1)
+_QUANT = flags.DEFINE_enum(
+    "quantize", "none", ["none", "int8", "int4"], "Weight-only quantization of the LLM on load."
+)
+_VOICE = flags.DEFINE_string(
+    "voice_prompt",
+    None,
+    "Reference clip whose voice every spoken reply takes (detokenizer prefill).",
+)
 _NO_DETOK = flags.DEFINE_bool("text_only", False, "Skip the detokenizer (no audio output).")
 _REALTIME = flags.DEFINE_enum(
     "realtime_output", "both", ["both", "text"], "What the real-time endpoint answers with."
@@ -63,8 +71,11 @@ def build_app():  # noqa: ANN201 - FastAPI is imported lazily
         dtype=_DTYPE.value,
         mesh=mesh,
         glm_tokenizer_path=_GLM.value,
+        quantize=_QUANT.value,
     )
-    engine = Engine.from_kimia(kimia, engine_cfg)
+    if _VOICE.value and _NO_DETOK.value:
+        raise app.UsageError("--voice_prompt sets the voice of spoken replies: drop --text_only")
+    engine = Engine.from_kimia(kimia, engine_cfg, voice_prompt=_VOICE.value)
     server_cfg = ServerConfig(
         model_names=tuple(_NAMES.value),
         max_upload_bytes=_UPLOAD.value << 20,

@@ -102,8 +102,10 @@ class Request:
         seed: int,
         budget: int,
         deadline: float,
+        voice: Any = None,
     ):
         self.id, self.prompt, self.output_type = rid, prompt, output_type
+        self.voice = voice  # VoicePrompt of the spoken reply (None: the engine's default)
         self.sampling, self.seed, self.budget, self.deadline = sampling, seed, budget, deadline
         self.submitted = time.perf_counter()
         self.first_token_s: float | None = None
@@ -181,8 +183,10 @@ class Engine:
         feature_dim: int | None,
         mesh: Any = None,
         config: EngineConfig | None = None,
+        voice_prompt: Any = None,
     ):
         self.params, self.model, self.text, self.detokenizer = params, model, text, detokenizer
+        self.voice_prompt = voice_prompt  # default `VoicePrompt` of spoken replies (or None)
         self.feature_dim, self.mesh = feature_dim, mesh
         self.config = config or EngineConfig()
         self.cfgs = slots_lib.stream_configs(extra_tokens)
@@ -202,8 +206,12 @@ class Engine:
             )
 
     @classmethod
-    def from_kimia(cls, kimia: Any, config: EngineConfig | None = None) -> Engine:
-        """The engine over a loaded `KimiAudio` (its params, tokenizers and detokenizer)."""
+    def from_kimia(
+        cls, kimia: Any, config: EngineConfig | None = None, voice_prompt: Any = None
+    ) -> Engine:
+        """The engine over a loaded `KimiAudio` (its params, possibly quantized, tokenizers and
+        detokenizer); `voice_prompt` (a clip or `VoicePrompt`, `KimiAudio.voice_prompt`) is the
+        default voice of spoken replies."""
         cfg = kimia.cfg
         return cls(
             kimia.params,
@@ -214,6 +222,7 @@ class Engine:
             cfg.kimia_adaptor_input_dim if cfg.use_whisper_feature else None,
             kimia.mesh,
             config,
+            None if voice_prompt is None else kimia.voice_prompt(voice_prompt),
         )
 
     # ------------------------------------------------------------------------------------------
@@ -252,8 +261,10 @@ class Engine:
         sampling: Sampling | None = None,
         seed: int = 0,
         timeout_s: float | None = None,
+        voice_prompt: Any = None,
     ) -> Request:
-        """Queues a built prompt; returns its `Request` (events stream from it).
+        """Queues a built prompt; returns its `Request` (events stream from it). `voice_prompt`
+        (a `VoicePrompt`, output_type "both") overrides the engine's default voice.
 
         Raises PromptError when the prompt cannot fit a slot, OutputError-like PromptError when
         audio output is asked without a detokenizer, EngineBusy when the queue is full.
@@ -262,6 +273,8 @@ class Engine:
         sampling = sampling or Sampling()
         if output_type == OutputType.BOTH and self.detokenizer is None:
             raise PromptError('output_type "both" needs the detokenizer, which is not loaded')
+        if voice_prompt is not None and output_type != OutputType.BOTH:
+            raise PromptError('voice_prompt sets the voice of spoken replies: it needs "both"')
         t = len(prompt)
         if t + 1 > self.config.capacity:
             raise PromptError(
@@ -293,6 +306,7 @@ class Engine:
                 seed,
                 budget,
                 time.perf_counter() + timeout,
+                voice=voice_prompt,
             )
             self._queue.append(req)
             self.metrics.queue_length.set(len(self._queue))
@@ -522,7 +536,11 @@ class Engine:
             if codes is None:
                 states.pop(req.id, None)
                 continue
-            det_state, pending = states.get(req.id) or (self.detokenizer.new_state(), codes[:0])
+            voice = req.voice if req.voice is not None else self.voice_prompt
+            det_state, pending = states.get(req.id) or (
+                self.detokenizer.new_state(voice),
+                codes[:0],
+            )
             if req.cancelled.is_set() and final is None:
                 continue
             try:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from kimia_jax.configs import OutputType
+from kimia_jax.errors import PromptError
 from kimia_jax.inference import pipeline
 from kimia_jax.inference.sampler import Sampling
 from kimia_jax.serving.engine import Engine, EngineBusy, EngineConfig
@@ -134,3 +135,48 @@ def test_bad_engine_settings_are_named():
         EngineConfig(capacity=100, prefill_chunk=64)
     with pytest.raises(ValueError, match="slots"):
         EngineConfig(slots=0)
+
+
+@pytest.mark.slow
+def test_voice_prompt_streams_the_prefilled_voice(kimia, engine, speech_wav):
+    """A spoken reply with a voice prompt (the detokenizer's `prefill`, per request here) streams
+    exactly `KimiAudio.detokenize_audio(codes, voice_prompt=...)` of its codes (measured max abs
+    difference 0.0), and differs from the same codes without the prompt; a voice prompt on a
+    text reply is refused."""
+    voice = kimia.voice_prompt(str(speech_wav))
+    (p,) = kimia.prompts([STORY], OutputType.BOTH)
+    res = engine.submit(p, OutputType.BOTH, Sampling(), seed=0, voice_prompt=voice).result(600)
+    codes, _ = kimia.text_decoder.postprocess(*res["tokens"])
+    assert codes.size > 0 and res["audio"] is not None
+    ref = kimia.detokenize_audio(codes, seed=0, voice_prompt=voice)
+    assert res["audio"].shape == ref.shape
+    assert float(np.max(np.abs(res["audio"] - ref))) == 0.0
+    plain = kimia.detokenize_audio(codes, seed=0)
+    assert float(np.max(np.abs(plain - ref))) > 1e-3
+    with pytest.raises(PromptError, match="voice_prompt"):
+        engine.submit(p, OutputType.TEXT, Sampling(), voice_prompt=voice)
+
+
+@pytest.mark.nightly
+def test_int8_engine_gets_the_int8_models_solo_tokens(kimia, speech_wav):
+    """The engine over an int8-quantized `KimiAudio` (the server's --quantize=int8) gives each
+    request the tokens the same quantized model gets alone."""
+    from kimia_jax.inference.api import KimiAudio
+
+    q = KimiAudio(kimia.model_path, load_detokenizer=False, dtype="float32", quantize="int8")
+    cfg = EngineConfig(slots=2, capacity=256, prefill_chunk=32, steps_per_tick=3, max_queue=8)
+    eng = Engine.from_kimia(q, cfg).start()
+    try:
+        chats = [
+            [{"role": "user", "message_type": "text", "content": "one two three four"}],
+            [{"role": "user", "message_type": "audio", "content": str(speech_wav)}],
+        ]
+        prompts = [q.prompts([c], OutputType.TEXT)[0] for c in chats]
+        samp = Sampling(max_new_tokens=16)
+        reqs = [eng.submit(p, OutputType.TEXT, samp) for p in prompts]
+        for p, r in zip(prompts, reqs, strict=True):
+            res = r.result(timeout=600)
+            _, text = _alone(q, p, OutputType.TEXT, samp)
+            assert list(res["tokens"][1]) == text
+    finally:
+        eng.stop()
