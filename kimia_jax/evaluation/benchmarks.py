@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kimia_jax.errors import ManifestError
+from kimia_jax.evaluation.results import iter_jsonl
 
 
 @functools.cache
@@ -222,39 +223,30 @@ def read_manifest(path: str | os.PathLike[str], bench: Benchmark) -> list[dict[s
     audio_path, `question` defaults to the benchmark's instruction, `subset` to the name."""
     path = Path(path)
     out, seen = [], set()
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ManifestError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ManifestError(f"{path}:{n}: a manifest row must be a JSON object")
-            row = dict(row)
-            if "index" not in row and "id" in row:
-                row["index"] = row.pop("id")
-            if "audio_path" not in row and "audio" in row:
-                row["audio_path"] = row.pop("audio")
-            for field in ("index", "audio_path"):
-                if field not in row:
-                    raise ManifestError(f"{path}:{n}: missing {field!r} (or plain 'id'/'audio')")
-            if isinstance(row["audio_path"], list) and len(row["audio_path"]) != 1:
-                raise ManifestError(f"{path}:{n}: Kimi-Audio takes exactly one audio per item")
-            if row.get("question") is None:
-                if bench.question is None:
-                    raise ManifestError(f"{path}:{n}: {bench.name} items carry their own question")
-                row["question"] = bench.question
-            row.setdefault("answer", "")
-            row.setdefault("subset", bench.name)
-            key = str(row["index"])
-            if key in seen:
-                raise ManifestError(f"{path}:{n}: index {key!r} repeats")
-            seen.add(key)
-            ap = row["audio_path"]
-            ap = ap[0] if isinstance(ap, list) else ap
-            if not os.path.isabs(ap):
-                row["audio_path"] = str(path.parent / ap)
-            out.append(row)
+    for n, row in iter_jsonl(path, "a manifest row"):
+        row = dict(row)
+        if "index" not in row and "id" in row:
+            row["index"] = row.pop("id")
+        if "audio_path" not in row and "audio" in row:
+            row["audio_path"] = row.pop("audio")
+        for field in ("index", "audio_path"):
+            if field not in row:
+                raise ManifestError(f"{path}:{n}: missing {field!r} (or plain 'id'/'audio')")
+        if isinstance(row["audio_path"], list) and len(row["audio_path"]) != 1:
+            raise ManifestError(f"{path}:{n}: Kimi-Audio takes exactly one audio per item")
+        if row.get("question") is None:
+            if bench.question is None:
+                raise ManifestError(f"{path}:{n}: {bench.name} items carry their own question")
+            row["question"] = bench.question
+        row.setdefault("answer", "")
+        row.setdefault("subset", bench.name)
+        key = str(row["index"])
+        if key in seen:
+            raise ManifestError(f"{path}:{n}: index {key!r} repeats")
+        seen.add(key)
+        ap = row["audio_path"]
+        ap = ap[0] if isinstance(ap, list) else ap
+        if not os.path.isabs(ap):
+            row["audio_path"] = str(path.parent / ap)
+        out.append(row)
     return out

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +50,9 @@ def as_str(v: Any) -> str:
     return str(v)
 
 
-def parse_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Rows of a jsonl file; a bad line is an error naming the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"result file {path} does not exist")
-    rows = []
+def iter_jsonl(path: str | os.PathLike[str], what: str = "a row") -> Iterator[tuple[int, dict]]:
+    """(line number, object) of each non-blank line; a line that is not a JSON object is a
+    ManifestError naming the file and line (`what` names the row in the message)."""
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -65,9 +62,16 @@ def parse_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             except json.JSONDecodeError as e:
                 raise ManifestError(f"{path}:{n}: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict):
-                raise ManifestError(f"{path}:{n}: a row must be a JSON object")
-            rows.append(row)
-    return rows
+                raise ManifestError(f"{path}:{n}: {what} must be a JSON object")
+            yield n, row
+
+
+def parse_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Rows of a jsonl file; a bad line is an error naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"result file {path} does not exist")
+    return [row for _, row in iter_jsonl(path)]
 
 
 def coerce_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
