@@ -12,7 +12,7 @@ its GPU backend, true fp32 matmuls on both in float32 mode, no TF32):
   chunked two-stream loss, backward, global-norm clip, AdamW; donated state) on text/audio-token
   rows without Whisper windows (W = 0: the step runs no encoder and no log-mel, like the
   reference, which has neither).
-* reference: `kimia_jax.testing.torch_kimia.TorchKimia` (transformers `Qwen2ForCausalLM`: the
+* reference: `tools.torch_kimia.TorchKimia` (transformers `Qwen2ForCausalLM`: the
   main stack, its final norm and text head; the Kimi MIMO branch from transformers' own
   `Qwen2DecoderLayer`s seeded by the output of main layer
   `kimia_mimo_transformer_from_layer_index`, `mimo_norm`, `mimo_output`; checked against the
@@ -153,14 +153,14 @@ class Ours:
 
 
 class Torch:
-    """`testing.torch_kimia.TorchKimia` (transformers 4.46 and 5.x) + masked CE, AdamW."""
+    """`tools.torch_kimia.TorchKimia` (transformers 4.46 and 5.x) + masked CE, AdamW."""
 
     def __init__(self, cfg, batch: int, seq: int, opts: dict):
         import dataclasses
 
         import torch
 
-        from kimia_jax.testing.torch_kimia import TorchKimia
+        from tools.torch_kimia import TorchKimia
 
         self.device = torch.device("cuda" if opts["platform"] == "gpu" else "cpu")
         self.autocast = opts["dtype"] == "bfloat16"

@@ -1,5 +1,5 @@
 """The exported released layout against PyTorch: the LLM safetensors loaded into a transformers
-Qwen2 + MIMO reference (`kimia_jax.testing.torch_kimia`, itself checked against the official
+Qwen2 + MIMO reference (`tools/torch_kimia.py`, itself checked against the official
 fixture here) give our trained model's text and audio logits, and the exported
 `whisper-large-v3/` loads in transformers' `WhisperModel` with our encoder's output.
 
@@ -57,7 +57,7 @@ def assert_matches_torch(folder, params, *, tol: float = 1e-5) -> dict[str, floa
     from kimia_jax.conversion import whisper as whisper_conv
     from kimia_jax.models.kimia_llm import KimiaLLM
     from kimia_jax.models.whisper_encoder import WhisperEncoder
-    from kimia_jax.testing.torch_kimia import TorchKimia
+    from tools.torch_kimia import TorchKimia
 
     lcfg, _ = llm_conv.load(folder, dtype="float32")
     audio, text, pos, feats, cont = _inputs(lcfg)
@@ -87,7 +87,7 @@ def assert_matches_torch(folder, params, *, tol: float = 1e-5) -> dict[str, floa
 
 def test_torch_reference_matches_official_fixture(fixtures_dir):
     """The reference itself: the official MoonshotKimia prefill logits of fixtures/llm."""
-    from kimia_jax.testing.torch_kimia import TorchKimia
+    from tools.torch_kimia import TorchKimia
 
     z = np.load(fixtures_dir / "llm" / "fixture.npz")
     mask = z["is_continuous_mask"]

@@ -1,7 +1,7 @@
 """A PyTorch reference of the Kimi-Audio LLM (`MoonshotKimiaForCausalLM`) built from transformers'
 own Qwen2 modules, for parity checks of released-layout folders (tests, tools/bench_train.py).
 
-    ref = torch_kimia.TorchKimia.from_released(folder)     # the LLM safetensors of `folder`
+    ref = TorchKimia.from_released(folder)     # the LLM safetensors of `folder`
     text_logits, audio_logits = ref(audio_ids, text_ids, positions, features, is_continuous)
 
 The model (spec/llm.md §3): `Qwen2ForCausalLM`'s embedding, decoder layers, final norm and text
