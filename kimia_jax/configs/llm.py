@@ -9,7 +9,6 @@ from typing import Any
 from kimia_jax.configs.base import ReleasedConfig
 from kimia_jax.errors import CheckpointError
 
-
 # "auto" or a `kimia_jax.layers.attention.IMPLEMENTATIONS` name (configs sit below layers).
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
 

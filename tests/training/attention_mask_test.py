@@ -17,9 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kimia_jax import sharding
 from kimia_jax.errors import KimiaError
 from kimia_jax.layers import attention as attn
 from kimia_jax.layers.attention import AttentionMask, dot_product_attention
+from kimia_jax.models.kimia_llm import KimiaLLM
 from kimia_jax.training import examples as ex_lib
 from kimia_jax.training import train_step as ts_lib
 from kimia_jax.training.loss import LossConfig
@@ -50,12 +52,41 @@ def max_rel(a, b) -> float:
     return worst
 
 
-def test_index_mask_equals_positions_mask():
-    """Loss, metrics and gradients (LLM and Whisper) of a packed row of three examples with the
-    index-causal mask equal those with the positions-causal mask (measured: bit-identical)."""
-    lcfg, wcfg, p = h.params()
+def test_llm_index_mask_equals_positions_mask():
+    """KimiaLLM (tiny fixture weights, fp32) on a packed row of three examples + padding: logits
+    and parameter gradients with the index-causal mask equal those with the positions-causal mask
+    (measured: bit-identical, both masks are the same booleans)."""
+    lcfg, _, p = h.params()
     batch = packed_batch()
     check_positions(batch)
+    model = KimiaLLM(lcfg)
+    wt, wa = jnp.cos(jnp.arange(lcfg.vocab_size)), jnp.sin(jnp.arange(lcfg.vocab_size))
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def run(params, by_index):
+        def f(params):
+            out = model.apply(
+                {"params": params}, batch["audio_ids"], batch["text_ids"], batch["positions"],
+                segment_ids=batch["segment_ids"], causal_by_index=by_index,
+            )  # fmt: skip
+            return jnp.sum(out.text_logits * wt) + jnp.sum(out.audio_logits * wa), out
+
+        return jax.value_and_grad(f, has_aux=True)(params)
+
+    (loss_i, out_i), g_i = run(p["llm"], True)
+    (loss_p, out_p), g_p = run(p["llm"], False)
+    assert max_rel(out_i.text_logits, out_p.text_logits) == 0.0
+    assert max_rel(out_i.audio_logits, out_p.audio_logits) == 0.0
+    assert max_rel(g_i, g_p) == 0.0
+    assert max_rel(g_i, jax.tree.map(jnp.zeros_like, g_i)) > 0  # gradients are not all zero
+
+
+@pytest.mark.slow
+def test_step_index_mask_equals_positions_mask():
+    """The whole train step's loss, per-example losses and gradients (LLM and Whisper) of a packed
+    row of three examples: index-causal mask == positions-causal mask (measured: bit-identical)."""
+    lcfg, wcfg, p = h.params()
+    batch = packed_batch()
     loss_cfg = LossConfig(reduction="segment_mean")
 
     @functools.partial(jax.jit, static_argnums=1)
@@ -88,7 +119,9 @@ def test_positions_contract_error():
         check_positions({"positions": np.array([[0, 1, 1, 2]])})
     # Accumulation batches [A, B, T] are checked too.
     with pytest.raises(KimiaError, match="strictly increase"):
-        check_positions({"positions": bad["positions"][None], "segment_ids": batch["segment_ids"][None]})
+        check_positions(
+            {"positions": bad["positions"][None], "segment_ids": batch["segment_ids"][None]}
+        )
     lcfg, wcfg, p = h.params()
     step = TrainStep(lcfg, wcfg, TrainConfig(packed=True))
     with pytest.raises(KimiaError, match="strictly increase"):
@@ -102,28 +135,34 @@ def _splash_interpret(monkeypatch):
 
 def test_splash_interpret_matches_xla(monkeypatch):
     """Splash attention (Pallas interpret mode on CPU) with the training mask (index-causal +
-    3 segments + padding segment 0) equals the XLA path, forward and q/k/v gradients."""
+    3 segments + padding segment 0) equals the XLA path, forward and q/k/v gradients,
+    per shard under a (fsdp=2, tensor=2) mesh (rows and heads split by shard_map)."""
     _splash_interpret(monkeypatch)
-    b, t, n, kh, hd = 2, 256, 4, 2, 16
+    b, t, n, kh, hd = 2, 128, 4, 2, 8
     kq, kk, kv = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(kq, (b, t, n, hd), jnp.float32)
     k = jax.random.normal(kk, (b, t, kh, hd), jnp.float32)
     v = jax.random.normal(kv, (b, t, kh, hd), jnp.float32)
     seg = np.zeros((b, t), np.int32)
-    seg[0, :100], seg[0, 100:180], seg[0, 180:230] = 1, 2, 3  # row 0: 3 segments + padding
-    seg[1, :256] = 1
-    mask = AttentionMask.make_causal() & AttentionMask.make_segments(jnp.asarray(seg))
-
-    def f(impl, q, k, v):
-        return dot_product_attention(q, k, v, mask=mask, implementation=impl)
-
-    out_s, out_x = f("pallas", q, k, v), f("xla", q, k, v)
-    assert float(jnp.max(jnp.abs(out_s - out_x))) < 1e-5
+    seg[0, :50], seg[0, 50:90], seg[0, 90:120] = 1, 2, 3  # row 0: 3 segments + padding
+    seg[1, :] = 1
+    seg = jnp.asarray(seg)
+    w = jnp.cos(jnp.arange(hd))
 
     def loss(impl, q, k, v):
-        return jnp.sum(f(impl, q, k, v) * jnp.cos(jnp.arange(hd)))
+        mask = AttentionMask.make_causal() & AttentionMask.make_segments(seg)
+        out = dot_product_attention(q, k, v, mask=mask, implementation=impl)
+        return jnp.sum(out * w), out
 
-    gs = jax.grad(functools.partial(loss, "pallas"), argnums=(0, 1, 2))(q, k, v)
-    gx = jax.grad(functools.partial(loss, "xla"), argnums=(0, 1, 2))(q, k, v)
-    for a, c in zip(gs, gx, strict=True):
-        assert float(jnp.max(jnp.abs(a - c))) < 1e-5
+    def run(impl):
+        fn = jax.value_and_grad(functools.partial(loss, impl), argnums=(0, 1, 2), has_aux=True)
+        return jax.jit(fn)(q, k, v)
+
+    (_, out_x), g_x = run("xla")
+    with sharding.mesh_context(sharding.make_mesh(fsdp=2, tensor=2)):
+        (_, out_s), g_s = run("pallas")
+    err = [
+        float(jnp.max(jnp.abs(a - c))) for a, c in zip((out_s, *g_s), (out_x, *g_x), strict=True)
+    ]
+    print("splash (interpret, sharded) vs xla, max |diff| out, dq, dk, dv:", err)
+    assert max(err) < 1e-5
