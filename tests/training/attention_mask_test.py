@@ -4,8 +4,9 @@ kernels take) against the mask by positions, the positions contract, and splash 
 Measured (CPU, fp32, tiny fixture checkpoints, one packed row of 3 examples + padding, T=64):
 the index mask gives bit-identical loss and gradients to the positions mask (max relative
 difference 0.0: the two boolean masks are equal, so the XLA computation is the same).
-Splash attention in Pallas interpret mode (CPU) vs XLA, T=S=256, 4 query / 2 KV heads, 3 segments
-+ padding: max |diff| 1.2e-7 forward, 4.8e-7 on the q/k/v gradients (fp32).
+Splash attention in Pallas interpret mode (CPU) vs XLA, T=S=128, 4 query / 2 KV heads, 3 segments
++ padding, sharded over (fsdp=2, tensor=2): max difference relative to the largest entry 2.6e-7
+forward, 4.0e-7 / 9.0e-8 / 4.5e-7 on the q / k / v gradients (fp32).
 """
 
 from __future__ import annotations
@@ -161,8 +162,7 @@ def test_splash_interpret_matches_xla(monkeypatch):
     (_, out_x), g_x = run("xla")
     with sharding.mesh_context(sharding.make_mesh(fsdp=2, tensor=2)):
         (_, out_s), g_s = run("pallas")
-    err = [
-        float(jnp.max(jnp.abs(a - c))) for a, c in zip((out_s, *g_s), (out_x, *g_x), strict=True)
-    ]
-    print("splash (interpret, sharded) vs xla, max |diff| out, dq, dk, dv:", err)
+    got, want = (out_s, *g_s), (out_x, *g_x)
+    err = [max_rel(a, c) for a, c in zip(got, want, strict=True)]
+    print("splash (interpret, sharded) vs xla, relative max |diff| out, dq, dk, dv:", err)
     assert max(err) < 1e-5
