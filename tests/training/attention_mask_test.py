@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +23,7 @@ from kimia_jax import sharding
 from kimia_jax.errors import KimiaError
 from kimia_jax.layers import attention as attn
 from kimia_jax.layers.attention import AttentionMask, dot_product_attention
+from kimia_jax.models import kimia_llm
 from kimia_jax.models.kimia_llm import KimiaLLM
 from kimia_jax.training import examples as ex_lib
 from kimia_jax.training import train_step as ts_lib
@@ -166,3 +168,35 @@ def test_splash_interpret_matches_xla(monkeypatch):
     err = [max_rel(a, c) for a, c in zip(got, want, strict=True)]
     print("splash (interpret, sharded) vs xla, relative max |diff| out, dq, dk, dv:", err)
     assert max(err) < 1e-5
+
+
+def test_training_llm_lowers_to_splash_for_tpu():
+    """With `attention_implementation="pallas"` the training-row attention of KimiaLLM (index mask
+    + segment ids, scanned, remat) lowers for TPU to the splash Pallas kernel (forward and
+    backward custom calls), sharded per shard under an fsdp mesh; the positions mask cannot use
+    the kernel and stays on XLA. Lowering only (no TPU needed)."""
+    from jax import export
+
+    cfg = h.params()[0].replace(
+        attention_implementation="pallas", scan_layers=True, remat_policy="full"
+    )
+    params = nn.unbox(kimia_llm.abstract_params(cfg))
+    ids = jax.ShapeDtypeStruct((4, 128), jnp.int32)
+
+    def grads(by_index, params, a, t, pos, seg):
+        def loss(params):
+            out = KimiaLLM(cfg).apply(
+                {"params": params}, a, t, pos, segment_ids=seg, causal_by_index=by_index
+            )
+            return jnp.sum(out.text_logits)
+
+        return jax.grad(loss)(params)
+
+    def kernels(by_index):
+        fn = jax.jit(functools.partial(grads, by_index))
+        exp = export.export(fn, platforms=("tpu",))(params, ids, ids, ids, ids)
+        return exp.mlir_module().count("tpu_custom_call")
+
+    with sharding.mesh_context(sharding.make_mesh(fsdp=4)):
+        assert kernels(True) >= 4  # splash forward + backward in both layer stacks
+        assert kernels(False) == 0
