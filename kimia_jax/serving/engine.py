@@ -43,7 +43,7 @@ from kimia_jax.inference import stream_logic
 from kimia_jax.inference.pipeline import TextDecoder, new_text_piece
 from kimia_jax.inference.sampler import Sampling
 from kimia_jax.serving import slots as slots_lib
-from kimia_jax.serving.detok_queue import SCHEDULES, DetokQueue
+from kimia_jax.serving.detok_queue import SCHEDULES, DetokQueue, Stream
 from kimia_jax.serving.metrics import EngineMetrics
 from kimia_jax.text.conversation import Prompt, batch
 
@@ -552,47 +552,46 @@ class Engine:
         self._detok.put(req.id, codes, final, submitted=req.submitted, payload=req)
 
     def _detok_loop(self) -> None:
-        """One detokenizer worker: runs the jobs of `self._detok` (one reply's chunks each, in
-        the reply's order); emits a reply's final event after its last audio."""
-        rate = self.detokenizer.vocoder_cfg.sampling_rate
-        while True:
-            job = self._detok.take()
-            if job is None:
-                return
-            stream, tokens, final = job
-            req: Request = stream.payload
-            if stream.state is None:
-                voice = req.voice if req.voice is not None else self.voice_prompt
-                stream.state = self.detokenizer.new_state(voice)
-            try:
-                pieces, stream.state, left = self.detokenizer.detokenize_ready(
-                    stream.state, tokens, final=final, key=req.seed
-                )
-            except Exception as e:  # noqa: BLE001 - reported on the request
-                logging.exception("detokenizer failed")
-                self._detok.release(stream, tokens[:0], chunks=0, audio_s=0.0, failed=True)
-                req._put(
-                    {
-                        "done": True,
-                        "reason": "error",
-                        "error": f"detokenizer: {e}",
-                        "text": req.text_sent,
-                        "tokens": req.tokens,
-                    }
-                )
-                continue
-            if stream.dropped:  # cancelled while this job ran
-                self._detok.release(stream, left, chunks=0, audio_s=0.0)
-                continue
-            for p in pieces:
-                if req.first_audio_s is None:
-                    req.first_audio_s = time.perf_counter() - req.submitted
-                    self.metrics.first_audio.observe(req.first_audio_s)
-                req._put({"audio": p})
-            audio_s = sum(len(p) for p in pieces) / rate
-            self.metrics.audio_seconds.inc(audio_s)
-            if final:
-                req._put(dict(stream.final, tokens=req.tokens))
-            self._detok.release(
-                stream, left, chunks=stream.state.chunk_index, audio_s=audio_s, finished=final
+        """One detokenizer worker: runs the jobs of `self._detok` until the engine stops."""
+        while (job := self._detok.take()) is not None:
+            self._detok_job(*job)
+
+    def _detok_job(self, stream: Stream, tokens: np.ndarray, final: bool) -> None:
+        """One job of the detokenizer queue: the reply's complete chunks in `tokens` (in order,
+        on its state), their audio events, and after its final chunk its final event."""
+        req: Request = stream.payload
+        if stream.state is None:
+            voice = req.voice if req.voice is not None else self.voice_prompt
+            stream.state = self.detokenizer.new_state(voice)
+        try:
+            pieces, stream.state, left = self.detokenizer.detokenize_ready(
+                stream.state, tokens, final=final, key=req.seed
             )
+        except Exception as e:  # noqa: BLE001 - reported on the request
+            logging.exception("detokenizer failed")
+            self._detok.release(stream, tokens[:0], chunks=0, audio_s=0.0, failed=True)
+            req._put(
+                {
+                    "done": True,
+                    "reason": "error",
+                    "error": f"detokenizer: {e}",
+                    "text": req.text_sent,
+                    "tokens": req.tokens,
+                }
+            )
+            return
+        if stream.dropped:  # cancelled while this job ran
+            self._detok.release(stream, left, chunks=0, audio_s=0.0)
+            return
+        for p in pieces:
+            if req.first_audio_s is None:
+                req.first_audio_s = time.perf_counter() - req.submitted
+                self.metrics.first_audio.observe(req.first_audio_s)
+            req._put({"audio": p})
+        audio_s = sum(len(p) for p in pieces) / self.detokenizer.vocoder_cfg.sampling_rate
+        self.metrics.audio_seconds.inc(audio_s)
+        if final:
+            req._put(dict(stream.final, tokens=req.tokens))
+        self._detok.release(
+            stream, left, chunks=stream.state.chunk_index, audio_s=audio_s, finished=final
+        )
