@@ -126,7 +126,8 @@ class DetokQueue:
                 del self._streams[key]
 
     def close(self) -> None:
-        """Wakes every worker; `take` returns None from now on."""
+        """Wakes every worker; `take` hands out the jobs still ready (replies that ended are
+        finished), then returns None."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
@@ -170,18 +171,17 @@ class DetokQueue:
 
     def take(self, timeout: float | None = None) -> tuple[Stream, np.ndarray, bool] | None:
         """Blocks for the next job: (stream, tokens to pass to `detokenize_ready`, final).
-        None once closed (or after `timeout` seconds with nothing ready)."""
-        end = None if timeout is None else self.clock() + timeout
+        None once closed and drained (or after `timeout` seconds with nothing ready)."""
+        end = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while not self._closed:
+            while True:
                 job = self.next_job()
-                if job is not None:
+                if job is not None or self._closed:
                     return job
-                left = None if end is None else end - self.clock()
+                left = None if end is None else end - time.monotonic()
                 if left is not None and left <= 0:
                     return None
                 self._cond.wait(timeout=left)
-            return None
 
     def release(
         self,

@@ -117,7 +117,12 @@ def test_dropped_and_failed_replies():
         DetokQueue("lifo", FIRST, CHUNK)
 
 
-def test_closed_queue_wakes_workers():
+def test_closed_queue_drains_then_wakes_workers():
     q = DetokQueue("fifo", FIRST, CHUNK)
+    q.put("A", codes(2), {"done": True})
+    q.put("B", codes(2))  # still running: nothing complete
     q.close()
+    job = q.take()
+    assert job[0].key == "A" and job[2]  # the ended reply is finished
+    run(q, job, audio_s=0.5)
     assert q.take() is None
