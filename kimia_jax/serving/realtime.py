@@ -187,6 +187,7 @@ class RealtimeSession:
         self.ws, self.kimia, self.engine, self.output = ws, kimia, engine, output
         self.vad = EnergyVad(VadConfig())
         self.barge_in, self.memory = True, True
+        self.sampling = Sampling()
         self.conv = Conversation(kimia, engine.config.capacity, reply_tokens)
         self.replies: list[_Reply] = []  # not yet finished, in turn order
         self.turns = 0
@@ -216,6 +217,7 @@ class RealtimeSession:
             "barge_in": self.barge_in,
             "memory": self.memory,
             "reply_tokens": self.conv.reply_tokens,
+            "sampling": dataclasses.asdict(self.sampling),
         }
 
     async def run(self) -> None:
@@ -267,6 +269,7 @@ class RealtimeSession:
             try:
                 vad = EnergyVad(VadConfig(**ctl["vad"])) if "vad" in ctl else self.vad
                 output = OutputType.parse(ctl.get("output", self.output))
+                sampling = dataclasses.replace(self.sampling, **ctl.get("sampling", {}))
                 flags = {k: ctl.get(k, getattr(self, k)) for k in ("barge_in", "memory")}
                 for k, v in flags.items():
                     if not isinstance(v, bool):
@@ -282,7 +285,7 @@ class RealtimeSession:
             if output == OutputType.BOTH and self.engine.detokenizer is None:
                 await self.error('session.update: output "both" needs the detokenizer')
                 return None
-            self.vad, self.output = vad, output
+            self.vad, self.output, self.sampling = vad, output, sampling
             self.barge_in, self.memory = flags["barge_in"], flags["memory"]
             self.conv.reply_tokens = reply_tokens
             await self.send({"type": "session.updated", **self.settings()})
@@ -323,7 +326,7 @@ class RealtimeSession:
         prev = self.replies[-1].task if self.replies else None
         self.replies.append(reply)
         reply.task = asyncio.create_task(
-            self._respond(reply, turn, sr, self.output, self.memory, prev)
+            self._respond(reply, turn, sr, self.output, self.sampling, self.memory, prev)
         )
 
     async def _respond(
@@ -332,6 +335,7 @@ class RealtimeSession:
         turn: np.ndarray,
         sr: int,
         output: OutputType,
+        sampling: Sampling,
         memory: bool,
         prev: asyncio.Task | None,
     ) -> None:
@@ -365,7 +369,7 @@ class RealtimeSession:
                 return
             epoch = self.conv.epoch
             try:
-                reply.req = self.engine.submit(built.prompt, output, Sampling(), 0)
+                reply.req = self.engine.submit(built.prompt, output, sampling, 0)
             except EngineBusy as e:
                 await self.error(str(e), turn=reply.turn, retry_after=e.retry_after)
                 return
