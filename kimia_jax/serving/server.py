@@ -12,6 +12,30 @@
 The official `openai` client works unchanged against `base_url=http://127.0.0.1:8000/v1`. Bad
 requests get a 4xx with an OpenAI-style error body naming the field; a full engine queue gets 429
 with `Retry-After`; the server keeps serving the others.
+
+Real-time protocol (`WS /v1/realtime`, session in `serving/realtime.py`). Client -> server:
+    binary frames                 16-bit little-endian mono PCM at `input_sample_rate` (16 kHz)
+    {"type": "session.update", "vad": {VadConfig fields}, "output": "text"|"both",
+     "barge_in": bool, "memory": bool, "reply_tokens": int, "sampling": {Sampling fields}}
+                                  any subset; answered by session.updated (all settings)
+    {"type": "input.end"}         end the turn now (push-to-talk)
+    {"type": "response.cancel"}   cancel the running reply (answered by response.cancelled)
+    {"type": "session.reset"}     forget the conversation (answered by session.history, reset)
+Server -> client (every reply message carries its `turn` number):
+    {"type": "session.ready", "input_sample_rate", "output_sample_rate", "capacity", settings}
+    {"type": "speech.started", "barge_in"}    speech onset (the page stops its audio if barge_in)
+    {"type": "turn.end", "turn", "seconds"}    the VAD (or input.end) ended a user turn
+    {"type": "session.history", "turn", "messages", "prompt_tokens", "trimmed", "capacity",
+     "reply_tokens"}                           the turn's prompt: messages remembered, the oldest
+                                               exchanges dropped to fit the slot; {"reset": true}
+    {"type": "response.text", "turn", "text"}  a text piece; binary frames: 16-bit 24 kHz PCM
+    {"type": "response.done", "turn", "text", "reason"[, "error"]}
+    {"type": "response.cancelled", "turn", "reason": "barge_in"|"client", "text"}  the text
+                                               sent before the cancel (what memory keeps)
+    {"type": "error", "message"[, "turn", "retry_after"]}   the session goes on
+Frames are read while a reply streams; replies run one at a time in turn order. With barge-in
+(default) speech onset during a reply cancels it. With memory (default) each prompt holds the
+conversation so far (user audio turns, replies as text or "audio-text" messages).
 """
 
 from __future__ import annotations
