@@ -127,10 +127,11 @@ def _recv(ws, timeout=300):
 
 
 def _until(ws, kind, log):
+    """Receives (into `log`) until a message of type `kind` (or one of a tuple) arrives."""
     while True:
         t, m = _recv(ws)
         log.append((t, m))
-        if t == kind:
+        if t == kind or t in kind:
             return m
 
 
@@ -208,3 +209,43 @@ def test_barge_in_cancels_the_reply_frees_the_slot_and_reset_forgets(engine, ws_
         assert h["turn"] == 2 and h["messages"] == 1
         done = _until(ws, "response.done", log)
         assert done["turn"] == 2 and done["reason"] in ("stop", "length")
+
+
+def test_bad_control_messages_are_named_and_a_disconnect_frees_the_slot(engine, ws_url):
+    """Malformed or invalid control messages get an `error` naming the field and change nothing;
+    closing the connection while a reply runs cancels its engine request."""
+    from websockets.sync.client import connect
+
+    bad = [
+        ("not json", "JSON objects"),
+        (json.dumps({"type": "dance"}), "unknown type"),
+        (json.dumps({"type": "session.update", "barge_in": "yes"}), "barge_in"),
+        (json.dumps({"type": "session.update", "reply_tokens": 0}), "reply_tokens"),
+        (json.dumps({"type": "session.update", "sampling": {"top_p": 0.9}}), "top_p"),
+        (json.dumps({"type": "session.update", "sampling": {"text_temperature": -1}}), "text_tem"),
+        (json.dumps({"type": "session.update", "vad": {"silence_ms": 0}}), "silence_ms"),
+        (json.dumps({"type": "session.update", "output": "video"}), "video"),
+        (json.dumps({"type": "input.end"}), "no speech"),
+    ]
+    log = []
+    with connect(ws_url, open_timeout=30, close_timeout=5) as ws:
+        ready = _recv(ws, 30)[1]
+        for raw, words in bad:
+            ws.send(raw)
+            kind, m = _recv(ws, 30)
+            assert kind == "error" and words in m["message"], (raw, m)
+        ws.send(json.dumps({"type": "session.update", "memory": False, "output": "text"}))
+        kind, m = _recv(ws, 30)
+        assert kind == "session.updated" and not m["memory"] and m["barge_in"]
+        keep = ("vad", "reply_tokens", "sampling")  # unchanged by the bad updates and this one
+        assert {k: m[k] for k in keep} == {k: ready[k] for k in keep}
+        ws.send(json.dumps({"type": "session.update", "vad": VAD}))
+        assert _recv(ws, 30)[1]["vad"]["silence_ms"] == VAD["silence_ms"]
+        for c in _chunks(_turn(0.8, 220, 0)):
+            ws.send(_pcm16(c))
+        assert _until(ws, "session.history", log)["messages"] == 1
+        _until(ws, ("response.text", "response.done"), log)  # the reply is running
+    t0 = time.perf_counter()
+    while engine.active_slots:
+        assert time.perf_counter() - t0 < 60, "the disconnected session's request kept its slot"
+        time.sleep(0.05)
