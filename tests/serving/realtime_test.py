@@ -128,10 +128,11 @@ def _recv(ws, timeout=300):
 
 def _until(ws, kind, log):
     """Receives (into `log`) until a message of type `kind` (or one of a tuple) arrives."""
+    kinds = (kind,) if isinstance(kind, str) else kind
     while True:
         t, m = _recv(ws)
         log.append((t, m))
-        if t == kind or t in kind:
+        if t in kinds:
             return m
 
 
