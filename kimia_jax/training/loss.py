@@ -19,7 +19,11 @@ in as a per-position `loss_weight` (constant within an example) that scales the 
 Cross-entropy is computed from the final hidden states and the head matrix in chunks of positions
 (`head_cross_entropy`): the fp32 logits of one chunk [B, C, V] exist at a time and are recomputed in
 the backward pass (`jax.checkpoint`), so a [B, T, 168448] fp32 tensor is never materialized, in
-either direction.
+either direction. With `LossConfig.sparse` (default) the CE runs only where the loss mask is set
+(`masked_head_cross_entropy`): the masked positions of each row are gathered into a compact buffer
+and chunks that hold none are skipped, so the head matmuls cost in proportion to the supervised
+positions (a few % of an ASR row's text stream); the values and gradients are those of the dense
+path (the masked-off CE terms contribute exact zeros there).
 """
 
 from __future__ import annotations
@@ -48,6 +52,10 @@ class LossConfig:
       ce_chunk: positions per cross-entropy chunk (peak logits memory is B * ce_chunk * V * 4 B).
       max_segments: most packed examples per row (static; segment ids 1..max_segments), used by
         "segment_mean" and the per-example metrics.
+      sparse: CE only at the positions whose loss mask is set (`masked_head_cross_entropy`),
+        and the train step skips the audio branch (MIMO layers + audio head) of a micro-batch
+        without audio loss position; same loss and gradients as the dense path (False).
+      sparse_chunk: positions per row in one chunk of the sparse CE (the skip granularity).
     """
 
     reduction: Reduction = "stream_mean"
@@ -55,14 +63,16 @@ class LossConfig:
     audio_weight: float = 1.0
     ce_chunk: int = 512
     max_segments: int = 8
+    sparse: bool = True
+    sparse_chunk: int = 64
 
     def __post_init__(self) -> None:
         if self.reduction not in REDUCTIONS:
             raise ValueError(
                 f"LossConfig.reduction must be one of {REDUCTIONS}, got {self.reduction!r}"
             )
-        if self.ce_chunk < 1 or self.max_segments < 1:
-            raise ValueError("LossConfig.ce_chunk and max_segments must be >= 1")
+        if self.ce_chunk < 1 or self.max_segments < 1 or self.sparse_chunk < 1:
+            raise ValueError("LossConfig.ce_chunk, sparse_chunk and max_segments must be >= 1")
 
 
 def head_cross_entropy(
@@ -102,6 +112,69 @@ def head_cross_entropy(
         ce.swapaxes(0, 1).reshape(b, n * c)[:, :t],
         lse.swapaxes(0, 1).reshape(b, n * c)[:, :t],
     )
+
+
+def masked_head_cross_entropy(
+    hidden: jax.Array, head: jax.Array, labels: jax.Array, mask: jax.Array, *, chunk: int = 64
+) -> tuple[jax.Array, jax.Array]:
+    """`head_cross_entropy` only where `mask` is set (zeros elsewhere), at a cost in proportion to
+    the largest number of masked positions in a row.
+
+    Each row's masked positions are gathered, in order, to the front of a [B, T] compact buffer
+    (stable argsort of the mask); the buffer is cut into chunks of `chunk` positions and a chunk
+    runs the head matmul only when some row still has a masked position in it (`lax.cond`; the
+    skip test reduces over the whole batch, so it is one decision on every device of a mesh).
+    The results go back to their positions by the inverse permutation; gradients flow back
+    through both gathers (and are exactly zero at unmasked positions, as in the dense path).
+
+    Args:
+      hidden, head, labels: as `head_cross_entropy`.
+      mask: [B, T] loss mask (bool or numbers; set where > 0).
+      chunk: positions per row in one chunk.
+    Returns:
+      (ce, logsumexp), both [B, T] float32, 0 where the mask is not set.
+    """
+    b, t, _ = hidden.shape
+    m = mask > 0
+    order = jnp.argsort(~m, axis=1, stable=True)  # masked positions first, in position order
+    inverse = jnp.argsort(order, axis=1)
+    needed = jnp.max(jnp.sum(m, axis=1))  # compact positions [0, needed) hold every masked one
+    h = jnp.take_along_axis(hidden, order[..., None], axis=1)
+    y = jnp.take_along_axis(labels, order, axis=1)
+    c = min(chunk, t)
+    n = -(-t // c)
+    pad = n * c - t
+    w = head.astype(hidden.dtype)
+
+    def one(h: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:  # [B, C, D], [B, C]
+        logits = matmul_t(h, w, preferred_element_type=jnp.float32)  # [B, C, V] fp32
+        logits = sharding.constrain(logits, ("batch", "length", "act_vocab"))
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        target = jnp.take_along_axis(logits, y[..., None].astype(jnp.int32), axis=-1)[..., 0]
+        return lse - target, lse
+
+    def skip(h: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+        z = jnp.zeros(y.shape, jnp.float32)
+        return z, z
+
+    # the checkpoint wraps the cond (not the reverse): the loop then saves only each chunk's
+    # inputs (the head is a loop invariant), where a cond around a checkpoint would hand its
+    # residuals, the head matrix included, out of every chunk
+    @jax.checkpoint
+    def maybe(xs: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        start, hc, yc = xs
+        return jax.lax.cond(start < needed, one, skip, hc, yc)
+
+    hp = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(b, n, c, -1).swapaxes(0, 1)
+    yp = jnp.pad(y, ((0, 0), (0, pad))).reshape(b, n, c).swapaxes(0, 1)
+    starts = jnp.arange(n, dtype=jnp.int32) * c
+    ce, lse = jax.lax.map(maybe, (starts, hp, yp))  # [n, B, C]
+
+    def back(x: jax.Array) -> jax.Array:
+        x = x.swapaxes(0, 1).reshape(b, n * c)[:, :t]
+        return jnp.where(m, jnp.take_along_axis(x, inverse, axis=1), 0.0)
+
+    return back(ce), back(lse)
 
 
 def denominators(batch: dict[str, Any], cfg: LossConfig) -> dict[str, jax.Array]:
