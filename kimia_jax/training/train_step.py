@@ -209,7 +209,9 @@ def forward_loss(
     if loss_cfg.sparse:
         masks = (batch["text_loss_mask"], batch["audio_loss_mask"])
         (text_ce, _), (audio_ce, _) = (
-            masked_head_cross_entropy(*hd, mk, chunk=loss_cfg.sparse_chunk)
+            masked_head_cross_entropy(
+                *hd, mk, chunk=loss_cfg.sparse_chunk, max_chunk=loss_cfg.ce_chunk
+            )
             for hd, mk in zip(heads, masks, strict=True)
         )
     else:

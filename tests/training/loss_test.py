@@ -134,11 +134,12 @@ def _rows_mask() -> jnp.ndarray:
     return jnp.asarray(m)
 
 
-@pytest.mark.parametrize("chunk", [4, 64])
-def test_masked_ce_equals_dense_ce_where_masked(chunk):
-    """Values and gradients of the masked CE == the dense chunked CE times the mask (chunk 4: 2 of
-    10 chunks run; 64: one chunk). Measured: values 0 difference, gradients <= 2.4e-7 absolute
-    (summation order of the head gradient); an empty mask gives exact zeros."""
+@pytest.mark.parametrize("chunk,max_chunk", [(4, 512), (2, 4)])
+def test_masked_ce_equals_dense_ce_where_masked(chunk, max_chunk):
+    """Values and gradients of the masked CE == the dense chunked CE times the mask ((4, 512): one
+    matmul over 8 compact rows; (2, 4): the loop over 2 chunks of 4). Measured: values 0
+    difference, gradients <= 2.4e-7 absolute (summation order of the head gradient); an empty
+    mask gives exact zeros."""
     h, w, y = _inputs()
     mask = _rows_mask()
     lw = jnp.asarray(np.random.default_rng(2).random((B, T)), jnp.float32)
@@ -146,11 +147,11 @@ def test_masked_ce_equals_dense_ce_where_masked(chunk):
     @jax.jit
     def both(h, w, mask):
         def sparse(h, w):
-            ce, lse = masked_head_cross_entropy(h, w, y, mask, chunk=chunk)
+            ce, lse = masked_head_cross_entropy(h, w, y, mask, chunk=chunk, max_chunk=max_chunk)
             return jnp.sum(ce * mask * lw), (ce, lse)
 
         def dense(h, w):
-            ce, lse = head_cross_entropy(h, w, y, chunk=chunk)
+            ce, lse = head_cross_entropy(h, w, y, chunk=max_chunk)
             return jnp.sum(ce * mask * lw), (ce, lse)
 
         return [jax.grad(f, (0, 1), has_aux=True)(h, w) for f in (sparse, dense)]
@@ -166,45 +167,48 @@ def test_masked_ce_equals_dense_ce_where_masked(chunk):
     assert all(float(jnp.abs(x).max()) == 0.0 for x in g0)
 
 
-def test_masked_ce_runs_the_head_only_for_chunks_with_masked_positions(monkeypatch):
-    """The head matmul runs once per chunk of the compact buffer that holds a masked position of
-    some row: here at most 7 per row, chunk 4 -> 2 of the 10 chunks, in the forward pass and in the
-    backward pass (which recomputes the chunk's logits once)."""
+def test_masked_ce_runs_the_head_only_over_the_rows_it_needs(monkeypatch):
+    """The rows of every head matmul that runs, recorded at run time: at most 7 masked positions
+    per row -> one matmul over 8 compact rows (chunk 4: sizes 4, 8, 16, 32, 37), forward and the
+    backward's recompute; all 37 -> one over 37 rows; with max_chunk 16, 3 chunks of 16; an
+    empty mask -> none."""
     calls = []
 
     def counting(x, w, **kw):
-        jax.debug.callback(lambda: calls.append(1))
+        rows = x.shape[-2]
+        jax.debug.callback(lambda: calls.append(rows))
         return matmul_t(x, w, **kw)
 
     monkeypatch.setattr(loss_lib, "matmul_t", counting)
     h, w, y = _inputs()
-    mask = _rows_mask()
-    fwd = jax.jit(lambda h, w: masked_head_cross_entropy(h, w, y, mask, chunk=4)[0])
-    jax.block_until_ready(fwd(h, w))
-    assert len(calls) == 2
-    calls.clear()
-    grad = jax.jit(
-        jax.grad(lambda h, w: jnp.sum(masked_head_cross_entropy(h, w, y, mask, chunk=4)[0]), (0, 1))
-    )
-    jax.block_until_ready(grad(h, w))
-    assert len(calls) == 4  # forward + recompute in the backward, 2 chunks each
-    calls.clear()
-    full = jnp.ones((B, T), bool)
-    jax.block_until_ready(
-        jax.jit(lambda h, w: masked_head_cross_entropy(h, w, y, full, chunk=4)[0])(h, w)
-    )
-    assert len(calls) == 10
+
+    def run(mask, max_chunk=512, grad=False):
+        calls.clear()
+
+        def f(h, w):
+            ce, _ = masked_head_cross_entropy(h, w, y, mask, chunk=4, max_chunk=max_chunk)
+            return jnp.sum(ce)
+
+        jax.block_until_ready(jax.jit(jax.grad(f, (0, 1)) if grad else f)(h, w))
+        return list(calls)
+
+    assert run(_rows_mask()) == [8]
+    assert run(_rows_mask(), grad=True) == [8, 8]
+    assert run(jnp.ones((B, T), bool)) == [T]
+    assert run(jnp.ones((B, T), bool), max_chunk=16, grad=True) == [16] * 6
+    assert run(jnp.zeros((B, T), bool), grad=True) == []
 
 
-def test_masked_ce_saves_no_per_chunk_copy_of_the_head():
-    """The compiled gradient keeps [B, chunk, V] logits blocks only, and no [n_chunks, V, D] stack
-    of the head matrix (which a checkpoint inside the cond would save as a per-chunk residual)."""
+def test_masked_ce_keeps_no_full_logits_tensor():
+    """With max_chunk < T the compiled gradient holds [B, max_chunk, V] logits blocks at most."""
     h, w, y = _inputs()
-    mask = _rows_mask()
-    fn = jax.jit(
-        jax.grad(lambda h, w: jnp.sum(masked_head_cross_entropy(h, w, y, mask, chunk=8)[0]), (0, 1))
-    )
-    hlo = fn.lower(h, w).compile().as_text()
+
+    def f(h, w):
+        return jnp.sum(masked_head_cross_entropy(h, w, y, _rows_mask(), chunk=4, max_chunk=8)[0])
+
+    hlo = jax.jit(jax.grad(f, (0, 1))).lower(h, w).compile().as_text()
     shapes = set(re.findall(r"f32\[([0-9,]+)\]", hlo))
-    assert f"{B},{T},{V}" not in shapes and f"5,{V},{D}" not in shapes
+    assert not any(
+        s.endswith(f",{V}") and int(s.split(",")[1]) > 8 for s in shapes if s.count(",") == 2
+    )
     assert f"{B},8,{V}" in shapes
