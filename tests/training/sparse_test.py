@@ -5,9 +5,9 @@ the dense path's (`sparse=False`, the official computation) and the official fix
 Measured (CPU, fp32):
 * fixtures 00_asr (no audio loss: MIMO branch skipped) and 03_assistant_audio (both streams), the
   real step path (no `collect`, Whisper frozen): losses 1.1e-7 / 0 relative to the fixture, LLM
-  gradients 9.8e-7 / 6.1e-7 relative to each tensor's largest entry (bar 1e-4), the MIMO
+  gradients 8.4e-7 / 7.8e-7 relative to each tensor's largest entry (bar 1e-4), the MIMO
   gradients of 00 exactly 0.
-  Sparse vs dense: losses 0 difference, gradients 4.4e-7 / 5.8e-7 (per tensor, Frobenius-relative;
+  Sparse vs dense: losses 0 difference, gradients 3.7e-7 / 4.4e-7 (per tensor, Frobenius-relative;
   the attention key biases, whose gradient is 0 in exact arithmetic because softmax is
   shift-invariant, relative to their key weight's gradient).
 * text-only rows, with and without audio targets: sparse vs dense 0 / 3.3e-7.
