@@ -64,9 +64,10 @@ _MESH = flags.DEFINE_string("mesh", None, "Device mesh, e.g. data=1,fsdp=1,tenso
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.")
 _QUANTIZE = flags.DEFINE_enum(
     "quantize",
-    "none",
+    None,
     ["none", "int8", "int4"],
-    "Weight-only quantization of the LLM on load (int8: per output channel; compute in --dtype).",
+    "Weight-only quantization of the LLM (int8: per output channel; compute in --dtype). Unset: "
+    "as the model folder stores it (a folder converted with --quantize=int8 loads as int8).",
 )
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling / detokenizer noise seed.", lower_bound=0)
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Requests per compiled call.", lower_bound=1)
