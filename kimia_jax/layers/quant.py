@@ -44,6 +44,10 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 PROJECTIONS = ATTN + MLP
 HEADS = ("lm_head", "mimo_output")
 EMBEDDING = ("embed_tokens",)
+# The detokenizer DiT's matrices (`quantize_dense`): every block's fused qkv, attention output,
+# MLP and adaLN modulation, and the final layer's modulation (nearly all of its bytes); the
+# embeddings, input / output projections and the timestep MLP stay in float.
+DIT = ("qkv", "proj", "fc1", "fc2", "adaLN_modulation_1")
 # What `KimiAudio(quantize="int8")` quantizes: every matrix a decode step reads (layer projections
 # and both vocabulary heads) plus the embedding table (memory only: a step gathers two rows).
 # The VQ adaptor (prompt-only) and all norms / biases stay in float.
@@ -233,6 +237,64 @@ def kind_of(params: Any) -> str | None:
     return None
 
 
+@flax.struct.dataclass
+class QKernel:
+    """An int8 flax `Dense` kernel [in, out] (the layout of converted DiT / whisper weights) with
+    one fp32 scale per output column: kernel ~= q * scale; the same integers and scales as the
+    per-row QWeight of its transpose. `layers.linear.dense` multiplies it (`matmul`)."""
+
+    q: jax.Array  # int8 [in, out]
+    scale: jax.Array  # fp32 [out]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.q.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.q.ndim
+
+    def matmul(self, x: jax.Array) -> jax.Array:
+        """x [..., in] @ kernel -> [..., out] in x's dtype: (x @ q) * scale, the integers
+        converted as the dot's operand, the product scaled in float32."""
+        acc = jnp.promote_types(x.dtype, jnp.float32)
+        y = jnp.einsum("...i,io->...o", x, self.q.astype(x.dtype), preferred_element_type=acc)
+        return (y * self.scale).astype(x.dtype)
+
+
+def quantize_kernel(kernel: jax.Array) -> QKernel:
+    """Per-output-column absmax int8 of a [in, out] kernel (`quantize_weight` of its transpose)."""
+    w = quantize_weight(kernel.T, "int8")
+    return QKernel(q=w.q.T, scale=w.scale[:, 0])
+
+
+_quantize_kernel_jit = jax.jit(quantize_kernel)
+
+
+def quantize_dense(params: Any, kind: str | None, *, modules: Sequence[str] = DIT) -> Any:
+    """`quantize` for flax `Dense` layers (`layers.linear.dense`, kernels [in, out]): every 2-d
+    `<module>/kernel` with module in `modules` becomes a `QKernel` (int8 per output channel;
+    "int8" is the only kind: the DiT's weights are read once per ODE step of a whole chunk, so
+    its matmuls are not bandwidth-bound like decode's and int4 would buy memory only)."""
+    if kind in (None, "none"):
+        return params
+    if kind != "int8":
+        raise ValueError(f"Dense layers quantize to 'int8' only, got {kind!r}")
+
+    def walk(node: dict[str, Any], name: str) -> dict[str, Any]:
+        out = {}
+        for k, v in node.items():
+            if isinstance(v, dict):
+                out[k] = walk(v, k)
+            elif k == "kernel" and name in modules and getattr(v, "ndim", 0) == 2:
+                out[k] = _quantize_kernel_jit(v)
+            else:
+                out[k] = v
+        return out
+
+    return walk(params, "")
+
+
 def nbytes(tree: Any) -> int:
     """Bytes of every array in `tree` as stored densely (int4: half a byte per element)."""
     total = 0
@@ -247,5 +309,5 @@ def nbytes(tree: Any) -> int:
 def summary(tree: Any) -> dict[str, int]:
     """{"quantized": bytes of QWeights, "float": bytes of the rest} of a param tree."""
     flat = traverse_util.flatten_dict(tree, sep="/")
-    q = sum(nbytes(v) for v in flat.values() if isinstance(v, QWeight))
+    q = sum(nbytes(v) for v in flat.values() if isinstance(v, (QWeight, QKernel)))
     return {"quantized": q, "float": sum(nbytes(v) for v in flat.values()) - q}
