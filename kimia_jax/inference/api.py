@@ -112,6 +112,9 @@ class KimiAudio:
         another kind (or "none") raises `QuantizeMismatchError` before any weight is read.
         `.quantize` is what was loaded. Measured agreement with the float model:
         tests/inference/quant_test.py.
+      quantize_detokenizer: None or "int8": the detokenizer DiT's matrices int8 weight-only
+        (`Detokenizer(quantize=)`, applied on load; the vocoder stays float). Measured error:
+        tests/detokenizer/quant_test.py.
 
     Every argument and the model folder are checked before any weight is read
     (`conversion.kimia.check_model_folder`): a missing part or a damaged converted checkpoint
@@ -132,6 +135,7 @@ class KimiAudio:
         max_batch: int = 8,
         progress: pipeline.Progress | None = None,
         quantize: str | None = None,
+        quantize_detokenizer: str | None = None,
     ):
         from kimia_jax.audio.tokenizer import GlmTokenizer, WhisperFeatureExtractor
 
@@ -146,6 +150,12 @@ class KimiAudio:
             raise ValueError(
                 f"quantize must be None, 'none' or one of {quant.KINDS}, got {quantize!r}"
             )
+        if quantize_detokenizer not in (None, "none", "int8"):
+            raise ValueError(
+                f"quantize_detokenizer must be None, 'none' or 'int8', got {quantize_detokenizer!r}"
+            )
+        if quantize_detokenizer not in (None, "none") and not load_detokenizer:
+            raise ValueError("quantize_detokenizer needs load_detokenizer=True")
         glm_path = Path(glm_tokenizer_path or root / layout.GLM_TOKENIZER_DIR)
         check_model_folder(
             root, glm_path, load_detokenizer=load_detokenizer,
@@ -192,7 +202,7 @@ class KimiAudio:
             from kimia_jax.detokenizer.detokenizer import Detokenizer
 
             # the released audio_detokenizer/ + vocoder/, or the converted detokenizer/
-            self.detokenizer = Detokenizer.from_pretrained(root)
+            self.detokenizer = Detokenizer.from_pretrained(root, quantize=quantize_detokenizer)
         self._report("load", parts, parts)
         self.timings = Timings()
         logging.info("KimiAudio loaded from %s in %.1fs", root, time.perf_counter() - t0)

@@ -110,3 +110,19 @@ def test_int8_model_flag(tiny, tmp_path):
     assert direct.generate(CHAT, output_type="text", seed=0, max_new_tokens=24)[1] == text
     with pytest.raises(QuantizeMismatchError, match="holds int8 LLM weights"):
         KimiAudio(out, load_detokenizer=False, quantize="int4")
+
+
+def test_int8_detokenizer_flag(tiny, monkeypatch):
+    """`quantize_detokenizer="int8"` reaches `Detokenizer.from_pretrained(quantize=)` (the int8
+    DiT itself: tests/detokenizer/quant_test.py); bad values are refused before loading."""
+    from kimia_jax.detokenizer.detokenizer import Detokenizer
+
+    seen = {}
+    monkeypatch.setattr(Detokenizer, "from_pretrained",
+                        classmethod(lambda cls, root, **kw: seen.update(kw) or "det"))  # fmt: skip
+    m = KimiAudio(tiny.model_path, dtype="float32", quantize_detokenizer="int8")
+    assert seen == {"quantize": "int8"} and m.detokenizer == "det"
+    with pytest.raises(ValueError, match="quantize_detokenizer must be None, 'none' or 'int8'"):
+        KimiAudio(tiny.model_path, quantize_detokenizer="int4")
+    with pytest.raises(ValueError, match="needs load_detokenizer=True"):
+        KimiAudio(tiny.model_path, load_detokenizer=False, quantize_detokenizer="int8")
