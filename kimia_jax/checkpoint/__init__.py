@@ -3,7 +3,8 @@
 A converted model directory looks like (names in `kimia_jax.configs.layout`):
     <dir>/config.json        the released config (verbatim), so the same config code loads both
     <dir>/params/            Orbax StandardCheckpointer tree
-    <dir>/kimia_jax.json     what wrote it (format version, source, dtype)
+    <dir>/kimia_jax.json     what wrote it (format version, source, dtype; an LLM written with
+                             --quantize: "quantize", "quantized_modules")
 The whole directory is built under a staging name next to the destination and renamed into place
 at the end (`kimia_jax.fileio.atomic_dir`), so an interrupted conversion never leaves a
 half-written checkpoint behind.
