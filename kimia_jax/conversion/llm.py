@@ -117,7 +117,7 @@ def quant_meta(quantize: str | None, group: int | None = None) -> dict[str, Any]
 
 
 def stored_quantization(path: str | os.PathLike[str]) -> str | None:
-    """ "int8" / "int4" if `path` is a converted LLM folder written with --quantize, else None."""
+    """The kind ("int8" / "int4") a converted LLM folder was written with (--quantize), or None."""
     path = Path(path)
     if not checkpoint.is_orbax_dir(path):
         return None

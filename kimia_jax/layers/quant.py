@@ -230,7 +230,7 @@ def shardings_like(shardings: Any, params: Any) -> Any:
 
 
 def kind_of(params: Any) -> str | None:
-    """ "int8" / "int4" if `params` holds QWeights (of that kind), else None."""
+    """The kind ("int8" / "int4") of the QWeights `params` holds, or None if it holds none."""
     for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QWeight)):
         if isinstance(leaf, QWeight):
             return "int4" if jnp.dtype(leaf.q.dtype) == jnp.int4 else "int8"
