@@ -46,6 +46,13 @@ _NO_DETOK = flags.DEFINE_bool("text_only", False, "Skip the detokenizer (no audi
 _REALTIME = flags.DEFINE_enum(
     "realtime_output", "both", ["both", "text"], "What the real-time endpoint answers with."
 )
+_REPLY_TOKENS = flags.DEFINE_integer(
+    "realtime_reply_tokens",
+    256,
+    "Slot positions kept free for a real-time reply: older turns are dropped from the "
+    "conversation's memory beyond that (at most half of --capacity).",
+    lower_bound=1,
+)
 
 
 def build_app():  # noqa: ANN201 - FastAPI is imported lazily
@@ -81,6 +88,7 @@ def build_app():  # noqa: ANN201 - FastAPI is imported lazily
         model_names=tuple(_NAMES.value),
         max_upload_bytes=_UPLOAD.value << 20,
         realtime_output="text" if _NO_DETOK.value else _REALTIME.value,
+        realtime_reply_tokens=_REPLY_TOKENS.value,
     )
     return create_app(kimia, engine, server_cfg)
 
