@@ -34,8 +34,9 @@ _QUEUE = flags.DEFINE_integer("max_queue", 64, "Waiting requests before answerin
 _TIMEOUT = flags.DEFINE_float("request_timeout_s", 300.0, "Per-request time limit.")
 _UPLOAD = flags.DEFINE_integer("max_upload_mb", 25, "Largest request body.", lower_bound=1)
 _QUANT = flags.DEFINE_enum(
-    "quantize", "none", ["none", "int8", "int4"], "Weight-only quantization of the LLM on load."
-)
+    "quantize", None, ["none", "int8", "int4"],
+    "Weight-only quantization of the LLM on load (unset: as the model folder stores it).",
+)  # fmt: skip
 _VOICE = flags.DEFINE_string(
     "voice_prompt",
     None,
