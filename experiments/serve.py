@@ -34,8 +34,9 @@ _QUEUE = flags.DEFINE_integer("max_queue", 64, "Waiting requests before answerin
 _TIMEOUT = flags.DEFINE_float("request_timeout_s", 300.0, "Per-request time limit.")
 _UPLOAD = flags.DEFINE_integer("max_upload_mb", 25, "Largest request body.", lower_bound=1)
 _QUANT = flags.DEFINE_enum(
-    "quantize", "none", ["none", "int8", "int4"], "Weight-only quantization of the LLM on load."
-)
+    "quantize", None, ["none", "int8", "int4"],
+    "Weight-only quantization of the LLM on load (unset: as the model folder stores it).",
+)  # fmt: skip
 _VOICE = flags.DEFINE_string(
     "voice_prompt",
     None,
@@ -44,6 +45,13 @@ _VOICE = flags.DEFINE_string(
 _NO_DETOK = flags.DEFINE_bool("text_only", False, "Skip the detokenizer (no audio output).")
 _REALTIME = flags.DEFINE_enum(
     "realtime_output", "both", ["both", "text"], "What the real-time endpoint answers with."
+)
+_REPLY_TOKENS = flags.DEFINE_integer(
+    "realtime_reply_tokens",
+    256,
+    "Slot positions kept free for a real-time reply: older turns are dropped from the "
+    "conversation's memory beyond that (at most half of --capacity).",
+    lower_bound=1,
 )
 
 
@@ -80,6 +88,7 @@ def build_app():  # noqa: ANN201 - FastAPI is imported lazily
         model_names=tuple(_NAMES.value),
         max_upload_bytes=_UPLOAD.value << 20,
         realtime_output="text" if _NO_DETOK.value else _REALTIME.value,
+        realtime_reply_tokens=_REPLY_TOKENS.value,
     )
     return create_app(kimia, engine, server_cfg)
 

@@ -30,6 +30,7 @@ import numpy as np
 
 from kimia_jax import sharding
 from kimia_jax.configs import LlmConfig
+from kimia_jax.layers import quant
 from kimia_jax.layers.attention import Attention, LayerKV
 from kimia_jax.layers.kv_cache import KVCache
 from kimia_jax.layers.linear import Linear, matmul_t
@@ -421,7 +422,7 @@ def to_layout(params: Any, cfg: LlmConfig, mesh: Any = None) -> dict[str, Any]:
     out = stack_layers(params, cfg) if cfg.scan_layers else unstack_layers(params, cfg)
     if mesh is not None:
         shardings = sharding.shardings_for(abstract_params(cfg), mesh)
-        out = jax.device_put(out, shardings)
+        out = jax.device_put(out, quant.shardings_like(shardings, out))
     return out
 
 
