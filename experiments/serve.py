@@ -44,8 +44,9 @@ _DETOK_WORKERS = flags.DEFINE_integer(
 )
 _UPLOAD = flags.DEFINE_integer("max_upload_mb", 25, "Largest request body.", lower_bound=1)
 _QUANT = flags.DEFINE_enum(
-    "quantize", "none", ["none", "int8", "int4"], "Weight-only quantization of the LLM on load."
-)
+    "quantize", None, ["none", "int8", "int4"],
+    "Weight-only quantization of the LLM on load (unset: as the model folder stores it).",
+)  # fmt: skip
 _VOICE = flags.DEFINE_string(
     "voice_prompt",
     None,
