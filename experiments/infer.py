@@ -60,13 +60,18 @@ _VOICE = flags.DEFINE_string(
     "--output_type both.",
 )
 _GLM = flags.DEFINE_string("glm_tokenizer", None, "GLM-4-Voice tokenizer folder.")
+_QUANT_DETOK = flags.DEFINE_enum(
+    "quantize_detokenizer", "none", ["none", "int8"],
+    "int8 weight-only detokenizer DiT (--output_type both; the vocoder stays float).",
+)  # fmt: skip
 _MESH = flags.DEFINE_string("mesh", None, "Device mesh, e.g. data=1,fsdp=1,tensor=8.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.")
 _QUANTIZE = flags.DEFINE_enum(
     "quantize",
-    "none",
+    None,
     ["none", "int8", "int4"],
-    "Weight-only quantization of the LLM on load (int8: per output channel; compute in --dtype).",
+    "Weight-only quantization of the LLM (int8: per output channel; compute in --dtype). Unset: "
+    "as the model folder stores it (a folder converted with --quantize=int8 loads as int8).",
 )
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling / detokenizer noise seed.", lower_bound=0)
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Requests per compiled call.", lower_bound=1)
@@ -201,7 +206,8 @@ def _load_model(progress: Bars):
     mesh = sharding.parse_mesh(_MESH.value) if _MESH.value else None
     return KimiAudio(root, load_detokenizer=both, dtype=_DTYPE.value, mesh=mesh,
                      glm_tokenizer_path=glm, max_batch=_BATCH.value,
-                     progress=progress, quantize=_QUANTIZE.value)  # fmt: skip
+                     progress=progress, quantize=_QUANTIZE.value,
+                     quantize_detokenizer=_QUANT_DETOK.value if both else None)  # fmt: skip
 
 
 def format_answer(path: str, text: str) -> str:

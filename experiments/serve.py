@@ -32,10 +32,21 @@ _CHUNK = flags.DEFINE_integer("prefill_chunk", 128, "Prompt positions per prefil
 _TICK = flags.DEFINE_integer("steps_per_tick", 8, "Decode steps between scheduling points.")
 _QUEUE = flags.DEFINE_integer("max_queue", 64, "Waiting requests before answering 429.")
 _TIMEOUT = flags.DEFINE_float("request_timeout_s", 300.0, "Per-request time limit.")
+_DETOK_SCHEDULE = flags.DEFINE_enum(
+    "detok_schedule",
+    "first_chunk",
+    ["first_chunk", "fifo"],
+    "Which spoken reply's audio chunk the detokenizer decodes next: first chunks first, then "
+    "earliest playback deadline; or arrival order.",
+)
+_DETOK_WORKERS = flags.DEFINE_integer(
+    "detok_workers", 1, "Detokenizer threads (one reply each at a time).", lower_bound=1
+)
 _UPLOAD = flags.DEFINE_integer("max_upload_mb", 25, "Largest request body.", lower_bound=1)
 _QUANT = flags.DEFINE_enum(
-    "quantize", "none", ["none", "int8", "int4"], "Weight-only quantization of the LLM on load."
-)
+    "quantize", None, ["none", "int8", "int4"],
+    "Weight-only quantization of the LLM on load (unset: as the model folder stores it).",
+)  # fmt: skip
 _VOICE = flags.DEFINE_string(
     "voice_prompt",
     None,
@@ -44,6 +55,13 @@ _VOICE = flags.DEFINE_string(
 _NO_DETOK = flags.DEFINE_bool("text_only", False, "Skip the detokenizer (no audio output).")
 _REALTIME = flags.DEFINE_enum(
     "realtime_output", "both", ["both", "text"], "What the real-time endpoint answers with."
+)
+_REPLY_TOKENS = flags.DEFINE_integer(
+    "realtime_reply_tokens",
+    256,
+    "Slot positions kept free for a real-time reply: older turns are dropped from the "
+    "conversation's memory beyond that (at most half of --capacity).",
+    lower_bound=1,
 )
 
 
@@ -64,6 +82,8 @@ def build_app():  # noqa: ANN201 - FastAPI is imported lazily
         steps_per_tick=_TICK.value,
         max_queue=_QUEUE.value,
         request_timeout_s=_TIMEOUT.value,
+        detok_schedule=_DETOK_SCHEDULE.value,
+        detok_workers=_DETOK_WORKERS.value,
     )
     kimia = KimiAudio(
         root,
@@ -80,6 +100,7 @@ def build_app():  # noqa: ANN201 - FastAPI is imported lazily
         model_names=tuple(_NAMES.value),
         max_upload_bytes=_UPLOAD.value << 20,
         realtime_output="text" if _NO_DETOK.value else _REALTIME.value,
+        realtime_reply_tokens=_REPLY_TOKENS.value,
     )
     return create_app(kimia, engine, server_cfg)
 

@@ -238,7 +238,8 @@ def main(argv: list[str]) -> None:
 
     root = model_dir(config, workdir)
     mesh = sharding.parse_mesh(config.mesh)
-    lcfg, lparams = llm_conv.load(root, dtype="float32", mesh=mesh)
+    # float weights to train (a folder converted with --quantize is refused, named)
+    lcfg, lparams = llm_conv.load(root, dtype="float32", mesh=mesh, quantize="none")
     wcfg, wparams = whisper_conv.load(root / layout.WHISPER_DIR, dtype="float32", mesh=mesh)
     tok = TextTokenizer.from_pretrained(root)
     offset = lcfg.kimia_token_offset

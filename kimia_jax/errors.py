@@ -15,6 +15,11 @@ class CheckpointError(KimiaError):
     """A checkpoint does not match the model: missing, unused or mis-shaped tensors, bad config."""
 
 
+class QuantizeMismatchError(CheckpointError):
+    """A `quantize=` argument that a quantized model folder does not hold (it was converted with
+    another `--quantize`); the message names the folder, both kinds and what to do."""
+
+
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """A model path that does not exist, or holds neither a released nor a converted checkpoint."""
 

@@ -19,11 +19,22 @@ its GPU backend, true fp32 matmuls on both in float32 mode, no TF32):
   official fixture logits in tests/training/export_torch_test.py); loss =
   masked mean CE of each head, summed; `loss.backward()`, `clip_grad_norm_(1.0)`,
   `torch.optim.AdamW` (the official fine-tuning model, without DeepSpeed).
+`--masks`: which loss masks the rows carry, each timed on both sides in the same run (one compile
+on our side: the masks are data):
+* dense: every position of both streams supervised (all-ones masks; equal work on both sides).
+* asr: rows laid out as the official ASR SFT (`training.examples.SftExampleBuilder.understanding`
+  on a synthetic conversation: text instruction, user audio codes, assistant transcript; the
+  tokenizer of tests/fixtures/training): audio loss mask all zero, text loss on the transcript and
+  its eos (`--asr_text_frac` of the positions). The continuous-feature flags are cleared (no
+  Whisper, as in the reference). Our default loss path (`LossConfig.sparse`) then skips the MIMO
+  branch and runs the heads only at supervised positions; the reference, like the official code,
+  computes everything. `--dense_path` also times our step with `LossConfig(sparse=False)`.
 Achieved FLOP/s use the model FLOPs of one step, 3 x forward, forward = 2 x (every matmul weight,
 both heads included) x tokens + 4 x layers x T x hidden x tokens (attention scores and values,
 full T x T as computed), as MFU against `--peak_gflops` (default: CPU the fp32 GEMM peak measured
 on these hosts, perf-notes.md; GPU the measured H100/H200 dense peak, 790 TFLOP/s bf16 and
-50 TFLOP/s fp32).
+50 TFLOP/s fp32). The asr rows also print MFU on useful FLOPs: the same count with the MIMO
+layers only when the batch has an audio target and each head only at its supervised positions.
 The import chain never loads grain, ml_collections, tensorboardX, librosa or soundfile (absent from
 the GPU image; tests/tools/bench_train_test.py blocks them).
 Ours and torch alternate `--rounds` times, one side in memory at a time (the 0.5B shape holds
@@ -51,6 +62,13 @@ _BATCH = flags.DEFINE_list("batch", ["8", "1"], "Rows per step, one per size.")
 _SEQ = flags.DEFINE_list("seq", ["128", "512"], "Row length, one per size.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed steps per round (best of).")
 _ROUNDS = flags.DEFINE_integer("rounds", 2, "Alternating ours/torch rounds.")
+_MASKS = flags.DEFINE_list("masks", ["dense", "asr"], "Loss-mask layouts to time: dense, asr.")
+_ASR_FRAC = flags.DEFINE_float(
+    "asr_text_frac", 0.08, "asr rows: fraction of positions with text loss (transcript + eos)."
+)
+_DENSE_PATH = flags.DEFINE_bool(
+    "dense_path", False, "Also time our step with LossConfig(sparse=False) (the dense CE)."
+)
 _CACHE = flags.DEFINE_string(
     "cache_dir", "/tmp/kimia_bench_train_cache", "JAX compile cache ('' for none)."
 )
@@ -74,15 +92,88 @@ def gemm_peak() -> tuple[float, str]:
     return (302.0 if "Xeon" in name else 180.0), name
 
 
-def model_flops(cfg, batch: int, seq: int) -> float:
-    """Model FLOPs of one train step (3 x forward; see the module docstring)."""
+def model_flops(cfg, batch: int, seq: int, *, mimo: bool = True, head_positions=None) -> float:
+    """Model FLOPs of one train step (3 x forward; see the module docstring). `mimo`: count the
+    MIMO layers; `head_positions`: (text, audio) positions each head is counted at (default: all
+    batch x seq); with both defaults the work of the dense step, else the useful work."""
     d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     kv = cfg.num_key_value_heads * cfg.head_dim
     per_layer = d * d * 2 + 2 * d * kv + 3 * d * f  # q, o, k, v, gate, up, down
-    layers = cfg.num_hidden_layers + cfg.kimia_mimo_layers
+    layers = cfg.num_hidden_layers + (cfg.kimia_mimo_layers if mimo else 0)
     tokens = batch * seq
-    forward = 2 * (layers * per_layer + 2 * v * d) * tokens + 4 * layers * seq * d * tokens
+    heads = 2 * tokens if head_positions is None else sum(head_positions)
+    forward = 2 * layers * per_layer * tokens + 2 * v * d * heads
+    forward += 4 * layers * seq * d * tokens
     return 3.0 * forward
+
+
+def useful_flops(cfg, b: dict) -> float:
+    """`model_flops` of the work a batch's loss masks use."""
+    n_text, n_audio = int(b["text_loss_mask"].sum()), int(b["audio_loss_mask"].sum())
+    batch, seq = b["text_loss_mask"].shape
+    return model_flops(cfg, batch, seq, mimo=n_audio > 0, head_positions=(n_text, n_audio))
+
+
+TOKENIZER_DIR = "tests/fixtures/training/tokenizer"  # the official fine-tuning fixtures'
+TRANSCRIPT = (  # words of the asr rows' synthetic transcripts
+    "he hoped there would be stew for dinner turnips and carrots and bruised potatoes and fat "
+    "mutton pieces to be ladled out in thick peppered flour fattened sauce"
+)
+
+
+def _asr_batch(cfg, batch: int, seq: int, text_frac: float):
+    """[batch, seq] rows of official ASR SFT examples (see the module docstring)."""
+    import numpy as np
+
+    from kimia_jax.text.tokenizer import TextTokenizer
+    from kimia_jax.training import examples as ex_lib
+
+    tok = TextTokenizer.from_pretrained(TOKENIZER_DIR)
+    builder = ex_lib.SftExampleBuilder(
+        tok, kimia_token_offset=cfg.kimia_token_offset, audio_loader=lambda x: x
+    )
+    rng = np.random.default_rng(0)
+    words_ = TRANSCRIPT.split()
+    n_codes = cfg.vocab_size - cfg.kimia_token_offset - 16
+
+    def build(n_audio: int, n_words: int, seed: int):
+        samples = 1280 * (n_audio - 1) + 17  # exactly n_audio Whisper rows (<= 375)
+        text = " ".join(words_[(seed + i) % len(words_)] for i in range(n_words))
+        return builder.understanding(
+            "asr", np.zeros(samples, np.float32), text,
+            instruction="Please transcribe the spoken content into written text.",
+            codes=rng.integers(0, n_codes, n_audio),
+        )  # fmt: skip
+
+    target = max(1, round(text_frac * seq))
+    exs = []
+    for r in range(batch):
+        words, n_audio = 1, 8
+        while words < 400:  # transcript length: text targets (words' tokens + eos) ~ target
+            if build(n_audio, words + 1, r).num_text_targets > target:
+                break
+            words += 1
+        for _ in range(4):  # audio length: the row fills seq
+            n_audio = min(375, max(1, n_audio + seq - len(build(n_audio, words, r))))
+        exs.append(build(n_audio, words, r))
+    b = ex_lib.batch_of(exs, seq, 1, tok.extra_tokens.pad, packed=False)
+    b.update(
+        is_continuous=np.zeros_like(b["is_continuous"]),
+        cont_src=np.full_like(b["cont_src"], -1),
+        whisper_wav=np.zeros((batch, 0, 480000), np.float32),
+        whisper_keep=np.zeros((batch, 0), np.int32),
+    )
+    return b
+
+
+def batches(cfg, batch: int, seq: int, masks, text_frac: float) -> dict:
+    """{mask layout: numpy batch}."""
+    make = {"dense": lambda: _batch(cfg, batch, seq),
+            "asr": lambda: _asr_batch(cfg, batch, seq, text_frac)}  # fmt: skip
+    unknown = set(masks) - set(make)
+    if unknown:
+        raise ValueError(f"--masks: unknown layouts {sorted(unknown)}; use dense, asr")
+    return {m: make[m]() for m in masks}
 
 
 def _batch(cfg, batch: int, seq: int):
@@ -120,18 +211,22 @@ def rate(flops: float, tokens: int, seconds: float, peak_gflops: float) -> str:
 
 
 class Ours:
-    def __init__(self, cfg, batch: int, seq: int, opts: dict):
+    """Our compiled step on each batch of `batches` (one compile: same shapes)."""
+
+    def __init__(self, cfg, batches: dict, opts: dict, *, sparse: bool = True):
         import jax
 
         from kimia_jax.models import kimia_llm
         from kimia_jax.models import whisper_encoder as wenc
         from kimia_jax.training import train_step as ts
+        from kimia_jax.training.loss import LossConfig
         from kimia_jax.training.optim import OptimConfig
 
         wcfg = wenc.WhisperConfig(d_model=4, encoder_attention_heads=1, encoder_ffn_dim=4,
                                   encoder_layers=1)  # fmt: skip
         tcfg = ts.TrainConfig(
             optim=OptimConfig(learning_rate=1e-5, weight_decay=0.1),
+            loss=LossConfig(sparse=sparse),
             compute_dtype=opts["dtype"],
             scan_layers=opts["scan_layers"],
             remat_policy=opts["remat_policy"],
@@ -140,22 +235,22 @@ class Ours:
         params = {"llm": kimia_llm.init_params(cfg, jax.random.key(0)),
                   "whisper": wenc.init_params(wcfg)}  # fmt: skip
         self.state = self.step.init(params, whisper_trainable=False)
-        self.batch = jax.device_put(_batch(cfg, batch, seq))
+        self.batches = {k: jax.device_put(v) for k, v in batches.items()}
         t0 = time.perf_counter()
-        self()
+        self(next(iter(batches)))
         self.compile_s = time.perf_counter() - t0
 
-    def __call__(self) -> float:
+    def __call__(self, kind: str) -> float:
         import jax
 
-        self.state, m = self.step(self.state, self.batch)
+        self.state, m = self.step(self.state, self.batches[kind])
         return float(jax.block_until_ready(m["loss"]))
 
 
 class Torch:
     """`tools.torch_kimia.TorchKimia` (transformers 4.46 and 5.x) + masked CE, AdamW."""
 
-    def __init__(self, cfg, batch: int, seq: int, opts: dict):
+    def __init__(self, cfg, batches: dict, opts: dict):
         import dataclasses
 
         import torch
@@ -169,16 +264,20 @@ class Torch:
         self.model = TorchKimia(dataclasses.asdict(cfg)).train().to(self.device)
         self.params = list(self.model.parameters())
         self.opt = torch.optim.AdamW(self.params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1)
-        b = _batch(cfg, batch, seq)
-        self.b = {k: torch.as_tensor(v).to(self.device) for k, v in b.items() if "whisper" not in k}
+        self.batches = {
+            kind: {
+                k: torch.as_tensor(v).to(self.device) for k, v in b.items() if "whisper" not in k
+            }
+            for kind, b in batches.items()
+        }
         t0 = time.perf_counter()
-        self()
+        self(next(iter(batches)))
         self.compile_s = time.perf_counter() - t0
 
-    def __call__(self) -> float:
+    def __call__(self, kind: str) -> float:
         import torch
 
-        b = self.b
+        b = self.batches[kind]
         self.opt.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             loss = self._loss(b)
@@ -204,11 +303,11 @@ class Torch:
         )
 
 
-def _best(fn, repeats: int) -> float:
+def _best(fn, kind: str, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fn()
+        fn(kind)
         times.append(time.perf_counter() - t0)
     return min(times)
 
@@ -246,35 +345,52 @@ def main(argv: list[str]) -> None:
     print(f"{platform} ({host}); {dtype}; jax {jax.__version__} torch {torch.__version__}; "
           f"{threads} threads; peak {peak_gflops:.0f} GFLOP/s ({peak_src}); "
           f"load average {os.getloadavg()[0]:.1f} at start")  # fmt: skip
+    masks = _MASKS.value
+    sides = [("ours", Ours, {}), ("torch", Torch, {})]
+    if _DENSE_PATH.value:
+        sides.insert(1, ("ours dense CE", Ours, {"sparse": False}))
     for size, b, t in zip(_SIZES.value, _BATCH.value, _SEQ.value, strict=True):
         batch, seq = int(b), int(t)
         cfg = configs.PRESETS[size](kimia_adaptor_input_dim=16)
         flops = model_flops(cfg, batch, seq)
         tok = batch * seq
-        print(f"\n{size}: batch {batch} x {seq} tokens, {flops / 1e9:.1f} GFLOP/step")
-        ratios = []
+        rows = batches(cfg, batch, seq, masks, _ASR_FRAC.value)
+        print(f"\n{size}: batch {batch} x {seq} tokens, {flops / 1e9:.1f} GFLOP/step (dense)")
+        for kind, rb in rows.items():
+            nt, na = int(rb["text_loss_mask"].sum()), int(rb["audio_loss_mask"].sum())
+            print(f"  {kind} rows: text loss at {100 * nt / tok:.1f} % of positions, audio loss "
+                  f"at {100 * na / tok:.1f} %; useful work {useful_flops(cfg, rb) / 1e9:.1f} "
+                  "GFLOP/step")  # fmt: skip
+        ratios: dict[str, list[float]] = {k: [] for k in masks}
         for r in range(_ROUNDS.value):
             times, first = {}, {}
-            for name, cls in (("ours", Ours), ("torch", Torch)):
-                side = cls(cfg, batch, seq, opts)
+            for name, cls, kw in sides:
+                side = cls(cfg, rows, opts, **kw)
                 first[name] = side.compile_s
-                times[name] = _best(side, _REPEATS.value)
+                for kind in masks:
+                    times[name, kind] = _best(side, kind, _REPEATS.value)
                 del side
                 gc.collect()
                 if platform == "gpu":
                     torch.cuda.empty_cache()
-            t_ours, t_ref = times["ours"], times["torch"]
-            ratios.append(t_ref / t_ours)
-
-            ours_rate = rate(flops, tok, t_ours, peak_gflops)
-            ref_rate = rate(flops, tok, t_ref, peak_gflops)
-            print(
-                f"  round {r}: ours {t_ours * 1e3:.1f} ms ({ours_rate}) | torch "
-                f"{t_ref * 1e3:.1f} ms ({ref_rate}) | speed-up {t_ref / t_ours:.2f}x | first "
-                f"step ours {first['ours']:.1f} s, torch {first['torch']:.1f} s | load "
-                f"{os.getloadavg()[0]:.1f}"
-            )
-        print(f"  speed-up over rounds: {', '.join(f'{x:.2f}x' for x in ratios)}")
+            for kind in masks:
+                useful = useful_flops(cfg, rows[kind])
+                t_ours, t_ref = times["ours", kind], times["torch", kind]
+                ratios[kind].append(t_ref / t_ours)
+                line = (
+                    f"  round {r} {kind}: ours {t_ours * 1e3:.1f} ms "
+                    f"({rate(useful, tok, t_ours, peak_gflops)}) | torch {t_ref * 1e3:.1f} ms "
+                    f"({rate(useful, tok, t_ref, peak_gflops)}) | speed-up {t_ref / t_ours:.2f}x"
+                )
+                if ("ours dense CE", kind) in times:
+                    t_d = times["ours dense CE", kind]
+                    line += f" | ours dense CE {t_d * 1e3:.1f} ms ({t_d / t_ours:.2f}x)"
+                print(line + f" | load {os.getloadavg()[0]:.1f}")
+            print("  first step: " + ", ".join(f"{k} {v:.1f} s" for k, v in first.items()))
+        for kind in masks:
+            print(f"  {kind} speed-up over rounds: {', '.join(f'{x:.2f}x' for x in ratios[kind])}")
+        print("  (GFLOP/s and MFU count the useful work: model FLOPs with the MIMO layers only "
+              "when an audio target exists and each head at its supervised positions)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -28,14 +28,10 @@ print("STATS" + json.dumps(stats))
 
 
 _WRITER = """
-import dataclasses, sys
-from kimia_jax import configs
+import sys
 from kimia_jax.testing import tiny_llm
-config = dict(tiny_llm.TINY_CONFIG)
-if sys.argv[2] == "0.5b":
-    big = dataclasses.asdict(configs.qwen25_05b_shaped())
-    config.update({k: v for k, v in big.items() if k in config})
-tiny_llm.write(sys.argv[1], config=config, dtype="bfloat16", num_shards=4)
+tiny_llm.write(sys.argv[1], config=tiny_llm.sized_config(sys.argv[2]), dtype="bfloat16",
+               num_shards=4)
 """
 
 

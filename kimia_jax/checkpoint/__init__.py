@@ -3,7 +3,8 @@
 A converted model directory looks like (names in `kimia_jax.configs.layout`):
     <dir>/config.json        the released config (verbatim), so the same config code loads both
     <dir>/params/            Orbax StandardCheckpointer tree
-    <dir>/kimia_jax.json     what wrote it (format version, source, dtype)
+    <dir>/kimia_jax.json     what wrote it (format version, source, dtype; an LLM written with
+                             --quantize: "quantize", "quantized_modules")
 The whole directory is built under a staging name next to the destination and renamed into place
 at the end (`kimia_jax.fileio.atomic_dir`), so an interrupted conversion never leaves a
 half-written checkpoint behind.
@@ -118,6 +119,10 @@ def file_table(root: Path) -> dict[str, list[Any]]:
     return table
 
 
+def _quantize_flag(meta: Mapping[str, Any]) -> str:
+    return f" --quantize {meta['quantize']}" if meta.get("quantize") else ""
+
+
 def converter_command(path: str | os.PathLike[str]) -> str:
     """The command that re-creates the converted folder `path` (from what its meta file says)."""
     path = Path(path).absolute()
@@ -129,7 +134,7 @@ def converter_command(path: str | os.PathLike[str]) -> str:
         if m.get("converted_by") == "tools.convert_kimia":
             glm = f" --glm_tokenizer {m['glm_tokenizer']}" if m.get("glm_tokenizer") else ""
             return (f"python -m tools.convert_kimia --src {m.get('source', '<released folder>')}"
-                    f"{glm} --out {d} --overwrite")  # fmt: skip
+                    f"{glm}{_quantize_flag(m)} --out {d} --overwrite")  # fmt: skip
     try:
         m = read_meta(path)
     except (OSError, ValueError):
@@ -137,7 +142,8 @@ def converter_command(path: str | os.PathLike[str]) -> str:
     src = m.get("source", "<released folder>")
     model = m.get("model")
     if model == "kimia_llm":
-        return f"python -m tools.convert_llm --hf_dir {src} --out {path} --overwrite"
+        return (f"python -m tools.convert_llm --hf_dir {src}{_quantize_flag(m)} --out {path} "
+                "--overwrite")  # fmt: skip
     if model == "detokenizer":
         return f"python -m tools.convert_detokenizer --src {src} --dst {path} --overwrite"
     if model:
@@ -190,12 +196,18 @@ def verify(path: str | os.PathLike[str], *, checksums: bool = False) -> None:
             raise _damaged(path, f"{rel} is corrupted (its CRC-32 differs from the one written)")
 
 
+def _key_name(k: Any) -> str:
+    # dict keys, sequence indices, and dataclass fields (a `layers.quant.QWeight`'s q / scale,
+    # which Orbax stores as a dict)
+    for attr in ("key", "idx", "name"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
 def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {
-        "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): tuple(leaf.shape)
-        for path, leaf in flat
-    }
+    return {"/".join(_key_name(k) for k in path): tuple(leaf.shape) for path, leaf in flat}
 
 
 def restore(path: str | os.PathLike[str], abstract: Any) -> Any:
@@ -252,6 +264,12 @@ def restore_model(
     """Restores a model's params given its boxed abstract tree (`jax.eval_shape(model.init)`):
     each array straight onto its shards by logical axis names (`mesh`; None: the first device),
     optionally cast to one `dtype`."""
+    return restore(path, abstract_model(boxed_abstract, mesh=mesh, dtype=dtype))
+
+
+def abstract_model(boxed_abstract: Any, *, mesh: Any = None, dtype: Any = None) -> Any:
+    """What `restore_model` restores into: ShapeDtypeStructs placed by logical axis names on
+    `mesh` (None: the first device), optionally all in one `dtype`."""
     import flax.linen as nn
 
     shapes = nn.unbox(boxed_abstract)
@@ -262,7 +280,7 @@ def restore_model(
         from kimia_jax import sharding
 
         shardings = sharding.shardings_for(boxed_abstract, mesh)
-    return restore(path, abstract_like(shapes, shardings, dtype))
+    return abstract_like(shapes, shardings, dtype)
 
 
 def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -263,10 +263,13 @@ def convert(
     ignore: Iterable[str] = (),
     progress: bool = False,
     desc: str = "converting",
-) -> dict[str, jax.Array]:
+    finish: Callable[[str, jax.Array], Any] | None = None,
+) -> dict[str, Any]:
     """Loads every target tensor from `source`, verified and placed; returns a flat {path: array}.
 
     Peak host memory beyond the placed arrays is about one source tensor plus its transformed copy.
+    finish: `finish(path, placed array)` is kept instead of the array (e.g. its quantized copy,
+    `layers.quant`), so the placed float tensor is freed before the next one is read.
     """
     mapping = plan(source, rules, targets, ignore)
     items = sorted(mapping.items(), key=lambda kv: kv[1][0])
@@ -283,6 +286,8 @@ def convert(
             raise CheckpointError(f"tensor {name!r} contains NaN or inf values")
         out[tgt] = place(host, t)
         del host
+        if finish is not None:
+            out[tgt] = finish(tgt, out[tgt])
         if bar is not None:
             bar.update(1)
             bar.set_postfix_str(name[-40:])

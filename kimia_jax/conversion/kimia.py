@@ -103,6 +103,7 @@ def convert_all(
     log: Callable[[str], None] = print,
     *,
     overwrite: bool = False,
+    quantize: str | None = None,
 ) -> Path:
     """Converts every part of `src` (LLM, tokenizer files, whisper, GLM tokenizer, detokenizer).
 
@@ -115,6 +116,8 @@ def convert_all(
       log: progress lines.
       overwrite: replace an existing `out` (otherwise an error before any work). Staging folders
         of an interrupted earlier run are removed first and reported through `log`.
+      quantize: None, "int8" or "int4": store the LLM's decode matrices quantized
+        (`llm.convert_to_orbax(quantize=)`); `KimiAudio(out)` then loads them as they are.
     """
     from kimia_jax.conversion import detokenizer as detok_conv
     from kimia_jax.conversion import llm, whisper
@@ -127,8 +130,9 @@ def convert_all(
             raise CheckpointNotFoundError(f"{what} {folder} is not a folder")
     prepare_output(out, overwrite=overwrite, log=log)
     with fileio.atomic_dir(out, overwrite=overwrite) as root:
-        stats = llm.convert_to_orbax(src, root, dtype=dtype, overwrite=True)
-        log(f"LLM: {stats['tensors']} tensors, {stats['seconds']:.1f}s")
+        stats = llm.convert_to_orbax(src, root, dtype=dtype, overwrite=True, quantize=quantize)
+        log(f"LLM: {stats['tensors']} tensors, {stats['seconds']:.1f}s"
+            + (f", {quantize} decode matrices" if quantize else ""))  # fmt: skip
         for name in layout.TEXT_TOKENIZER_FILES:
             if (src / name).is_file():
                 shutil.copy2(src / name, root / name)

@@ -34,6 +34,7 @@ from absl import logging
 
 from kimia_jax.configs import BigVGANConfig, DiTConfig, MelNorm
 from kimia_jax.detokenizer.stitch import StitchState, stitch
+from kimia_jax.layers import quant
 from kimia_jax.layers.kv_cache import KVCache
 from kimia_jax.models.bigvgan import BigVGAN
 from kimia_jax.models.flow_dit import FlowDiT
@@ -195,6 +196,10 @@ class Detokenizer:
       mel_norm: scalar mel normalization of the DiT.
       streaming: chunking constants (defaults = the official 7B-Instruct path).
       dtype: compute dtype of both models (float32 for parity; bfloat16 for speed).
+      quantize: None or "int8": weight-only quantization of the DiT's matrices
+        (`layers.quant.quantize_dense`, `quant.DIT`: int8 per output channel), applied after
+        the cast to `dtype`; compute stays in `dtype`. The vocoder (convolutions) is not
+        quantized. Measured error: tests/detokenizer/quant_test.py.
     """
 
     def __init__(
@@ -205,7 +210,10 @@ class Detokenizer:
         mel_norm: MelNorm,
         streaming: StreamingConfig | None = None,
         dtype: Any = jnp.float32,
+        quantize: str | None = None,
     ):
+        if quantize not in (None, "none", "int8"):
+            raise ValueError(f"quantize must be None, 'none' or 'int8', got {quantize!r}")
         dtype = jnp.dtype(dtype)
         self.dit_cfg = dataclasses.replace(dit_cfg, dtype=dtype.name)
         self.vocoder_cfg = dataclasses.replace(vocoder_cfg, dtype=dtype.name)
@@ -225,6 +233,10 @@ class Detokenizer:
             )
         cast = (lambda x: x.astype(dtype)) if dtype != jnp.float32 else (lambda x: x)
         self.params = jax.tree.map(cast, params)
+        self.quantize = None if quantize in (None, "none") else quantize
+        if self.quantize:
+            dit = quant.quantize_dense(self.params["dit"], self.quantize, modules=quant.DIT)
+            self.params = {**self.params, "dit": dit}
         self.dit = FlowDiT(self.dit_cfg)
         self.vocoder = BigVGAN(self.vocoder_cfg)
         self._t_float, self._t_int, self._dt = euler_schedule(sc.ode_steps)
@@ -249,6 +261,7 @@ class Detokenizer:
         *,
         mesh: Any = None,
         streaming: StreamingConfig | None = None,
+        quantize: str | None = None,
     ) -> Detokenizer:
         """Loads through `kimia_jax.conversion.detokenizer.load`: the released model root
         (audio_detokenizer/ + vocoder/; converting the torch files needs torch), our converted
@@ -257,7 +270,8 @@ class Detokenizer:
         from kimia_jax.conversion import detokenizer as conv
 
         cfg, params = conv.load(path, mesh=mesh)
-        return cls(cfg.dit, cfg.vocoder, params, cfg.mel_norm, streaming=streaming, dtype=dtype)
+        return cls(cfg.dit, cfg.vocoder, params, cfg.mel_norm, streaming=streaming, dtype=dtype,
+                   quantize=quantize)  # fmt: skip
 
     # ------------------------------------------------------------------------------------------
     # Public API

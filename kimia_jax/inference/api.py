@@ -99,11 +99,22 @@ class KimiAudio:
       max_batch: rows per compiled generation call in `generate_batch`.
       progress: optional `progress(stage, done, total)` callback (loading, encoding, decoding
         steps, detokenizing; see `pipeline.Progress`); settable later as `.progress`.
-      quantize: None, or "int8" (int4: "int4") weight-only quantization of the LLM, applied on
-        load (`layers.quant.quantize`, `modules=quant.DECODE`): every layer projection, both
-        vocabulary heads and the embedding table, per output channel; compute stays in `dtype`.
-        The float weights are replaced one by one, so loading needs the `dtype` model plus one
-        weight of memory. Measured agreement with the float model: tests/inference/quant_test.py.
+      quantize: weight-only quantization of the LLM (`layers.quant`, `modules=quant.DECODE`:
+        every layer projection, both vocabulary heads and the embedding table, int8 per output
+        channel or int4 per 64 inputs); compute stays in `dtype`.
+        None (default): the LLM weights as the folder stores them: a folder converted with
+        `--quantize=int8` (`tools.convert_kimia`) is loaded as int8 directly, its float weights
+        never exist (half the peak memory of quantizing on load); a float folder stays float.
+        "int8" / "int4": quantize a float folder on load (a released folder tensor by tensor as
+        it is read: the quantized model plus one float weight of memory; a converted float
+        folder after restoring it: the `dtype` model plus one weight); on a quantized folder
+        the kind must be the stored one. "none": float weights. A quantized folder asked for
+        another kind (or "none") raises `QuantizeMismatchError` before any weight is read.
+        `.quantize` is what was loaded. Measured agreement with the float model:
+        tests/inference/quant_test.py.
+      quantize_detokenizer: None or "int8": the detokenizer DiT's matrices int8 weight-only
+        (`Detokenizer(quantize=)`, applied on load; the vocoder stays float). Measured error:
+        tests/detokenizer/quant_test.py.
 
     Every argument and the model folder are checked before any weight is read
     (`conversion.kimia.check_model_folder`): a missing part or a damaged converted checkpoint
@@ -124,6 +135,7 @@ class KimiAudio:
         max_batch: int = 8,
         progress: pipeline.Progress | None = None,
         quantize: str | None = None,
+        quantize_detokenizer: str | None = None,
     ):
         from kimia_jax.audio.tokenizer import GlmTokenizer, WhisperFeatureExtractor
 
@@ -135,20 +147,28 @@ class KimiAudio:
             )
         _check_int("max_batch", max_batch, 1)
         if quantize not in (None, "none", *quant.KINDS):
-            raise ValueError(f"quantize must be None or one of {quant.KINDS}, got {quantize!r}")
+            raise ValueError(
+                f"quantize must be None, 'none' or one of {quant.KINDS}, got {quantize!r}"
+            )
+        if quantize_detokenizer not in (None, "none", "int8"):
+            raise ValueError(
+                f"quantize_detokenizer must be None, 'none' or 'int8', got {quantize_detokenizer!r}"
+            )
+        if quantize_detokenizer not in (None, "none") and not load_detokenizer:
+            raise ValueError("quantize_detokenizer needs load_detokenizer=True")
         glm_path = Path(glm_tokenizer_path or root / layout.GLM_TOKENIZER_DIR)
         check_model_folder(
             root, glm_path, load_detokenizer=load_detokenizer,
             glm_arg="glm_tokenizer_path" if glm_tokenizer_path else None,
         )  # fmt: skip
+        # what the LLM will be (and a mismatched `quantize`), from the meta file alone
+        self.quantize = llm_conv.resolve_quantize(root, quantize)
         self.model_path, self.mesh, self.max_batch = root, mesh, max_batch
         self.progress = progress
         parts = 4 + bool(load_detokenizer)
         self._report("load", 0, parts)
         t0 = time.perf_counter()
-        self.cfg, self.params = llm_conv.load(root, dtype=dtype, mesh=mesh)
-        self.quantize = None if quantize in (None, "none") else quantize
-        self.params = quant.quantize(self.params, self.quantize, modules=quant.DECODE, consume=True)
+        self.cfg, self.params = llm_conv.load(root, dtype=dtype, mesh=mesh, quantize=quantize)
         self._report("load", 1, parts)
         self.model = KimiaLLM(self.cfg)
         self.tokenizer = TextTokenizer.from_pretrained(root)
@@ -182,7 +202,7 @@ class KimiAudio:
             from kimia_jax.detokenizer.detokenizer import Detokenizer
 
             # the released audio_detokenizer/ + vocoder/, or the converted detokenizer/
-            self.detokenizer = Detokenizer.from_pretrained(root)
+            self.detokenizer = Detokenizer.from_pretrained(root, quantize=quantize_detokenizer)
         self._report("load", parts, parts)
         self.timings = Timings()
         logging.info("KimiAudio loaded from %s in %.1fs", root, time.perf_counter() - t0)

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kimia_jax.layers.quant import QWeight
+from kimia_jax.layers.quant import QKernel, QWeight
 
 Initializer = Callable[..., jax.Array]
 
@@ -105,5 +105,26 @@ def dense(
         param_dtype=param_dtype,
         kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)),
+        promote_dtype=_promote_dtype,
+        dot_general=_dot_general,
         name=name,
     )
+
+
+# `dense` takes an int8 `QKernel` too (`quant.quantize_dense`), multiplied by `QKernel.matmul`;
+# a float kernel goes through flax's own dtype promotion and `lax.dot_general`, as nn.Dense does
+# by default (the same HLO).
+
+
+def _promote_dtype(*args: Any, dtype: Any = None, inexact: bool = True) -> list[Any]:
+    x, kernel, bias = args
+    if isinstance(kernel, QKernel):
+        dt = dtype or x.dtype
+        return [x.astype(dt), kernel, None if bias is None else bias.astype(dt)]
+    return nn.dtypes.promote_dtype(*args, dtype=dtype, inexact=inexact)
+
+
+def _dot_general(x: jax.Array, kernel: Any, dims: Any, precision: Any = None, **kw: Any) -> Any:
+    if isinstance(kernel, QKernel):
+        return kernel.matmul(x)
+    return jax.lax.dot_general(x, kernel, dims, precision=precision, **kw)

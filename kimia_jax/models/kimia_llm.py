@@ -30,6 +30,7 @@ import numpy as np
 
 from kimia_jax import sharding
 from kimia_jax.configs import LlmConfig
+from kimia_jax.layers import quant
 from kimia_jax.layers.attention import Attention, LayerKV
 from kimia_jax.layers.kv_cache import KVCache
 from kimia_jax.layers.linear import Linear, matmul_t
@@ -290,6 +291,7 @@ class KimiaLLM(nn.Module):
         logits_at: jax.Array | None = None,
         collect: bool = False,
         segment_ids: jax.Array | None = None,
+        audio_branch: jax.Array | None = None,
         causal_by_index: bool = False,
     ) -> LlmOutput:
         """One forward call over T positions of both streams.
@@ -311,6 +313,9 @@ class KimiaLLM(nn.Module):
             (`cfg.attention_implementation`). The caller guarantees that positions strictly
             increase along the row within each segment, which makes the two masks equal
             (training rows: `training.train_step.check_positions`).
+          audio_branch: bool scalar (training, no cache): False skips the MIMO layers at run
+            time (`nn.cond`): the audio branch's outputs (hidden states, audio logits, its k/v)
+            are then zeros and nothing flows back through it. None always runs it.
         Returns:
           LlmOutput with fp32 text and audio logits and the updated cache (without `cache`: a
           cache holding this call's k/v of every layer, length T).
@@ -326,25 +331,43 @@ class KimiaLLM(nn.Module):
             c.kimia_mimo_layers,
             c.kimia_mimo_transformer_from_layer_index,
         )
+        if audio_branch is not None and cache is not None:
+            raise ValueError("KimiaLLM: audio_branch needs cache=None (training forward)")
         if c.scan_layers:
             x, m, kv_main, main_outs = self._scanned(
                 "layers", n, 0, x, positions, cache, attend_cache, collect, seed_at,
                 segment_ids=segment_ids, causal_by_index=causal_by_index,
-            )  # fmt: skip
-            m, _, kv_all, mimo_outs = self._scanned(
-                "mimo_layers", nm, n, m, positions, kv_main if cache is not None else None,
-                attend_cache, collect, segment_ids=segment_ids, causal_by_index=causal_by_index,
             )  # fmt: skip
         else:
             x, m, kv_main, main_outs = self._unrolled(
                 "layers", n, 0, x, positions, cache, attend_cache, seed_at,
                 segment_ids=segment_ids, causal_by_index=causal_by_index,
             )  # fmt: skip
-            # the un-normalised residual stream of layer seed_at seeds the MIMO branch (§3.4)
-            m, _, kv_all, mimo_outs = self._unrolled(
-                "mimo_layers", nm, n, m, positions, kv_main if cache is not None else None,
-                attend_cache, segment_ids=segment_ids, causal_by_index=causal_by_index,
-            )  # fmt: skip
+
+        # the un-normalised residual stream of layer seed_at seeds the MIMO branch (§3.4)
+        def mimo(mdl: KimiaLLM, m: jax.Array) -> tuple[jax.Array, Any, list[jax.Array]]:
+            args = ("mimo_layers", nm, n, m, positions, kv_main if cache is not None else None)
+            kw = dict(segment_ids=segment_ids, causal_by_index=causal_by_index)
+            if c.scan_layers:
+                m, _, kv, outs = mdl._scanned(*args, attend_cache, collect, **kw)
+            else:
+                m, _, kv, outs = mdl._unrolled(*args, attend_cache, **kw)
+            return m, kv, outs
+
+        if audio_branch is None:
+            m, kv_all, mimo_outs = mimo(self, m)
+        else:  # run-time skip; its k/v (unused in training) are zeros either way
+
+            def run(mdl: KimiaLLM, m: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+                m, _, outs = mimo(mdl, m)
+                return m, jnp.stack(outs) if collect else None
+
+            def skip(mdl: KimiaLLM, m: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+                return jnp.zeros_like(m), jnp.zeros((nm, *m.shape), m.dtype) if collect else None
+
+            m, outs = nn.cond(audio_branch, run, skip, self, m)
+            mimo_outs = list(outs) if collect else []
+            kv_all = tuple(jnp.zeros((nm, *k.shape[1:]), k.dtype) for k in kv_main)
         if cache is not None:
             new_cache = kv_all
         else:  # this call's k/v of every layer, main then MIMO
@@ -417,7 +440,7 @@ def to_layout(params: Any, cfg: LlmConfig, mesh: Any = None) -> dict[str, Any]:
     out = stack_layers(params, cfg) if cfg.scan_layers else unstack_layers(params, cfg)
     if mesh is not None:
         shardings = sharding.shardings_for(abstract_params(cfg), mesh)
-        out = jax.device_put(out, shardings)
+        out = jax.device_put(out, quant.shardings_like(shardings, out))
     return out
 
 

@@ -10,9 +10,11 @@
 One engine thread owns the compiled state (`serving.slots`): each tick it admits queued requests
 into free slots, runs one prefill chunk (so a long prompt never stalls the running rows for more
 than one chunk), then `steps_per_tick` decode steps of every running row, and turns each row's
-new tokens into text pieces and semantic codes. A second thread runs the detokenizer: each "both"
-request's codes are decoded chunk by chunk as they complete (`Detokenizer.detokenize_ready`, the
-same chunks and noise as `KimiAudio.generate`), so audio streams while the LLM keeps decoding.
+new tokens into text pieces and semantic codes. Detokenizer threads (`detok_workers`) stream the
+audio: each "both" request's codes are decoded chunk by chunk as they complete
+(`Detokenizer.detokenize_ready`, the same chunks and noise as `KimiAudio.generate`), so audio
+streams while the LLM keeps decoding; `serving.detok_queue` decides which reply's chunk runs next
+(by default a reply's first chunk goes ahead of the later chunks of older replies).
 Requests leave their slot when they stop, are cancelled or time out; a full queue answers
 `EngineBusy` with a retry-after estimate instead of growing.
 """
@@ -41,6 +43,7 @@ from kimia_jax.inference import stream_logic
 from kimia_jax.inference.pipeline import TextDecoder, new_text_piece
 from kimia_jax.inference.sampler import Sampling
 from kimia_jax.serving import slots as slots_lib
+from kimia_jax.serving.detok_queue import SCHEDULES, DetokQueue, Stream
 from kimia_jax.serving.metrics import EngineMetrics
 from kimia_jax.text.conversation import Prompt, batch
 
@@ -63,6 +66,10 @@ class EngineConfig:
     max_queue: requests waiting for a slot before `submit` answers EngineBusy.
     request_timeout_s: a request still running (or waiting) after this long is ended.
     max_top_k: largest top_k sampled exactly (a larger one samples the full distribution).
+    detok_schedule: which spoken reply's audio chunk is decoded next (`serving.detok_queue`):
+      "first_chunk" (replies with no audio yet first, then earliest playback deadline) or "fifo"
+      (arrival order, the original behaviour).
+    detok_workers: detokenizer threads (each works on one reply at a time).
     """
 
     slots: int = 4
@@ -72,9 +79,13 @@ class EngineConfig:
     max_queue: int = 32
     request_timeout_s: float = 300.0
     max_top_k: int = 64
+    detok_schedule: str = "first_chunk"
+    detok_workers: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("slots", "capacity", "prefill_chunk", "steps_per_tick", "max_queue"):
+        for name in (
+            "slots", "capacity", "prefill_chunk", "steps_per_tick", "max_queue", "detok_workers",
+        ):  # fmt: skip
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"EngineConfig.{name} must be an integer >= 1, got {v!r}")
@@ -82,6 +93,11 @@ class EngineConfig:
             raise ValueError(
                 f"EngineConfig.capacity ({self.capacity}) must be a multiple of prefill_chunk "
                 f"({self.prefill_chunk})"
+            )
+        if self.detok_schedule not in SCHEDULES:
+            raise ValueError(
+                f"EngineConfig.detok_schedule must be one of {SCHEDULES}, "
+                f"got {self.detok_schedule!r}"
             )
         if not self.request_timeout_s > 0:
             raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
@@ -197,8 +213,13 @@ class Engine:
         self._ids = itertools.count()
         self._running = False
         self._thread: threading.Thread | None = None
-        self._detok_q: queue.Queue[Any] = queue.Queue()
-        self._detok_thread: threading.Thread | None = None
+        sc = detokenizer.streaming if detokenizer is not None else None
+        self._detok = DetokQueue(
+            self.config.detok_schedule,
+            sc.first_chunk_size if sc else 1,
+            sc.chunk_size if sc else 1,
+        )
+        self._detok_threads: list[threading.Thread] = []
         self._avg_request_s = 5.0
         with sharding.mesh_context(mesh):
             self.state = slots_lib.SlotState.init(
@@ -234,18 +255,21 @@ class Engine:
         self._running = True
         self._thread = threading.Thread(target=self._loop, name="kimia-engine", daemon=True)
         self._thread.start()
-        self._detok_thread = threading.Thread(
-            target=self._detok_loop, name="kimia-detok", daemon=True
-        )
-        self._detok_thread.start()
+        if self.detokenizer is not None:
+            self._detok_threads = [
+                threading.Thread(target=self._detok_loop, name=f"kimia-detok-{i}", daemon=True)
+                for i in range(self.config.detok_workers)
+            ]
+            for t in self._detok_threads:
+                t.start()
         return self
 
     def stop(self) -> None:
         with self._lock:
             self._running = False
             self._lock.notify_all()
-        self._detok_q.put(None)
-        for t in (self._thread, self._detok_thread):
+        self._detok.close()
+        for t in (self._thread, *self._detok_threads):
             if t is not None:
                 t.join(timeout=30)
 
@@ -347,10 +371,10 @@ class Engine:
             "steps": req.num_text_tokens,
         }
         if req.both and reason in ("stop", "length"):
-            self._detok_q.put((req, np.zeros((0,), np.int64), final))
+            self._detok_put(req, np.zeros((0,), np.int64), final)
         else:
             if req.both:
-                self._detok_q.put((req, None, None))  # drop its detokenizer state
+                self._detok.drop(req.id)  # its pending codes and detokenizer state
             req._put(final)
 
     def _free(self, slot: int) -> None:
@@ -472,7 +496,7 @@ class Engine:
                 codes = self.text.codes(audio_ids[req.audio_sent :])
                 req.audio_sent = len(audio_ids)
                 if codes.size:
-                    self._detok_q.put((req, codes, None))
+                    self._detok_put(req, codes)
             if done:
                 req.tokens = (audio_ids, text_ids)
                 stopped_on_budget = int(st.step[s]) >= req.budget
@@ -524,53 +548,50 @@ class Engine:
         while self._queue:
             self._finish(self._queue.popleft(), "cancelled", "the engine stopped")
 
+    def _detok_put(self, req: Request, codes: np.ndarray, final: dict | None = None) -> None:
+        self._detok.put(req.id, codes, final, submitted=req.submitted, payload=req)
+
     def _detok_loop(self) -> None:
-        """Detokenizes each "both" request's codes chunk by chunk, in order; emits the request's
-        final event after its last audio."""
-        states: dict[int, tuple[Any, np.ndarray]] = {}
-        while True:
-            item = self._detok_q.get()
-            if item is None:
-                return
-            req, codes, final = item
-            if codes is None:
-                states.pop(req.id, None)
-                continue
+        """One detokenizer worker: runs the jobs of `self._detok` until the engine stops."""
+        while (job := self._detok.take()) is not None:
+            self._detok_job(*job)
+
+    def _detok_job(self, stream: Stream, tokens: np.ndarray, final: bool) -> None:
+        """One job of the detokenizer queue: the reply's complete chunks in `tokens` (in order,
+        on its state), their audio events, and after its final chunk its final event."""
+        req: Request = stream.payload
+        if stream.state is None:
             voice = req.voice if req.voice is not None else self.voice_prompt
-            det_state, pending = states.get(req.id) or (
-                self.detokenizer.new_state(voice),
-                codes[:0],
+            stream.state = self.detokenizer.new_state(voice)
+        try:
+            pieces, stream.state, left = self.detokenizer.detokenize_ready(
+                stream.state, tokens, final=final, key=req.seed
             )
-            if req.cancelled.is_set() and final is None:
-                continue
-            try:
-                pieces, det_state, pending = self.detokenizer.detokenize_ready(
-                    det_state,
-                    np.concatenate([pending, codes]),
-                    final=final is not None,
-                    key=req.seed,
-                )
-            except Exception as e:  # noqa: BLE001 - reported on the request
-                logging.exception("detokenizer failed")
-                states.pop(req.id, None)
-                req._put(
-                    {
-                        "done": True,
-                        "reason": "error",
-                        "error": f"detokenizer: {e}",
-                        "text": req.text_sent,
-                        "tokens": req.tokens,
-                    }
-                )
-                continue
-            for p in pieces:
-                if req.first_audio_s is None:
-                    req.first_audio_s = time.perf_counter() - req.submitted
-                    self.metrics.first_audio.observe(req.first_audio_s)
-                req._put({"audio": p})
-            if final is not None:
-                states.pop(req.id, None)
-                final = dict(final, tokens=req.tokens)
-                req._put(final)
-            else:
-                states[req.id] = (det_state, pending)
+        except Exception as e:  # noqa: BLE001 - reported on the request
+            logging.exception("detokenizer failed")
+            self._detok.release(stream, tokens[:0], chunks=0, audio_s=0.0, failed=True)
+            req._put(
+                {
+                    "done": True,
+                    "reason": "error",
+                    "error": f"detokenizer: {e}",
+                    "text": req.text_sent,
+                    "tokens": req.tokens,
+                }
+            )
+            return
+        if stream.dropped:  # cancelled while this job ran
+            self._detok.release(stream, left, chunks=0, audio_s=0.0)
+            return
+        for p in pieces:
+            if req.first_audio_s is None:
+                req.first_audio_s = time.perf_counter() - req.submitted
+                self.metrics.first_audio.observe(req.first_audio_s)
+            req._put({"audio": p})
+        audio_s = sum(len(p) for p in pieces) / self.detokenizer.vocoder_cfg.sampling_rate
+        self.metrics.audio_seconds.inc(audio_s)
+        if final:
+            req._put(dict(stream.final, tokens=req.tokens))
+        self._detok.release(
+            stream, left, chunks=stream.state.chunk_index, audio_s=audio_s, finished=final
+        )

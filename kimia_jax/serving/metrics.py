@@ -1,8 +1,8 @@
 """Prometheus metrics of one engine (its own registry, so several engines can live in a process).
 
 queue length, active slots, generated tokens (a counter: rate() gives tokens/s) and the last
-tick's tokens/s, time to first token, time to first audio chunk, requests by how they ended,
-requests refused as busy.
+tick's tokens/s, time to first token, time to first audio chunk, seconds of audio streamed,
+requests by how they ended, requests refused as busy.
 """
 
 from __future__ import annotations
@@ -40,6 +40,12 @@ class EngineMetrics:
             "kimia_time_to_first_audio_seconds",
             "Submit to the first 24 kHz audio chunk.",
             buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.audio_seconds = prom.Counter(
+            "kimia_audio_seconds",
+            "Seconds of 24 kHz speech streamed to clients (rate() over wall time: how many "
+            "real-time streams the detokenizer sustains).",
             registry=r,
         )
         self.requests = prom.Counter(

@@ -12,6 +12,30 @@
 The official `openai` client works unchanged against `base_url=http://127.0.0.1:8000/v1`. Bad
 requests get a 4xx with an OpenAI-style error body naming the field; a full engine queue gets 429
 with `Retry-After`; the server keeps serving the others.
+
+Real-time protocol (`WS /v1/realtime`, session in `serving/realtime.py`). Client -> server:
+    binary frames                 16-bit little-endian mono PCM at `input_sample_rate` (16 kHz)
+    {"type": "session.update", "vad": {VadConfig fields}, "output": "text"|"both",
+     "barge_in": bool, "memory": bool, "reply_tokens": int, "sampling": {Sampling fields}}
+                                  any subset; answered by session.updated (all settings)
+    {"type": "input.end"}         end the turn now (push-to-talk)
+    {"type": "response.cancel"}   cancel the running reply (answered by response.cancelled)
+    {"type": "session.reset"}     forget the conversation (answered by session.history, reset)
+Server -> client (every reply message carries its `turn` number):
+    {"type": "session.ready", "input_sample_rate", "output_sample_rate", "capacity", settings}
+    {"type": "speech.started", "barge_in"}    speech onset (the page stops its audio if barge_in)
+    {"type": "turn.end", "turn", "seconds"}    the VAD (or input.end) ended a user turn
+    {"type": "session.history", "turn", "messages", "prompt_tokens", "trimmed", "capacity",
+     "reply_tokens"}                           the turn's prompt: messages remembered, the oldest
+                                               exchanges dropped to fit the slot; {"reset": true}
+    {"type": "response.text", "turn", "text"}  a text piece; binary frames: 16-bit 24 kHz PCM
+    {"type": "response.done", "turn", "text", "reason"[, "error"]}
+    {"type": "response.cancelled", "turn", "reason": "barge_in"|"client", "text"}  the text
+                                               sent before the cancel (what memory keeps)
+    {"type": "error", "message"[, "turn", "retry_after"]}   the session goes on
+Frames are read while a reply streams; replies run one at a time in turn order. With barge-in
+(default) speech onset during a reply cancels it. With memory (default) each prompt holds the
+conversation so far (user audio turns, replies as text or "audio-text" messages).
 """
 
 from __future__ import annotations
@@ -20,7 +44,6 @@ import base64
 import contextlib
 import dataclasses
 import json
-import queue
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -29,7 +52,7 @@ from typing import Any
 
 import numpy as np
 import prometheus_client as prom
-from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import (
     HTMLResponse,
@@ -47,7 +70,7 @@ from kimia_jax.inference.batch import task_messages
 from kimia_jax.inference.sampler import Sampling
 from kimia_jax.serving import openai_api as oa
 from kimia_jax.serving.engine import Engine, EngineBusy
-from kimia_jax.serving.vad import EnergyVad, VadConfig
+from kimia_jax.serving.realtime import RealtimeSession, next_event
 
 PAGE = Path(__file__).with_name("static") / "realtime.html"
 
@@ -58,11 +81,14 @@ class ServerConfig:
     model_names: the `model` values accepted (the first is reported by /v1/models).
     max_upload_bytes: largest request body (413 above it).
     realtime_output: output type of the real-time endpoint ("both" needs the detokenizer).
+    realtime_reply_tokens: positions of a slot kept free for a real-time reply when the
+      conversation's oldest turns are trimmed (at most half the slot; `session.update` sets it).
     """
 
     model_names: tuple[str, ...] = ("kimi-audio",)
     max_upload_bytes: int = 25 * 1024 * 1024
     realtime_output: str = "both"
+    realtime_reply_tokens: int = 256
 
 
 def _error(
@@ -138,13 +164,6 @@ def create_app(kimia: Any, engine: Engine, config: ServerConfig | None = None) -
         prompt = await run_in_threadpool(build_prompt, messages, output_type)
         req = engine.submit(prompt, output_type, sampling, seed)
         return req, len(prompt)
-
-    async def next_event(req: Any) -> dict[str, Any]:
-        while True:
-            try:
-                return await run_in_threadpool(req._events.get, True, 0.5)
-            except queue.Empty:
-                continue
 
     async def result(req: Any) -> dict[str, Any]:
         audio, final = [], {}
@@ -329,98 +348,7 @@ def create_app(kimia: Any, engine: Engine, config: ServerConfig | None = None) -
         output = OutputType.parse(cfg.realtime_output)
         if output == OutputType.BOTH and engine.detokenizer is None:
             output = OutputType.TEXT
-        vad = EnergyVad(VadConfig())
-        await ws.send_json(
-            {
-                "type": "session.ready",
-                "input_sample_rate": vad.config.sample_rate,
-                "output_sample_rate": oa.OUTPUT_SAMPLE_RATE,
-                "output": output.value,
-            }
-        )
-        try:
-            while True:
-                msg = await ws.receive()
-                if msg.get("type") == "websocket.disconnect":
-                    return
-                turn = None
-                if msg.get("bytes") is not None:
-                    b = msg["bytes"]
-                    if len(b) % 2:
-                        await ws.send_json(
-                            {
-                                "type": "error",
-                                "message": "audio frames must be "
-                                "16-bit little-endian PCM (an even byte count)",
-                            }
-                        )
-                        continue
-                    pcm = np.frombuffer(b, "<i2").astype(np.float32) / 32768.0
-                    turn = vad.push(pcm)
-                elif msg.get("text") is not None:
-                    try:
-                        ctl = json.loads(msg["text"])
-                        kind = ctl["type"]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        await ws.send_json(
-                            {
-                                "type": "error",
-                                "message": 'control messages are JSON objects with a "type"',
-                            }
-                        )
-                        continue
-                    if kind == "session.update":
-                        try:
-                            vad = EnergyVad(VadConfig(**ctl.get("vad", {})))
-                            if "output" in ctl:
-                                output = OutputType.parse(ctl["output"])
-                        except (TypeError, ValueError) as e:
-                            await ws.send_json({"type": "error", "message": str(e)})
-                            continue
-                        await ws.send_json(
-                            {
-                                "type": "session.updated",
-                                "vad": dataclasses.asdict(vad.config),
-                                "output": output.value,
-                            }
-                        )
-                    elif kind == "input.end":
-                        turn = vad.end()
-                        if turn is None:
-                            await ws.send_json({"type": "error", "message": "no speech heard"})
-                    else:
-                        await ws.send_json({"type": "error", "message": f"unknown type {kind!r}"})
-                if turn is not None:
-                    await respond(ws, turn, vad.config.sample_rate, output)
-        except WebSocketDisconnect:
-            return
-
-    async def respond(ws: WebSocket, turn: np.ndarray, sr: int, output: OutputType) -> None:
-        await ws.send_json({"type": "turn.end", "seconds": round(len(turn) / sr, 3)})
-        messages = [{"role": "user", "message_type": "audio", "content": (turn, sr)}]
-        try:
-            req, _ = await submit(messages, output, Sampling(), 0)
-        except EngineBusy as e:
-            await ws.send_json({"type": "error", "message": str(e), "retry_after": e.retry_after})
-            return
-        try:
-            while True:
-                ev = await next_event(req)
-                if ev.get("done"):
-                    await ws.send_json(
-                        {
-                            "type": "response.done",
-                            "text": ev.get("text", ""),
-                            "reason": ev.get("reason"),
-                        }
-                    )
-                    return
-                if ev.get("text"):
-                    await ws.send_json({"type": "response.text", "text": ev["text"]})
-                if ev.get("audio") is not None:
-                    await ws.send_bytes(oa.pcm16(ev["audio"]))
-        finally:
-            req.cancel()
+        await RealtimeSession(ws, kimia, engine, output, cfg.realtime_reply_tokens).run()
 
     return app
 

@@ -3,6 +3,9 @@
 Frames of `frame_ms` are speech when their RMS level is above `threshold_db` (dBFS). A turn starts
 with `min_speech_ms` of speech frames and ends after `silence_ms` of non-speech frames; the turn's
 audio keeps `preroll_ms` before the first speech frame. Pure numpy, fed chunk by chunk.
+
+`onset` says whether the last `push` started a turn (speech onset: the real-time endpoint's
+barge-in interrupts a running reply on it).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class EnergyVad:
 
     def __init__(self, config: VadConfig | None = None):
         self.config = config or VadConfig()
+        self.onset = False  # the last `push` started a turn
         self.reset()
 
     def reset(self) -> None:
@@ -62,8 +66,10 @@ class EnergyVad:
         return max(1, -(-ms // self.config.frame_ms))
 
     def push(self, samples: np.ndarray) -> np.ndarray | None:
-        """Adds samples; returns the whole turn when its end was just detected, else None."""
+        """Adds samples; returns the whole turn when its end was just detected, else None.
+        Sets `onset` when these samples started a turn (whether or not it also ended)."""
         c = self.config
+        self.onset = False
         self._buf = np.concatenate([self._buf, np.asarray(samples, np.float32).reshape(-1)])
         n = c.frame
         while self._buf.size >= n:
@@ -75,7 +81,7 @@ class EnergyVad:
                 keep = self._frames_for(c.preroll_ms) + self._speech
                 self._frames = self._frames[-keep:]
                 if self._speech >= self._frames_for(c.min_speech_ms):
-                    self.in_turn, self._silence = True, 0
+                    self.in_turn, self._silence, self.onset = True, 0, True
                 continue
             self._silence = 0 if speech else self._silence + 1
             too_long = len(self._frames) * c.frame_ms >= c.max_turn_s * 1000

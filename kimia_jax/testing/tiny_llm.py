@@ -44,6 +44,22 @@ TINY_CONFIG: dict[str, Any] = {
 }  # fmt: skip
 
 
+def sized_config(size: str) -> dict[str, Any]:
+    """A config.json of the tiny fixture layout at `size`: "tiny" (`TINY_CONFIG`) or "0.5b" (the
+    `configs.qwen25_05b_shaped` dimensions and special ids), for measurements on random folders."""
+    import dataclasses
+
+    from kimia_jax import configs
+
+    config = dict(TINY_CONFIG)
+    if size == "0.5b":
+        big = dataclasses.asdict(configs.qwen25_05b_shaped())
+        config.update({k: v for k, v in big.items() if k in config})
+    elif size != "tiny":
+        raise ValueError(f"size must be 'tiny' or '0.5b', got {size!r}")
+    return config
+
+
 def random_tensors(cfg: LlmConfig, seed: int = 0) -> dict[str, np.ndarray]:
     """HF-named fp32 tensors: std 1/sqrt(fan_in) matrices, 0.1 biases, 1 +- 0.1 norm scales,
     N(0, 1) embeddings, 2/sqrt(hidden) heads (the fixture recipe)."""

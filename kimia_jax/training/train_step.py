@@ -9,7 +9,11 @@ and batch sharded by logical axis names over the (data, fsdp, tensor) mesh (trai
   and its optimizer group is `set_to_zero` (no update, no decay). Trainable: full backward, own
   AdamW group with fresh moments (`TrainStep.unfreeze_whisper`).
 * Loss: `loss.head_cross_entropy` (chunked fp32 CE from the final hidden states) and
-  `loss.kimia_loss` (official per-stream masked means by default).
+  `loss.kimia_loss` (official per-stream masked means by default). With `LossConfig.sparse` (the
+  default) the CE runs only at masked positions (`loss.masked_head_cross_entropy`) and a
+  micro-batch without any audio loss position skips the MIMO layers (`KimiaLLM(audio_branch=)`,
+  a run-time `cond`): an ASR batch spends nothing on the audio branch and the text head only at
+  its transcript positions, with the dense path's loss and gradients.
 * Gradient accumulation: a batch with a leading micro-batch axis [A, B, ...] is scanned; every
   micro-batch is normalized by the counts of the whole batch, so the accumulated gradient is the
   gradient of the whole batch's loss.
@@ -49,7 +53,13 @@ from kimia_jax.models.kimia_llm import KimiaLLM
 from kimia_jax.models.whisper_encoder import WhisperConfig, WhisperEncoder
 from kimia_jax.training import optim
 from kimia_jax.training.examples import ROWS_PER_WINDOW, WINDOW_SAMPLES
-from kimia_jax.training.loss import LossConfig, denominators, head_cross_entropy, kimia_loss
+from kimia_jax.training.loss import (
+    LossConfig,
+    denominators,
+    head_cross_entropy,
+    kimia_loss,
+    masked_head_cross_entropy,
+)
 
 # Logical axes of every batch entry (a leading micro-batch axis gets None).
 BATCH_AXES: dict[str, tuple[str | None, ...]] = {
@@ -218,6 +228,10 @@ def forward_loss(
     kw: dict[str, Any] = {}
     if "segment_ids" in batch and supports_segments():
         kw["segment_ids"] = batch["segment_ids"]
+    if loss_cfg.sparse and not collect:
+        # the audio branch only feeds the audio loss: skip it when this micro-batch has none
+        # (collect keeps it: the parity tests compare its activations)
+        kw["audio_branch"] = jnp.any(batch["audio_loss_mask"] > 0)
     out = KimiaLLM(llm_cfg).apply(
         {"params": params["llm"]},
         batch["audio_ids"],
@@ -229,16 +243,28 @@ def forward_loss(
         causal_by_index=causal_by_index,
         **kw,
     )
-    chunk = loss_cfg.ce_chunk
     llm_p = params["llm"]
-    text_ce, text_lse = head_cross_entropy(
-        out.aux["norm_out"], llm_p["lm_head"]["weight"], batch["text_labels"], chunk=chunk
+    heads = (
+        (out.aux["norm_out"], llm_p["lm_head"]["weight"], batch["text_labels"]),
+        (out.aux["mimo_norm_out"], llm_p["mimo_output"]["weight"], batch["audio_labels"]),
     )
-    audio_ce, audio_lse = head_cross_entropy(
-        out.aux["mimo_norm_out"], llm_p["mimo_output"]["weight"], batch["audio_labels"], chunk=chunk
-    )
+    if loss_cfg.sparse:
+        masks = (batch["text_loss_mask"], batch["audio_loss_mask"])
+        (text_ce, _), (audio_ce, _) = (
+            masked_head_cross_entropy(
+                *hd, mk, chunk=loss_cfg.sparse_chunk, max_chunk=loss_cfg.ce_chunk
+            )
+            for hd, mk in zip(heads, masks, strict=True)
+        )
+    else:
+        (text_ce, _), (audio_ce, _) = (
+            head_cross_entropy(*hd, chunk=loss_cfg.ce_chunk) for hd in heads
+        )
     loss, metrics = kimia_loss(text_ce, audio_ce, batch, loss_cfg, denoms)
-    if collect:
+    if collect:  # every position's CE (parity tests); not differentiated
+        (text_ce, text_lse), (audio_ce, audio_lse) = (
+            head_cross_entropy(*jax.lax.stop_gradient(hd), chunk=loss_cfg.ce_chunk) for hd in heads
+        )
         metrics.update(
             text_ce=text_ce,
             audio_ce=audio_ce,

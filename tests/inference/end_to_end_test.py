@@ -77,9 +77,10 @@ def test_voice_prompt_through_generate_and_stream(tiny, tmp_path):
         tiny.generate(CHAT, output_type="text", voice_prompt=str(clip))
 
 
-def test_int8_model_flag(tiny):
+def test_int8_model_flag(tiny, tmp_path):
     """`KimiAudio(quantize="int8")` quantizes the LLM's decode matrices on load and generates
-    exactly what the same model with `layers.quant.quantize(..., quant.DECODE)` params does."""
+    exactly what the same model with `layers.quant.quantize(..., quant.DECODE)` params does;
+    `KimiAudio(<folder converted with quantize="int8">)` loads int8 directly, same text."""
     from kimia_jax.layers import quant
 
     q = KimiAudio(tiny.model_path, load_detokenizer=False, dtype="float32", quantize="int8")
@@ -94,5 +95,34 @@ def test_int8_model_flag(tiny):
     finally:
         tiny.params = ref
     assert text == want
-    with pytest.raises(ValueError, match="quantize must be None or one of"):
+    with pytest.raises(ValueError, match="quantize must be None, 'none' or one of"):
         KimiAudio(tiny.model_path, load_detokenizer=False, quantize="int2")
+    # a folder converted with --quantize=int8 loads as int8 with no quantize= and generates the
+    # same text; another kind is refused before any weight is read
+    from kimia_jax.conversion.kimia import convert_all
+    from kimia_jax.errors import QuantizeMismatchError
+
+    out = tmp_path / "int8"
+    convert_all(tiny.model_path, out, detokenizer=False, quantize="int8", log=lambda _: None)
+    direct = KimiAudio(out, load_detokenizer=False, dtype="float32")
+    assert direct.quantize == q.quantize == "int8"
+    assert quant.summary(direct.params) == quant.summary(q.params)
+    assert direct.generate(CHAT, output_type="text", seed=0, max_new_tokens=24)[1] == text
+    with pytest.raises(QuantizeMismatchError, match="holds int8 LLM weights"):
+        KimiAudio(out, load_detokenizer=False, quantize="int4")
+
+
+def test_int8_detokenizer_flag(tiny, monkeypatch):
+    """`quantize_detokenizer="int8"` reaches `Detokenizer.from_pretrained(quantize=)` (the int8
+    DiT itself: tests/detokenizer/quant_test.py); bad values are refused before loading."""
+    from kimia_jax.detokenizer.detokenizer import Detokenizer
+
+    seen = {}
+    monkeypatch.setattr(Detokenizer, "from_pretrained",
+                        classmethod(lambda cls, root, **kw: seen.update(kw) or "det"))  # fmt: skip
+    m = KimiAudio(tiny.model_path, dtype="float32", quantize_detokenizer="int8")
+    assert seen == {"quantize": "int8"} and m.detokenizer == "det"
+    with pytest.raises(ValueError, match="quantize_detokenizer must be None, 'none' or 'int8'"):
+        KimiAudio(tiny.model_path, quantize_detokenizer="int4")
+    with pytest.raises(ValueError, match="needs load_detokenizer=True"):
+        KimiAudio(tiny.model_path, load_detokenizer=False, quantize_detokenizer="int8")

@@ -68,6 +68,26 @@ def test_fixture_greedy_tokens_and_logits(loaded, mode):
         assert d["decode_text_text_top2_margin"][agree] < 3e-2 * scale
 
 
+def test_int8_folder_gives_the_quantize_on_load_tokens(loaded, tmp_path):
+    """A folder converted with quantize="int8" (`conv.convert_to_orbax`), loaded directly as
+    int8, gives exactly the greedy tokens ("both" mode: both heads, all 12 fixture steps) and
+    logits (max abs diff 0.0) of the fp32 model quantized on load: the same q and scales."""
+    cfg, _, q, model = loaded
+    conv.convert_to_orbax(LLM_DIR, tmp_path / "int8", dtype="float32", progress=False,
+                          quantize="int8")  # fmt: skip
+    _, direct = conv.load(tmp_path / "int8")
+    prompt = fixture_prompt(cfg.kimia_adaptor_input_dim)
+    for mode in ("both",):
+        kw = dict(model=model, max_new_tokens=STEPS[mode], stream=TINY_STREAM[mode], trace=True)
+        want = gen.generate_fixed(q, prompt, jax.random.key(0), **kw)
+        got = gen.generate_fixed(direct, prompt, jax.random.key(0), **kw)
+        for a, b in zip(gen.returned_tokens(got, TINY_STREAM[mode]),
+                        gen.returned_tokens(want, TINY_STREAM[mode]), strict=True):  # fmt: skip
+            np.testing.assert_array_equal(a, b)
+        for s in ("text", "audio"):
+            np.testing.assert_array_equal(got.trace[f"{s}_logits"], want.trace[f"{s}_logits"])
+
+
 def _random_batch(cfg, b=100, t=40, seed=0):
     rng = np.random.default_rng(seed)
     lengths = rng.integers(5, t + 1, b)

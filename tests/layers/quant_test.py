@@ -84,3 +84,34 @@ def test_quantize_tree_selects_modules_and_counts_bytes():
     assert quant.quantize(params, None) is params
     with pytest.raises(ValueError, match="quantize must be one of"):
         quant.quantize(params, "int3")
+
+
+def test_dense_takes_an_int8_kernel():
+    """`quantize_kernel` is the per-row QWeight of the transposed kernel (same integers and
+    scales); `dense` multiplies it as (x @ q) * s: equal to x @ dequantized kernel to float32
+    rounding (bound 1e-6 relative), bias added; a float kernel gives nn.Dense's result exactly."""
+    import flax.linen as nn
+
+    from kimia_jax.layers.linear import dense
+
+    layer = dense(24, ("a", "b"), "d", jnp.float32)
+    x = _w((2, 5, 16), 2)
+    params = nn.unbox(layer.init(jax.random.key(0), x)["params"])
+    params["bias"] = _w((24,), 3)
+    k = quant.quantize_kernel(params["kernel"])
+    t = quant.quantize_weight(params["kernel"].T, "int8")
+    np.testing.assert_array_equal(np.asarray(k.q), np.asarray(t.q).T)
+    np.testing.assert_array_equal(np.asarray(k.scale), np.asarray(t.scale)[:, 0])
+    got = jax.jit(layer.apply)({"params": {**params, "kernel": k}}, x)
+    want = x @ (k.q.astype(jnp.float32) * k.scale) + params["bias"]
+    err = float(jnp.abs(got - want).max() / jnp.abs(want).max())
+    assert got.dtype == jnp.float32 and err <= 1e-6, err
+    plain = nn.Dense(24).apply({"params": params}, x)
+    np.testing.assert_array_equal(np.asarray(layer.apply({"params": params}, x)), plain)
+    tree = {"blocks_0": {"attn": {"qkv": {"kernel": params["kernel"], "bias": params["bias"]}}},
+            "input_linear": {"kernel": params["kernel"]}}  # fmt: skip
+    q = quant.quantize_dense(tree, "int8")
+    assert isinstance(q["blocks_0"]["attn"]["qkv"]["kernel"], quant.QKernel)
+    assert not isinstance(q["input_linear"]["kernel"], quant.QKernel)  # not in quant.DIT
+    with pytest.raises(ValueError, match="int8' only"):
+        quant.quantize_dense(tree, "int4")

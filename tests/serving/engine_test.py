@@ -13,7 +13,7 @@ from kimia_jax.configs import OutputType
 from kimia_jax.errors import PromptError
 from kimia_jax.inference import pipeline
 from kimia_jax.inference.sampler import Sampling
-from kimia_jax.serving.engine import Engine, EngineBusy, EngineConfig
+from kimia_jax.serving.engine import Engine, EngineBusy, EngineConfig, Request
 
 WORDS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 # Greedy, the tiny model speaks 14 audio codes in the first 240 steps of this "both" chat.
@@ -178,5 +178,103 @@ def test_int8_engine_gets_the_int8_models_solo_tokens(kimia, speech_wav):
             res = r.result(timeout=600)
             _, text = _alone(q, p, OutputType.TEXT, samp)
             assert list(res["tokens"][1]) == text
+    finally:
+        eng.stop()
+
+
+# Chunks each reply's audio is decoded in, by schedule (first chunk 30 tokens, then 30; "B1f" is
+# B's chunk 1, its final one; "A1-2" one job of A's chunks 1 and 2): codes arrive in three waves
+# (A: 31; A: 69 more, B: 45, C: 20; C: 11 more, then every reply ends).
+SCHEDULE_ORDER = {
+    # first chunks first (B0 ahead of A's backlog, C0 ahead of everything), then least audio sent
+    # (the clock is frozen, so a deadline is the audio sent), one chunk per job
+    "first_chunk": ["A0", "B0", "A1", "A2", "C0", "B1f", "C1f", "A3f"],
+    # arrival order of complete work, all of a reply's complete chunks in one job
+    "fifo": ["A0", "A1-2", "B0", "C0-1f", "A3f", "B1f"],
+}
+
+
+@pytest.mark.parametrize("schedule", ["first_chunk", "fifo"])
+def test_detokenizer_schedule_runs_first_chunks_first_and_stays_exact(kimia, schedule):
+    """The engine's detokenizer jobs (`Engine._detok_job`, the real tiny detokenizer, driven here
+    one job at a time without threads) run in the order of SCHEDULE_ORDER, and each reply's
+    streamed audio equals `Detokenizer.detokenize` of its codes (measured max abs difference 0.0
+    under both schedules)."""
+    det = kimia.detokenizer
+    cfg = EngineConfig(slots=1, capacity=256, prefill_chunk=32, detok_schedule=schedule)
+    eng = Engine.from_kimia(kimia, cfg)
+    eng._detok.clock = lambda: 0.0
+    rng = np.random.default_rng(0)
+    n = {"A": 100, "B": 45, "C": 31}
+    codes = {k: rng.integers(0, det.dit_cfg.semantic_vocab_size, v) for k, v in n.items()}
+    reqs = {
+        k: Request(i, None, OutputType.BOTH, Sampling(), 10 + i, 1, float("inf"))
+        for i, k in enumerate("ABC")
+    }
+    name = {r.id: k for k, r in reqs.items()}
+    order = []
+
+    def run_ready():
+        while (job := eng._detok.next_job()) is not None:
+            stream, _, final = job
+            c0 = stream.chunks
+            eng._detok_job(*job)
+            c1 = stream.state.chunk_index
+            order.append(f"{name[stream.key]}{c0}{'' if c1 == c0 + 1 else f'-{c1 - 1}'}")
+            order[-1] += "f" if final else ""
+
+    eng._detok_put(reqs["A"], codes["A"][:31])
+    run_ready()
+    eng._detok_put(reqs["A"], codes["A"][31:])
+    eng._detok_put(reqs["B"], codes["B"])
+    eng._detok_put(reqs["C"], codes["C"][:20])
+    run_ready()
+    eng._detok_put(reqs["C"], codes["C"][20:])
+    for k in "ABC":
+        eng._detok_put(reqs[k], codes[k][:0], {"done": True, "reason": "stop"})
+    run_ready()
+    assert order == SCHEDULE_ORDER[schedule]
+    assert len(eng._detok) == 0
+    for k, r in reqs.items():
+        res = r.result(timeout=0)
+        assert res["reason"] == "stop"
+        ref = det.detokenize(codes[k], key=r.seed)
+        assert res["audio"].shape == ref.shape
+        assert float(np.max(np.abs(res["audio"] - ref))) == 0.0, k
+
+
+@pytest.mark.slow
+def test_spoken_replies_with_many_chunks_stream_exactly_with_two_workers(kimia):
+    """Three concurrent spoken replies of ~100 codes (4 detokenizer chunks each: the audio head
+    of the tiny model is restricted to semantic ids, as in bench_serve --speech_heavy) on two
+    detokenizer workers and the "first_chunk" schedule: each reply's streamed audio equals
+    `KimiAudio.detokenize_audio` of its codes (measured max abs difference 0.0)."""
+    w = kimia.params["mimo_output"]["weight"]
+    params = dict(kimia.params, mimo_output={"weight": w.at[: kimia.cfg.kimia_token_offset].set(0)})
+    cfg = EngineConfig(slots=4, capacity=128, prefill_chunk=32, steps_per_tick=4, detok_workers=2)
+    eng = Engine(
+        params,
+        kimia.model,
+        kimia.extra_tokens,
+        kimia.text_decoder,
+        kimia.detokenizer,
+        kimia.cfg.kimia_adaptor_input_dim,
+        kimia.mesh,
+        cfg,
+    ).start()
+    try:
+        chats = [
+            [{"role": "user", "message_type": "text", "content": t}]
+            for t in ("Tell me a story.", "one two three", "Sing.")
+        ]
+        prompts = [kimia.prompts([c], OutputType.BOTH)[0] for c in chats]
+        reqs = [eng.submit(p, OutputType.BOTH, Sampling(), seed=i) for i, p in enumerate(prompts)]
+        for i, r in enumerate(reqs):
+            res = r.result(timeout=600)
+            codes, _ = kimia.text_decoder.postprocess(*res["tokens"])
+            assert codes.size > 90, codes.size  # several chunks of 30
+            ref = kimia.detokenize_audio(codes, seed=i)
+            assert res["audio"].shape == ref.shape
+            assert float(np.max(np.abs(res["audio"] - ref))) == 0.0, i
     finally:
         eng.stop()

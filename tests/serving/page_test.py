@@ -47,8 +47,9 @@ class DevTools:
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install chromium)")
 def test_page_plays_a_reply_and_shows_its_transcript(kimia, engine, tmp_path):
     """The page records the fake microphone (a wav: silence, 1.2 s of voiced signal, silence),
-    the server's VAD ends the turn, the reply's text appears in the transcript and its 24 kHz
-    audio is scheduled for playback; a screenshot is saved (KIMIA_SCREENSHOT or tmp_path)."""
+    the server's VAD ends the turn, the reply's text appears in the transcript, its 24 kHz audio
+    is scheduled for playback and the memory line shows the turn; a screenshot is saved
+    (KIMIA_SCREENSHOT or tmp_path)."""
     sr = 48000
     t = np.arange(int(1.2 * sr)) / sr
     voice = sum(np.sin(2 * np.pi * f * t) / (i + 1) for i, f in enumerate((180, 360, 540)))
@@ -68,7 +69,8 @@ def test_page_plays_a_reply_and_shows_its_transcript(kimia, engine, tmp_path):
                 f"--user-data-dir={profile}",
                 "--use-fake-ui-for-media-stream",
                 "--use-fake-device-for-media-stream",
-                f"--use-file-for-fake-audio-capture={wav}",
+                # played once: a looping file would speak again and barge in on the reply
+                f"--use-file-for-fake-audio-capture={wav}%noloop",
                 "--autoplay-policy=no-user-gesture-required",
                 "about:blank",
             ],
@@ -102,6 +104,7 @@ def test_page_plays_a_reply_and_shows_its_transcript(kimia, engine, tmp_path):
                 )
                 time.sleep(0.5)
             log = dt.eval("document.getElementById('log').innerText")
+            page_text = dt.eval("document.body.innerText")
             shot = dt.call("Page.captureScreenshot", format="png")["data"]
             out = os.environ.get("KIMIA_SCREENSHOT") or str(tmp_path / "page.png")
             with open(out, "wb") as f:
@@ -111,5 +114,6 @@ def test_page_plays_a_reply_and_shows_its_transcript(kimia, engine, tmp_path):
             proc.terminate()
             proc.wait(timeout=30)
     reply = state["replies"][0]
-    assert "you: (" in log and f"kimi: {reply}" in log
+    assert "you: (" in log and f"kimi: {reply}" in log and state["cancelled"] == 0
     assert state["audioSamples"] > 0
+    assert "memory: 1 messages" in page_text, page_text  # the session.history of the turn

@@ -71,3 +71,20 @@ def test_long_speech_is_cut_at_max_turn():
 def test_bad_settings_are_named(kw, word):
     with pytest.raises(ValueError, match=word):
         VadConfig(**kw)
+
+
+def test_onset_marks_the_push_that_starts_a_turn():
+    """100 ms chunks of silence then tone: `onset` is set by exactly one push, the one in which
+    min_speech_ms (90 ms = 3 frames) of speech has accumulated, and not again during the turn."""
+    vad = EnergyVad(VadConfig(min_speech_ms=90, silence_ms=600))
+    signal = np.concatenate([np.zeros(SR // 2, np.float32), _tone(1.0), np.zeros(SR, np.float32)])
+    onsets, ended = [], None
+    for k, i in enumerate(range(0, signal.size, SR // 10)):
+        if vad.push(signal[i : i + SR // 10]) is not None:
+            ended = k
+            break
+        onsets.append(vad.onset)
+    # the tone starts at 0.5 s (chunk 5); 3 speech frames of 30 ms end at 0.59 s, inside chunk 5
+    assert [k for k, o in enumerate(onsets) if o] == [5]
+    assert ended is not None and ended > 5 and not vad.onset
+    assert vad.push(np.zeros(480, np.float32)) is None and not vad.onset

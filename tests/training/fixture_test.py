@@ -5,7 +5,11 @@ All four examples run in one padded shape [1, 272] (one compile): padding positi
 row index, so no real query sees them. Measured (CPU, fp32, max over the 4 fixtures): losses
 1.2e-7 relative; whisper_feature 1.7e-6; inputs_embeds, norm_out, mimo_norm_out, CE and logsumexp
 rows 1.3e-6; listed LLM gradients 1.1e-6, whisper gradients 3.4e-6 (bar 1e-4); per-parameter
-gradient norms 5.3e-7, global norm 2.5e-7; MIMO-branch gradients of 00-02 exactly 0.
+gradient norms 5.3e-7, global norm 2.5e-7; MIMO-branch gradients of 00-02 exactly 0. The loss and
+gradients come from the default sparse loss path (`LossConfig.sparse`; the collected per-position
+CE is the dense one); 2026-11-27 re-measure, sparse / dense path: losses 1.2e-7 / 1.2e-7, LLM
+gradients 9.8e-7 / 9.1e-7, whisper gradients 3.2e-6 / 3.5e-6 (tests/training/sparse_test.py runs
+the step path without `collect`, where the MIMO skip is live).
 """
 
 from __future__ import annotations
