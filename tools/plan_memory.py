@@ -5,6 +5,8 @@
     python -m tools.plan_memory --target=v5p:4x4x4 --mesh=fsdp=64 --batch=64   # v5p-128
     python -m tools.plan_memory --target=v5e:2x2 --mesh=fsdp=4 --batch=4 --lora_rank=16 \
         --base_quant=int8
+    python -m tools.plan_memory --target=v5e:2x2 --mesh=fsdp=4 --batch=4 --model=0.5b \
+        --seq=4096 --scan --remat=full --attention=xla   # the materialized-scores baseline
 
 Nothing is allocated: the params are `jax.eval_shape` trees of the real shapes (`configs.kimia_7b`
 + whisper-large-v3), the step is the real one (`training.train_step.TrainStep`, or
@@ -14,8 +16,11 @@ topology name (`v5e:16x16`, `v5p:4x4x4`, ...) compiled through JAX's AOT topolog
 the `libtpu` wheel (no TPU needed). Printed per device: arguments (params, optimizer state, batch),
 outputs (aliased with the donated arguments), temporaries (activations, gradients, workspace),
 and the peak estimate argument + output - alias + temp, against 16 GB (v5e), 95 GB (v5p), 80 GB
-(H100). XLA:CPU does not model TPU layouts/fusions, so `cpu:N` numbers are a proxy for GPUs of
-the same mesh, not a measurement of them.
+(H100). The LLM's training-row attention (`--attention`, `LlmConfig.attention_implementation`) is
+splash attention ("pallas") for TPU targets by default: "auto" picks by `jax.default_backend()`,
+which is the CPU of this host even when compiling for a TPU topology. XLA:CPU does not model TPU
+layouts/fusions, so `cpu:N` numbers are a proxy for GPUs of the same mesh, not a measurement of
+them.
 """
 
 from __future__ import annotations
@@ -43,6 +48,13 @@ _WREMAT = flags.DEFINE_string(
 _CE_CHUNK = flags.DEFINE_integer("ce_chunk", None, "LossConfig.ce_chunk override.")
 _LORA = flags.DEFINE_integer("lora_rank", 0, "LoRA rank (0: full fine-tuning).")
 _QUANT = flags.DEFINE_enum("base_quant", "none", ["none", "int8", "int4"], "LoRA base weights.")
+_ATTENTION = flags.DEFINE_enum(
+    "attention",
+    None,
+    ["auto", "xla", "cudnn", "pallas"],
+    "LlmConfig.attention_implementation of the training-row attention. Default: pallas (splash) "
+    "for TPU targets, auto for cpu:N. 'auto' keys on jax.default_backend(), which is cpu here.",
+)
 
 GB = 1e9
 BUDGETS = (("v5e 16 GB", 16 * GB), ("H100 80 GB", 80 * GB), ("v5p 95 GB", 95 * GB))
@@ -90,6 +102,7 @@ def plan(
     ce_chunk: int | None = None,
     lora_rank: int = 0,
     base_quant: str = "none",
+    attention: str | None = None,
     lower_only: bool = False,
 ) -> dict:
     """Lowers and compiles the step for `target`; returns the per-device memory numbers."""
@@ -107,7 +120,9 @@ def plan(
 
     devices = _devices(target)
     mesh = sharding.parse_mesh(mesh_spec, devices)
-    llm_cfg = configs.PRESETS[model](param_dtype="float32")
+    if attention is None:  # AOT from this CPU host: "auto" would see the CPU backend
+        attention = "auto" if target.startswith("cpu:") else "pallas"
+    llm_cfg = configs.PRESETS[model](param_dtype="float32", attention_implementation=attention)
     if scan is not None:  # the abstract params in the step's layer layout
         llm_cfg = llm_cfg.replace(scan_layers=scan)
     if llm_cfg.kimia_adaptor_input_dim == 5120:  # whisper-large-v3
@@ -193,6 +208,7 @@ def plan(
         scan=scan,
         whisper_remat=whisper_remat,
         whisper_trainable=whisper_trainable,
+        attention=attention,
         compile_s=seconds,
         argument=ma.argument_size_in_bytes,
         output=ma.output_size_in_bytes,
@@ -211,7 +227,8 @@ def report(r: dict) -> str:
         f"({r['params'] / 1e9:.2f} B params), lora_rank {r['lora_rank']} base {r['base_quant']}, "
         f"batch {r['batch']} (accum {r['accum']}) x {r['seq']}, W={r['windows']}, "
         f"{r['compute_dtype']}, remat {r['remat']}, scan {r['scan']}, whisper "
-        f"{'trained' if r['whisper_trainable'] else 'frozen'} (remat {r['whisper_remat']}); "
+        f"{'trained' if r['whisper_trainable'] else 'frozen'} (remat {r['whisper_remat']}), "
+        f"attention {r['attention']}; "
         "compiled in "
         f"{r['compile_s']:.0f} s\n"
         f"  per device: argument {r['argument'] / GB:.2f} GB, output {r['output'] / GB:.2f} GB "
@@ -238,6 +255,7 @@ def main(argv: list[str]) -> None:
         ce_chunk=_CE_CHUNK.value,
         lora_rank=_LORA.value,
         base_quant=_QUANT.value,
+        attention=_ATTENTION.value,
     )
     print(report(r))
 

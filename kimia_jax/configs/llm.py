@@ -9,6 +9,9 @@ from typing import Any
 from kimia_jax.configs.base import ReleasedConfig
 from kimia_jax.errors import CheckpointError
 
+# "auto" or a `kimia_jax.layers.attention.IMPLEMENTATIONS` name (configs sit below layers).
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LlmConfig(ReleasedConfig):
@@ -28,6 +31,10 @@ class LlmConfig(ReleasedConfig):
       use_whisper_feature: whether the adaptor exists.
       dtype: compute dtype (activations); `param_dtype`: dtype parameters are stored in.
       scan_layers, remat_policy: layer stack layout and rematerialization (not file keys).
+      attention_implementation: kernel of the cache-less training-row attention (not a file
+        key): "auto" (splash on TPU, cuDNN on GPU where eligible, else XLA) or "xla", "cudnn",
+        "pallas" to force one (e.g. ahead-of-time compiles for TPU from a CPU host, where "auto"
+        sees the CPU backend). Calls over a KV cache always choose automatically.
     """
 
     vocab_size: int
@@ -57,8 +64,14 @@ class LlmConfig(ReleasedConfig):
     # once per stack, for training. remat_policy: one of kimia_llm.REMAT_POLICIES.
     scan_layers: bool = False
     remat_policy: str = "none"
+    attention_implementation: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise CheckpointError(
+                f"attention_implementation {self.attention_implementation!r} is not one of "
+                f"{ATTENTION_IMPLEMENTATIONS}"
+            )
         if self.hidden_size % self.num_attention_heads:
             raise CheckpointError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "

@@ -396,17 +396,53 @@ def _splash_segments(b: int, t: int, s_len: int, mask: AttentionMask | None):
     return qs, ks
 
 
-def _make_splash_kernel(mask, heads: int):
+def _make_splash_kernel(mask, heads: int, interpret: bool = False):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
-    return sk.make_splash_mqa_single_device(sm.MultiHeadMask([mask] * heads))
+    return sk.make_splash_mqa_single_device(sm.MultiHeadMask([mask] * heads), interpret=interpret)
 
 
 def _splash(q, k, v, mask, scale):
     reason = _splash_reason(q, k, mask)
     if reason:
         raise ValueError(f"attention: implementation='pallas': {reason}")
+    mesh = sharding.current_mesh()
+    if mesh is None:
+        return _splash_local(q, k, v, mask, scale)
+    # A Pallas kernel is not partitioned by XLA: run it per shard (rows over the batch axes,
+    # heads over the head axis when it divides both head counts), as the sharded LLM lays q out.
+    b, t, n, h = q.shape
+    bspec = sharding.spec_for(("batch",), (b,), mesh, name="attention/batch")[0]
+    hspec = sharding.spec_for(("act_heads",), (n,), mesh, name="attention/heads")[0]
+    h_axes = () if hspec is None else (hspec,) if isinstance(hspec, str) else tuple(hspec)
+    if k.shape[2] % math.prod(mesh.shape[a] for a in h_axes):
+        hspec = None  # KV heads not divisible: heads stay whole on every shard
+    P = jax.sharding.PartitionSpec
+    qkv = P(bspec, None, hspec, None)
+    arrays = {"q_segments": None, "k_segments": None, "k_valid": None, "kv_lengths": None}
+    specs = {}
+    for name in arrays:
+        x = getattr(mask, name) if mask is not None else None
+        if x is not None:
+            x = jnp.broadcast_to(x, (b, *jnp.shape(x)[1:])) if jnp.ndim(x) > 1 else x
+            arrays[name] = x
+            specs[name] = P(bspec, *([None] * (jnp.ndim(x) - 1)))
+    present = {k_: x for k_, x in arrays.items() if x is not None}
+
+    def local(qq, kk, vv, parts):
+        m = None if mask is None else mask.replace(**{**arrays, **parts})
+        return _splash_local(qq, kk, vv, m, scale)
+
+    return jax.shard_map(
+        local,
+        in_specs=(qkv, qkv, qkv, {k_: specs[k_] for k_ in present}),
+        out_specs=qkv,
+        check_vma=False,
+    )(q, k, v, present)
+
+
+def _splash_local(q, k, v, mask, scale):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 
     b, t, n, h = q.shape
@@ -438,6 +474,15 @@ class Attention(nn.Module):
 
     The projections are tagged with `checkpoint_name` ("query_proj", "key_proj", "value_proj",
     "out_proj") for the remat policies of `kimia_jax.models.kimia_llm`.
+
+    `causal_by_index` (cache-less calls only: training rows) builds the mask from the static
+    causal structure (key index <= query index) and the segment ids instead of the traced
+    positions. It equals the positions mask exactly when positions strictly increase along the row
+    within every segment (`examples.row_arrays` writes arange per packed example;
+    `training.train_step.check_positions` enforces it on host batches); it lets the fused kernels
+    (splash on TPU, cuDNN on GPU) take the call. `implementation` ("auto" or one of
+    `IMPLEMENTATIONS`) is the kernel for those calls; calls with traced positions keep the
+    automatic choice.
     """
 
     num_heads: int
@@ -446,6 +491,8 @@ class Attention(nn.Module):
     rope_theta: float
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    causal_by_index: bool = False
+    implementation: str = "auto"
 
     @nn.compact
     def __call__(
@@ -493,10 +540,17 @@ class Attention(nn.Module):
             mask = AttentionMask.make_causal(positions, k_pos)
             out = dot_product_attention(q, ck, cv, mask=mask)
         else:
-            mask = AttentionMask.make_causal(positions, positions)
+            impl = None
+            if self.causal_by_index:
+                if cache is not None:
+                    raise ValueError("causal_by_index is for cache-less calls (training rows)")
+                mask = AttentionMask.make_causal()
+                impl = None if self.implementation == "auto" else self.implementation
+            else:
+                mask = AttentionMask.make_causal(positions, positions)
             if segment_ids is not None:
                 mask = mask & AttentionMask.make_segments(segment_ids)
-            out = dot_product_attention(q, k, v, mask=mask)
+            out = dot_product_attention(q, k, v, mask=mask, implementation=impl)
         out = out.reshape(b, t, n * h)
         out = Linear(d, ("embed", "heads"), name="o_proj", **kw)(out)
         return checkpoint_name(out, "out_proj"), kv

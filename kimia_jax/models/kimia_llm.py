@@ -63,15 +63,24 @@ class DecoderLayer(nn.Module):
     """Pre-norm Qwen2 block: h = x + attn(norm1(x)); out = h + mlp(norm2(h)).
 
     `layer` is this layer's index in the cache (a traced scalar inside a scan).
+    `causal_by_index`: the attention mask of cache-less calls from the static causal structure
+    (`Attention.causal_by_index`).
     """
 
     cfg: LlmConfig
+    causal_by_index: bool = False
 
     def setup(self) -> None:
         c = self.cfg
         kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
         self.self_attn = Attention(
-            c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rope_theta, **kw
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+            c.rope_theta,
+            causal_by_index=self.causal_by_index,
+            implementation=c.attention_implementation,
+            **kw,
         )
         self.mlp = MLP(c.intermediate_size, gated=True, activation="silu", **kw)
         self.input_layernorm = RMSNorm(c.rms_norm_eps, **kw)
@@ -216,7 +225,7 @@ class KimiaLLM(nn.Module):
 
     def _unrolled(
         self, name: str, n: int, offset: int, x, positions, cache, attend_cache, seed_at=-1,
-        segment_ids=None,
+        segment_ids=None, causal_by_index=False,
     ):  # fmt: skip
         """Layers `{name}_{j}`, j < n -> (x, output of layer seed_at, kv, per-layer outputs).
 
@@ -228,7 +237,7 @@ class KimiaLLM(nn.Module):
             cls = nn.remat(DecoderLayer, policy=policy, static_argnums=(4, 5))
         kvs, outs, seed = [], [], None
         for j in range(n):
-            x, kv = cls(self.cfg, name=f"{name}_{j}")(
+            x, kv = cls(self.cfg, causal_by_index, name=f"{name}_{j}")(
                 x, positions, cache, offset + j, attend_cache, segment_ids
             )
             if cache is not None:
@@ -244,7 +253,7 @@ class KimiaLLM(nn.Module):
 
     def _scanned(
         self, name: str, n: int, offset: int, x, positions, cache, attend_cache, collect,
-        seed_at=-1, segment_ids=None,
+        seed_at=-1, segment_ids=None, causal_by_index=False,
     ):  # fmt: skip
         """`nn.scan` over the stacked layers `name`; same returns as `_unrolled`."""
         policy = _remat_policy(self.cfg.remat_policy)
@@ -260,8 +269,8 @@ class KimiaLLM(nn.Module):
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
         module = stack(
-            self.cfg, cache_offset=offset, seed_at=seed_at, attend_cache=attend_cache,
-            collect=collect, name=name,
+            self.cfg, causal_by_index, cache_offset=offset, seed_at=seed_at,
+            attend_cache=attend_cache, collect=collect, name=name,
         )  # fmt: skip
         (x, seed, cache_out), (fresh, outs) = module(
             (x, x, cache), jnp.arange(n, dtype=jnp.int32), positions, segment_ids
@@ -283,6 +292,7 @@ class KimiaLLM(nn.Module):
         collect: bool = False,
         segment_ids: jax.Array | None = None,
         audio_branch: jax.Array | None = None,
+        causal_by_index: bool = False,
     ) -> LlmOutput:
         """One forward call over T positions of both streams.
 
@@ -298,6 +308,11 @@ class KimiaLLM(nn.Module):
           collect: also return every layer output and norm output in `aux` (parity tests).
           segment_ids: [B, T] packed-example ids (training rows, no cache): attention stays
             within equal ids; positions restart per example.
+          causal_by_index: (no cache) mask by key index <= query index (and segment ids)
+            instead of by positions, so the fused attention kernels can run
+            (`cfg.attention_implementation`). The caller guarantees that positions strictly
+            increase along the row within each segment, which makes the two masks equal
+            (training rows: `training.train_step.check_positions`).
           audio_branch: bool scalar (training, no cache): False skips the MIMO layers at run
             time (`nn.cond`): the audio branch's outputs (hidden states, audio logits, its k/v)
             are then zeros and nothing flows back through it. None always runs it.
@@ -306,6 +321,8 @@ class KimiaLLM(nn.Module):
           cache holding this call's k/v of every layer, length T).
         """
         c = self.cfg
+        if causal_by_index and cache is not None:
+            raise ValueError("KimiaLLM: causal_by_index is for calls without a cache (training)")
         x, aux = self.embed(audio_ids, text_ids, features, continuous_mask)
         if collect:
             aux["inputs_embeds"] = x
@@ -319,21 +336,22 @@ class KimiaLLM(nn.Module):
         if c.scan_layers:
             x, m, kv_main, main_outs = self._scanned(
                 "layers", n, 0, x, positions, cache, attend_cache, collect, seed_at,
-                segment_ids=segment_ids,
+                segment_ids=segment_ids, causal_by_index=causal_by_index,
             )  # fmt: skip
         else:
             x, m, kv_main, main_outs = self._unrolled(
                 "layers", n, 0, x, positions, cache, attend_cache, seed_at,
-                segment_ids=segment_ids,
+                segment_ids=segment_ids, causal_by_index=causal_by_index,
             )  # fmt: skip
 
         # the un-normalised residual stream of layer seed_at seeds the MIMO branch (§3.4)
         def mimo(mdl: KimiaLLM, m: jax.Array) -> tuple[jax.Array, Any, list[jax.Array]]:
             args = ("mimo_layers", nm, n, m, positions, kv_main if cache is not None else None)
+            kw = dict(segment_ids=segment_ids, causal_by_index=causal_by_index)
             if c.scan_layers:
-                m, _, kv, outs = mdl._scanned(*args, attend_cache, collect, segment_ids=segment_ids)
+                m, _, kv, outs = mdl._scanned(*args, attend_cache, collect, **kw)
             else:
-                m, _, kv, outs = mdl._unrolled(*args, attend_cache, segment_ids=segment_ids)
+                m, _, kv, outs = mdl._unrolled(*args, attend_cache, **kw)
             return m, kv, outs
 
         if audio_branch is None:

@@ -500,7 +500,7 @@ class LoraTrainStep:
 
     def __call__(self, state: Any, batch: dict[str, Any]) -> Any:
         """One optimizer step on the adapters (donates `state`)."""
-        from kimia_jax.training.train_step import batch_shardings
+        from kimia_jax.training.train_step import batch_shardings, check_positions
 
         if self._step is None:
             kw = {}
@@ -509,6 +509,7 @@ class LoraTrainStep:
                         "whisper": state.params["frozen"]["whisper"]}  # fmt: skip
                 kw["out_shardings"] = (self.state_shardings(full), None)
             self._step = jax.jit(self.step_fn(), donate_argnums=0, **kw)
+        check_positions(batch)
         if self.mesh is not None:
             batch = jax.device_put(batch, batch_shardings(batch, self.mesh))
         # The mesh context (which `sharding.constrain` reads) is part of what jit traces for.

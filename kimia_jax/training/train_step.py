@@ -22,6 +22,11 @@ and batch sharded by logical axis names over the (data, fsdp, tensor) mesh (trai
 * Packed rows: `segment_ids` / `positions` of the batch (`examples.row_arrays`); the loss and its
   per-example metrics use the segment ids; attention isolation needs the LLM's segment-id mask
   (`TrainStep` refuses packed batches when the model has none, see `supports_segments`).
+* Attention of training rows: the LLM runs with `causal_by_index` (mask = key index <= query
+  index within equal segment ids), the static structure the fused kernels take (splash on TPU,
+  cuDNN on GPU; `LlmConfig.attention_implementation` forces one). It equals the positions mask
+  because positions strictly increase along each row within each segment: `examples.row_arrays`
+  writes arange per example, and `TrainStep` checks every host (numpy) batch (`check_positions`).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from kimia_jax import sharding
 from kimia_jax.audio import mel as mel_lib
 from kimia_jax.configs import LlmConfig
+from kimia_jax.errors import KimiaError
 from kimia_jax.models import kimia_llm
 from kimia_jax.models import whisper_encoder as wenc
 from kimia_jax.models.kimia_llm import KimiaLLM
@@ -132,6 +138,36 @@ class TrainState:
     whisper_trainable: bool = flax.struct.field(pytree_node=False, default=True)
 
 
+def check_positions(batch: dict[str, Any]) -> None:
+    """Raises `KimiaError` unless `positions` strictly increase along each row within each segment.
+
+    That is the contract under which the train step's index-causal attention mask equals the
+    causal mask by positions (rows from `examples.row_arrays` hold arange per packed example and
+    the padding continues the row index). Checked on host (numpy) batches; device arrays are
+    taken as they are.
+    """
+    pos = batch.get("positions")
+    if not isinstance(pos, np.ndarray):
+        return
+    t = pos.shape[-1]
+    pos = pos.reshape(-1, t)
+    seg = batch.get("segment_ids")
+    seg = np.zeros_like(pos) if seg is None else np.asarray(seg).reshape(-1, t)
+    order = np.argsort(seg, axis=-1, kind="stable")  # each segment's indices in row order
+    ps, ss = np.take_along_axis(pos, order, -1), np.take_along_axis(seg, order, -1)
+    bad = (ss[:, 1:] == ss[:, :-1]) & (ps[:, 1:] <= ps[:, :-1])
+    if bad.any():
+        r, j = np.argwhere(bad)[0]
+        i0, i1 = order[r, j], order[r, j + 1]
+        raise KimiaError(
+            f"batch['positions'] row {r} (flattened): position {ps[r, j + 1]} at index {i1} "
+            f"follows position {ps[r, j]} at index {i0} in segment {ss[r, j]}; training rows "
+            "need positions that strictly increase along the row within each segment (arange "
+            "per packed example, as training.examples.row_arrays builds them), because the "
+            "train step's attention mask is causal by index"
+        )
+
+
 def supports_segments() -> bool:
     """Whether `KimiaLLM.__call__` takes `segment_ids` (attention within packed examples)."""
     return "segment_ids" in inspect.signature(KimiaLLM.__call__).parameters
@@ -178,8 +214,13 @@ def forward_loss(
     loss_cfg: LossConfig,
     whisper_trainable: bool,
     collect: bool = False,
+    causal_by_index: bool = True,
 ) -> tuple[jax.Array, dict[str, Any]]:
-    """Loss of one (micro-)batch [B, ...] against the global `denoms`; metrics in aux."""
+    """Loss of one (micro-)batch [B, ...] against the global `denoms`; metrics in aux.
+
+    causal_by_index: the attention mask by index and segment ids (the step's; needs
+    `check_positions`), or False: by positions (the reference the tests compare it with).
+    """
     wp = params["whisper"] if whisper_trainable else jax.lax.stop_gradient(params["whisper"])
     feats = whisper_features(wp, batch["whisper_wav"], batch["cont_src"], whisper_cfg)
     if not whisper_trainable:
@@ -199,6 +240,7 @@ def forward_loss(
         feats,
         batch["is_continuous"],
         collect=True,  # the final normed hidden states (aux norm_out / mimo_norm_out)
+        causal_by_index=causal_by_index,
         **kw,
     )
     llm_p = params["llm"]
@@ -245,6 +287,7 @@ def loss_and_grads(
     loss_cfg: LossConfig,
     whisper_trainable: bool,
     collect: bool = False,
+    causal_by_index: bool = True,
 ) -> tuple[jax.Array, dict[str, Any], Any]:
     """Loss, metrics and gradients of a batch [B, ...] or accumulated over [A, B, ...]."""
     denoms = denominators(batch, loss_cfg)
@@ -255,6 +298,7 @@ def loss_and_grads(
         loss_cfg=loss_cfg,
         whisper_trainable=whisper_trainable,
         collect=collect,
+        causal_by_index=causal_by_index,
     )
 
     def one(mb: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, Any], Any]:
@@ -530,6 +574,7 @@ class TrainStep:
                 st = self.state_shardings(state)
                 jitted = jax.jit(fn, out_shardings=(st, None), donate_argnums=0)
             self._steps[phase] = self._with_mesh(jitted)
+        check_positions(batch)
         if self.mesh is not None:
             batch = jax.device_put(batch, batch_shardings(batch, self.mesh))
         return self._steps[phase](state, batch)
@@ -556,6 +601,7 @@ class TrainStep:
                 collect=collect,
             )
             self._grads[key] = self._with_mesh(jax.jit(fn))
+        check_positions(batch)
         if self.mesh is not None:
             batch = jax.device_put(batch, batch_shardings(batch, self.mesh))
         return self._grads[key](params, batch)
