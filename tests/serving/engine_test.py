@@ -243,7 +243,7 @@ def test_detokenizer_schedule_runs_first_chunks_first_and_stays_exact(kimia, sch
         assert float(np.max(np.abs(res["audio"] - ref))) == 0.0, k
 
 
-@pytest.mark.slow
+@pytest.mark.nightly
 def test_spoken_replies_with_many_chunks_stream_exactly_with_two_workers(kimia):
     """Three concurrent spoken replies of ~100 codes (4 detokenizer chunks each: the audio head
     of the tiny model is restricted to semantic ids, as in bench_serve --speech_heavy) on two

@@ -84,7 +84,7 @@ def test_llm_index_mask_equals_positions_mask():
     assert max_rel(g_i, jax.tree.map(jnp.zeros_like, g_i)) > 0  # gradients are not all zero
 
 
-@pytest.mark.slow
+@pytest.mark.nightly
 def test_step_index_mask_equals_positions_mask():
     """The whole train step's loss, per-example losses and gradients (LLM and Whisper) of a packed
     row of three examples: index-causal mask == positions-causal mask (measured: bit-identical)."""
