@@ -54,13 +54,11 @@ DIT = ("qkv", "proj", "fc1", "fc2", "adaLN_modulation_1")
 DECODE = PROJECTIONS + HEADS + EMBEDDING
 
 
-@flax.struct.dataclass
-class QWeight:
-    """Symmetric absmax-quantized [..., out, in] weight: w ~= q * scale, scales per output row and
-    per group of `in // groups` inputs (int8: one group = the whole row; int4: groups of 64)."""
+class _Integers:
+    """`shape` / `ndim` of a quantized array are those of its integers `q` (shape checks and
+    restores read them like an array's)."""
 
-    q: jax.Array  # int8 or int4 [..., out, in]
-    scale: jax.Array  # fp32 [..., out, groups]
+    q: jax.Array
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -69,6 +67,15 @@ class QWeight:
     @property
     def ndim(self) -> int:
         return self.q.ndim
+
+
+@flax.struct.dataclass
+class QWeight(_Integers):
+    """Symmetric absmax-quantized [..., out, in] weight: w ~= q * scale, scales per output row and
+    per group of `in // groups` inputs (int8: one group = the whole row; int4: groups of 64)."""
+
+    q: jax.Array  # int8 or int4 [..., out, in]
+    scale: jax.Array  # fp32 [..., out, groups]
 
     @property
     def per_row(self) -> bool:
@@ -238,21 +245,13 @@ def kind_of(params: Any) -> str | None:
 
 
 @flax.struct.dataclass
-class QKernel:
+class QKernel(_Integers):
     """An int8 flax `Dense` kernel [in, out] (the layout of converted DiT / whisper weights) with
     one fp32 scale per output column: kernel ~= q * scale; the same integers and scales as the
     per-row QWeight of its transpose. `layers.linear.dense` multiplies it (`matmul`)."""
 
     q: jax.Array  # int8 [in, out]
     scale: jax.Array  # fp32 [out]
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.q.shape
-
-    @property
-    def ndim(self) -> int:
-        return self.q.ndim
 
     def matmul(self, x: jax.Array) -> jax.Array:
         """x [..., in] @ kernel -> [..., out] in x's dtype: (x @ q) * scale, the integers

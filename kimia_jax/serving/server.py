@@ -104,6 +104,15 @@ def _error(
     return JSONResponse(oa.error_body(message, kind, param, code), status, headers=headers)
 
 
+def _require_content_type(request: Request, kind: str) -> None:
+    """415 unless the request body is `kind` (e.g. "application/json")."""
+    ctype = request.headers.get("content-type", "")
+    if not ctype.startswith(kind):
+        raise oa.BadRequest(
+            f"content type must be {kind}, got {ctype!r}", status=415, param="content-type"
+        )
+
+
 def create_app(kimia: Any, engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     """The FastAPI app; `kimia` (a loaded `KimiAudio`) builds prompts, `engine` (started by the
     app's lifespan if not yet running) generates."""
@@ -213,13 +222,7 @@ def create_app(kimia: Any, engine: Engine, config: ServerConfig | None = None) -
 
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(request: Request) -> Response:
-        ctype = request.headers.get("content-type", "")
-        if not ctype.startswith("multipart/form-data"):
-            raise oa.BadRequest(
-                f"content type must be multipart/form-data, got {ctype!r}",
-                status=415,
-                param="content-type",
-            )
+        _require_content_type(request, "multipart/form-data")
         try:
             form = await request.form(max_part_size=cfg.max_upload_bytes)
         except Exception as e:  # noqa: BLE001 - multipart parser errors
@@ -272,13 +275,7 @@ def create_app(kimia: Any, engine: Engine, config: ServerConfig | None = None) -
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
-        ctype = request.headers.get("content-type", "")
-        if not ctype.startswith("application/json"):
-            raise oa.BadRequest(
-                f"content type must be application/json, got {ctype!r}",
-                status=415,
-                param="content-type",
-            )
+        _require_content_type(request, "application/json")
         raw = await request.body()
         try:
             body = json.loads(raw)
