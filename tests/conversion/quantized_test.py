@@ -62,10 +62,20 @@ def test_folder_loads_quantized_and_equals_quantize_on_load(folder, float_params
     _assert_identical(got, want)
     _assert_identical(conv.load(LLM_DIR, quantize=kind)[1], want)
     _assert_identical(conv.load(out, quantize=kind)[1], want)
+
     # on disk: the quantized bytes, not the float ones (int8 q + scales; int4 stored a byte per
-    # value by TensorStore: Orbax has no packed int4)
-    disk = sum(p.stat().st_size for p in (out / checkpoint.PARAMS_DIR).rglob("*") if p.is_file())
-    assert disk < (0.45 if kind == "int8" else 0.55) * quant.nbytes(float_params), disk
+    # value by TensorStore: Orbax has no packed int4). Compared with the float folder written the
+    # same way: at this tiny size OCDBT's packing moves the total by ~100 kB between runs
+    # (226-340 kB for the same int8 tree), so a bound on array bytes alone was flaky.
+    def disk(root):
+        return sum(
+            p.stat().st_size for p in (root / checkpoint.PARAMS_DIR).rglob("*") if p.is_file()
+        )
+
+    float_out = out.parent / "float"
+    if not float_out.exists():
+        conv.convert_to_orbax(LLM_DIR, float_out, dtype="float32", progress=False)
+    assert disk(out) < 0.6 * disk(float_out), (disk(out), disk(float_out))
     assert f"--quantize {kind}" in checkpoint.converter_command(out)
 
 
